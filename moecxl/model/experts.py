@@ -1,0 +1,102 @@
+"""Expert FFN dispatch: route tokens to K experts, compute, combine.
+
+Expert weights come as stacked slot arrays (`ins`: one or two [C, D, F] arrays, `out`: [C, F, D]) and
+`slot_E` says which slot holds each expert. With every expert resident C = E and slot_E = arange(E);
+the offload engine passes its device cache instead. The arithmetic depends only on the shapes
+(N, K, E, D, F), never on C or on which slot holds what, so an offloaded run is bit-identical to a
+resident one. Two static strategies: `unique` (few tokens: each needed expert read once, decode) and
+`blocked` (many tokens: rows sorted by expert into blocks of b rows, one weight matrix per block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+UNIQUE_MAX_TOKENS = 64  # N at or under this uses the `unique` strategy
+
+
+def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str):
+    """SwiGLU when two input matrices (gate, up), ReLU MLP when one (Switch's wi)."""
+    if len(w_ins) == 2:
+        g = jnp.einsum(eq_in, x, w_ins[0])
+        u = jnp.einsum(eq_in, x, w_ins[1])
+        h = jax.nn.silu(g) * u
+    else:
+        h = jax.nn.relu(jnp.einsum(eq_in, x, w_ins[0]))
+    return jnp.einsum(eq_out, h, w_out)
+
+
+def _safe_slots(slot_X):
+    # A slot of -1 (expert not cached) can only be asked for by padding rows, whose output is
+    # discarded; clamp so the gather stays in range.
+    return jnp.maximum(slot_X, 0)
+
+
+def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E):
+    """Few tokens: gather the U = min(E, N·K) distinct experts once, run every token through each."""
+    N, K = ids_NK.shape
+    E = slot_E.shape[0]
+    U = min(E, N * K)
+    flat_M = jnp.sort(ids_NK.reshape(-1))
+    first_M = jnp.concatenate([jnp.ones((1,), bool), flat_M[1:] != flat_M[:-1]])
+    # Distinct ids first (in ascending order), duplicates pushed to the end.
+    order = jnp.argsort(~first_M, stable=True)
+    uniq_U = flat_M[order][:U]
+    valid_U = first_M[order][:U]
+    slots_U = _safe_slots(slot_E[uniq_U])
+    w_ins = [w[slots_U] for w in ins]  # [U, D, F]
+    w_out = out[slots_U]  # [U, F, D]
+    y_UND = _ffn(x_ND, w_ins, w_out, "ND,UDF->UNF", "UNF,UFD->UND")
+    match_NKU = (ids_NK[:, :, None] == uniq_U[None, None, :]) & valid_U[None, None, :]
+    comb_NU = jnp.einsum("NK,NKU->NU", weights_NK.astype(y_UND.dtype), match_NKU.astype(y_UND.dtype))
+    return jnp.einsum("NU,UND->ND", comb_NU, y_UND)
+
+
+def block_rows(M: int, E: int) -> int:
+    """Rows per block for `blocked`: about the mean rows per expert, a power of two in [1, 64]."""
+    mean = max(1, M // max(1, min(E, M)))
+    return int(min(64, 2 ** math.floor(math.log2(mean))))
+
+
+def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E):
+    """Many tokens: sort (token, k) rows by expert, pad each expert's rows to blocks of b rows."""
+    N, K = ids_NK.shape
+    D = x_ND.shape[-1]
+    E = slot_E.shape[0]
+    M = N * K
+    b = block_rows(M, E)
+    n_blocks = -(-M // b) + min(E, M)  # every non-empty expert adds at most one partial block
+    flat_M = ids_NK.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True)
+    sorted_M = flat_M[order_M]
+    counts_E = jnp.bincount(flat_M, length=E)
+    padded_E = -(-counts_E // b) * b
+    start_E = jnp.cumsum(counts_E) - counts_E
+    pstart_E = jnp.cumsum(padded_E) - padded_E
+    dest_M = pstart_E[sorted_M] + jnp.arange(M) - start_E[sorted_M]
+    rows = n_blocks * b
+    x_rows = jnp.zeros((rows, D), x_ND.dtype).at[dest_M].set(x_ND[order_M // K])
+    block_start = jnp.arange(n_blocks) * b
+    block_expert = jnp.searchsorted(jnp.cumsum(padded_E), block_start, side="right")
+    block_slot = _safe_slots(slot_E[jnp.minimum(block_expert, E - 1)])
+    w_ins = [w[block_slot] for w in ins]  # [J, D, F]
+    w_out = out[block_slot]
+    y_JbD = _ffn(x_rows.reshape(n_blocks, b, D), w_ins, w_out, "JbD,JDF->JbF", "JbF,JFD->JbD")
+    y_sorted_MD = y_JbD.reshape(rows, D)[dest_M]
+    y_NKD = jnp.zeros((M, D), y_JbD.dtype).at[order_M].set(y_sorted_MD).reshape(N, K, D)
+    return jnp.einsum("NK,NKD->ND", weights_NK.astype(y_NKD.dtype), y_NKD)
+
+
+def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None):
+    """Weighted sum over each token's K experts: sum_k w[n,k] · FFN_{ids[n,k]}(x[n]).
+
+    `ins`/`out` are slot arrays and `slot_E` maps expert id -> slot (identity when omitted).
+    """
+    if slot_E is None:
+        slot_E = jnp.arange(out.shape[0], dtype=jnp.int32)
+    if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
+        return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
+    return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
