@@ -43,7 +43,7 @@ class Attention(nnx.Module):
         self.q_proj = Dense(D, H * Dh, rngs=rngs, dtype=dt, bias=cfg.attention_bias)
         self.k_proj = Dense(D, G * Dh, rngs=rngs, dtype=dt, bias=cfg.attention_bias)
         self.v_proj = Dense(D, G * Dh, rngs=rngs, dtype=dt, bias=cfg.attention_bias)
-        self.o_proj = Dense(H * Dh, D, rngs=rngs, dtype=dt, bias=False)
+        self.o_proj = Dense(H * Dh, D, rngs=rngs, dtype=dt, bias=cfg.attention_bias)  # HF: o_proj too
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dt), RMSNorm(Dh, cfg.rms_norm_eps, dt)
         elif cfg.qk_norm == "full":
