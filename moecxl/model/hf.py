@@ -39,30 +39,79 @@ HF_CONFIG = "config.json"
 OUR_CONFIG = "moecxl.json"
 GENERATION_CONFIG = "generation_config.json"
 MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "qwen3_moe": "qwen3_moe"}  # HF model_type -> family
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # HF's default shard size (5 GB)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
 
 # transformers 5.24 config defaults per family (configuration_*.py), used where config.json omits a key.
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
-                    rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=1, eos_token_id=2,
-                    tie_word_embeddings=False, sliding_window=None, num_experts_per_tok=2, num_local_experts=8,
-                    rope_theta=1e6),
-    "olmoe": dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16,
-                  num_attention_heads=16, num_key_value_heads=None, max_position_embeddings=4096,
-                  rms_norm_eps=1e-5, pad_token_id=1, bos_token_id=None, eos_token_id=50279,
-                  tie_word_embeddings=False, attention_bias=False, clip_qkv=None, num_experts_per_tok=8,
-                  num_experts=64, norm_topk_prob=False, rope_theta=10000.0),
-    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                      use_sliding_window=False, sliding_window=4096, decoder_sparse_step=1,
-                      moe_intermediate_size=768, num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
-                      mlp_only_layers=None, pad_token_id=None, bos_token_id=None, eos_token_id=None,
-                      rope_theta=10000.0),
+    "mixtral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-5,
+        pad_token_id=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        num_experts_per_tok=2,
+        num_local_experts=8,
+        rope_theta=1e6,
+    ),
+    "olmoe": dict(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=None,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=50279,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        clip_qkv=None,
+        num_experts_per_tok=8,
+        num_experts=64,
+        norm_topk_prob=False,
+        rope_theta=10000.0,
+    ),
+    "qwen3_moe": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+        sliding_window=4096,
+        decoder_sparse_step=1,
+        moe_intermediate_size=768,
+        num_experts_per_tok=8,
+        num_experts=128,
+        norm_topk_prob=False,
+        mlp_only_layers=None,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -82,7 +131,8 @@ def _rope_theta(d: dict, family: str, source: str) -> float:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(
-            f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE); rope_parameters={params!r}"
+            f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE); "
+            f"rope_parameters={params!r}"
         )
     for key in ("partial_rotary_factor",):
         value = params.get(key, d.get(key))
@@ -101,7 +151,8 @@ def config_from_hf(d: dict, source: str = HF_CONFIG, dtype: str | None = None) -
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: unknown model_type {model_type!r}; supported: {sorted(MODEL_TYPES) + ['switch_transformers']}"
+            f"{source}: unknown model_type {model_type!r}; "
+            f"supported: {sorted(MODEL_TYPES) + ['switch_transformers']}"
         )
     family = MODEL_TYPES[model_type]
     g = dict(HF_DEFAULTS[family])
@@ -139,18 +190,31 @@ def config_from_hf(d: dict, source: str = HF_CONFIG, dtype: str | None = None) -
         name=str(d.get("_name_or_path", "")),
     )
     if family == "mixtral":
-        kw.update(intermediate_size=g["intermediate_size"], norm_topk_prob=True, qk_norm="none",
-                  sliding_window=g.get("sliding_window"))
+        kw.update(
+            intermediate_size=g["intermediate_size"],
+            norm_topk_prob=True,
+            qk_norm="none",
+            sliding_window=g.get("sliding_window"),
+        )
     elif family == "olmoe":
-        kw.update(intermediate_size=g["intermediate_size"], norm_topk_prob=bool(g["norm_topk_prob"]),
-                  qk_norm="full", clip_qkv=g.get("clip_qkv"), attention_bias=bool(g["attention_bias"]))
+        kw.update(
+            intermediate_size=g["intermediate_size"],
+            norm_topk_prob=bool(g["norm_topk_prob"]),
+            qk_norm="full",
+            clip_qkv=g.get("clip_qkv"),
+            attention_bias=bool(g["attention_bias"]),
+        )
     else:
-        kw.update(intermediate_size=g["moe_intermediate_size"], dense_intermediate_size=g["intermediate_size"],
-                  norm_topk_prob=bool(g["norm_topk_prob"]), qk_norm="head",
-                  attention_bias=bool(g["attention_bias"]),
-                  mlp_only_layers=tuple(g["mlp_only_layers"] or ()),
-                  decoder_sparse_step=int(g["decoder_sparse_step"]),
-                  sliding_window=g["sliding_window"] if g["use_sliding_window"] else None)
+        kw.update(
+            intermediate_size=g["moe_intermediate_size"],
+            dense_intermediate_size=g["intermediate_size"],
+            norm_topk_prob=bool(g["norm_topk_prob"]),
+            qk_norm="head",
+            attention_bias=bool(g["attention_bias"]),
+            mlp_only_layers=tuple(g["mlp_only_layers"] or ()),
+            decoder_sparse_step=int(g["decoder_sparse_step"]),
+            sliding_window=g["sliding_window"] if g["use_sliding_window"] else None,
+        )
     kw["dtype"] = dtype or _checkpoint_dtype(d)
     if kw["pad_token_id"] is None:
         kw["pad_token_id"] = 0
@@ -208,17 +272,31 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         use_cache=True,
     )
     if fam == "mixtral":
-        d.update(intermediate_size=cfg.intermediate_size, num_local_experts=cfg.num_experts,
-                 sliding_window=cfg.sliding_window)
+        d.update(
+            intermediate_size=cfg.intermediate_size,
+            num_local_experts=cfg.num_experts,
+            sliding_window=cfg.sliding_window,
+        )
     elif fam == "olmoe":
-        d.update(intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts, clip_qkv=cfg.clip_qkv,
-                 attention_bias=cfg.attention_bias, norm_topk_prob=cfg.norm_topk_prob)
+        d.update(
+            intermediate_size=cfg.intermediate_size,
+            num_experts=cfg.num_experts,
+            clip_qkv=cfg.clip_qkv,
+            attention_bias=cfg.attention_bias,
+            norm_topk_prob=cfg.norm_topk_prob,
+        )
     else:
-        d.update(intermediate_size=cfg.dense_intermediate_size or cfg.intermediate_size,
-                 moe_intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts,
-                 decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
-                 norm_topk_prob=cfg.norm_topk_prob, attention_bias=cfg.attention_bias,
-                 use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+        d.update(
+            intermediate_size=cfg.dense_intermediate_size or cfg.intermediate_size,
+            moe_intermediate_size=cfg.intermediate_size,
+            num_experts=cfg.num_experts,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+            norm_topk_prob=cfg.norm_topk_prob,
+            attention_bias=cfg.attention_bias,
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+        )
     return d
 
 
@@ -227,15 +305,25 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 # (name in HF, name in moecxl, transpose?) for the non-expert tensors of layer i; `{m}` is the MoE prefix.
 _ATTN = [(f"self_attn.{p}_proj.weight", f"core.attn.{p}_proj.w", True) for p in "qkvo"]
 _ATTN_BIAS = [(f"self_attn.{p}_proj.bias", f"core.attn.{p}_proj.b", False) for p in "qkvo"]
-_QK_NORM = [("self_attn.q_norm.weight", "core.attn.q_norm.scale_D", False),
-            ("self_attn.k_norm.weight", "core.attn.k_norm.scale_D", False)]
-_NORMS = [("input_layernorm.weight", "core.input_norm.scale_D", False),
-          ("post_attention_layernorm.weight", "core.post_norm.scale_D", False)]
-_DENSE = [("mlp.gate_proj.weight", "core.mlp.w_gate_DF", True), ("mlp.up_proj.weight", "core.mlp.w_up_DF", True),
-          ("mlp.down_proj.weight", "core.mlp.w_down_FD", True)]
+_QK_NORM = [
+    ("self_attn.q_norm.weight", "core.attn.q_norm.scale_D", False),
+    ("self_attn.k_norm.weight", "core.attn.k_norm.scale_D", False),
+]
+_NORMS = [
+    ("input_layernorm.weight", "core.input_norm.scale_D", False),
+    ("post_attention_layernorm.weight", "core.post_norm.scale_D", False),
+]
+_DENSE = [
+    ("mlp.gate_proj.weight", "core.mlp.w_gate_DF", True),
+    ("mlp.up_proj.weight", "core.mlp.w_up_DF", True),
+    ("mlp.down_proj.weight", "core.mlp.w_down_FD", True),
+]
 # per-expert matrix names: (gate, up, down)
-_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "olmoe": ("gate_proj", "up_proj", "down_proj"),
-                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+_EXPERT_NAMES = {
+    "mixtral": ("w1", "w3", "w2"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+}
 _MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "olmoe": ("mlp",), "qwen3_moe": ("mlp",)}
 
 
@@ -245,7 +333,12 @@ def dense_key_map(cfg: ModelConfig, moe_prefix: Callable[[int], str]) -> list[tu
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", "lm_head_DV", True))
     for i in range(cfg.num_layers):
-        per = _NORMS + _ATTN + (_ATTN_BIAS if cfg.attention_bias else []) + (_QK_NORM if cfg.qk_norm != "none" else [])
+        per = (
+            _NORMS
+            + _ATTN
+            + (_ATTN_BIAS if cfg.attention_bias else [])
+            + (_QK_NORM if cfg.qk_norm != "none" else [])
+        )
         if cfg.is_moe_layer(i):
             per = per + [(f"{moe_prefix(i)}.gate.weight", "core.router_DE", True)]
         else:
@@ -258,7 +351,7 @@ def dense_key_map(cfg: ModelConfig, moe_prefix: Callable[[int], str]) -> list[tu
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised host array whose buffer is `align`-byte aligned (enters pinned_host without a copy)."""
+    """An uninitialised host array, `align`-byte aligned (so it enters pinned_host without a copy)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(n + align, np.uint8)
@@ -300,7 +393,9 @@ def build_model(cfg: ModelConfig, arrays: dict[str, np.ndarray], experts: str = 
         name = _param_path(path)
         a = arrays[name]
         if tuple(a.shape) != tuple(var.shape):
-            raise CheckpointError(f"{source}: parameter {name!r}: expected shape {tuple(var.shape)}, got {a.shape}")
+            raise CheckpointError(
+                f"{source}: parameter {name!r}: expected shape {tuple(var.shape)}, got {a.shape}"
+            )
         if a.dtype != var.dtype:
             a = a.astype(var.dtype)
         host = experts == "host" and isinstance(var, ExpertParam)
@@ -356,7 +451,7 @@ def load(path: str | os.PathLike, dtype=None, experts: str = "device"):
     if hf_cfg.get("model_type") == "switch_transformers":
         from moecxl.model import hf_switch
 
-        return hf_switch.load_switch(path, TensorSource(path))
+        return hf_switch.load_switch(path, TensorSource(path), dtype=dtype)
     cfg = config_from_hf(hf_cfg, str(path / HF_CONFIG), dtype)
     cfg = cfg.replace(name=cfg.name or path.name)
     with TensorSource(path) as src:
@@ -376,7 +471,9 @@ def _load_ours(path: Path, dtype: str | None, experts: str):
     with TensorSource(path) as src:
         extra = sorted(set(src.keys()) - set(shapes))
         if extra:
-            raise CheckpointError(f"{src.file_of(extra[0])}: unexpected tensor {extra[0]!r} ({len(extra)} in all)")
+            raise CheckpointError(
+                f"{src.file_of(extra[0])}: unexpected tensor {extra[0]!r} ({len(extra)} in all)"
+            )
         arrays = {}
         for name, shape in shapes.items():
             _check_shape(src, name, shape)
@@ -428,8 +525,11 @@ def hf_arrays(cfg: ModelConfig, src: TensorSource) -> dict[str, np.ndarray]:
         else:  # per expert, torch Linear [out, in]
             g_name, u_name, d_name = _EXPERT_NAMES[cfg.family]
             for e in range(E):
-                for name, out, shape in ((g_name, gate_EDF, (F, D)), (u_name, up_EDF, (F, D)),
-                                         (d_name, down_EFD, (D, F))):
+                for name, out, shape in (
+                    (g_name, gate_EDF, (F, D)),
+                    (u_name, up_EDF, (F, D)),
+                    (d_name, down_EFD, (D, F)),
+                ):
                     key = f"{base}.{e}.{name}.weight"
                     _check_shape(src, key, shape)
                     out[e] = src.get(key).T
@@ -468,7 +568,9 @@ def to_hf_tensors(model, expert_layout: str = "per_expert") -> dict[str, np.ndar
         base = f"model.layers.{i}.{prefix}.experts"
         gate, up, down = (ours[f"layers.{i}.experts.{n}"] for n in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"))
         if fused:
-            out[f"{base}.gate_up_proj"] = np.ascontiguousarray(np.concatenate([gate, up], axis=2).transpose(0, 2, 1))
+            out[f"{base}.gate_up_proj"] = np.ascontiguousarray(
+                np.concatenate([gate, up], axis=2).transpose(0, 2, 1)
+            )
             out[f"{base}.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
         else:
             for e in range(cfg.num_experts):
@@ -495,8 +597,13 @@ def _commit_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save(model, path: str | os.PathLike, format: str = "hf", expert_layout: str = "per_expert",
-         max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def save(
+    model,
+    path: str | os.PathLike,
+    format: str = "hf",
+    expert_layout: str = "per_expert",
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """Write `model` to directory `path` atomically.
 
     format="hf": config.json + generation_config.json + safetensors that transformers loads;
@@ -508,7 +615,7 @@ def save(model, path: str | os.PathLike, format: str = "hf", expert_layout: str 
     if cfg.family == "switch":
         from moecxl.model import hf_switch
 
-        return hf_switch.save_switch(model, path)
+        return hf_switch.save_switch(model, path, max_shard_bytes=max_shard_bytes)
     if format not in ("hf", "moecxl"):
         raise ValueError(f"format must be 'hf' or 'moecxl', got {format!r}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,8 @@ def read_header(path: Path) -> tuple[dict, dict, int, int]:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > file_bytes:
                 raise CheckpointError(
-                    f"{path}: bad header length {n} for a file of {file_bytes} bytes (truncated or not safetensors)"
+                    f"{path}: bad header length {n} for a file of {file_bytes} bytes "
+                    "(truncated, or not a safetensors file)"
                 )
             raw = f.read(n)
     except OSError as e:
@@ -233,7 +234,11 @@ def _header_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
     offset = 0
     for key, a in tensors.items():
         n = a.size * a.dtype.itemsize
-        header[key] = {"dtype": dtype_name(a.dtype), "shape": list(a.shape), "data_offsets": [offset, offset + n]}
+        header[key] = {
+            "dtype": dtype_name(a.dtype),
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % ALIGN_BYTES)
@@ -253,8 +258,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write one safetensors file atomically: a temp file in the same directory, fsync, os.replace.
 
     Tensors are written one at a time (no whole-file buffer); keys keep their order.
@@ -295,9 +301,12 @@ def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[l
     return shards
 
 
-def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                     metadata: Mapping[str, str] | None = None,
-                     max_shard_bytes: int | None = None) -> list[str]:
+def write_checkpoint(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    max_shard_bytes: int | None = None,
+) -> list[str]:
     """Write `model.safetensors`, or HF-style shards plus `model.safetensors.index.json` when the
     tensors exceed `max_shard_bytes`. Returns the file names written."""
     directory = Path(directory)
@@ -312,7 +321,10 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, np.ndar
         write_safetensors(directory / name, {k: tensors[k] for k in keys}, metadata)
         names.append(name)
         weight_map.update(dict.fromkeys(keys, name))
-    index = {"metadata": {"total_size": total, **(dict(metadata) if metadata else {})}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": total, **(dict(metadata) if metadata else {})},
+        "weight_map": weight_map,
+    }
     write_text_atomic(directory / INDEX_FILE, json.dumps(index, indent=2))
     return names + [INDEX_FILE]
 
