@@ -1,0 +1,51 @@
+"""Memory tiers: hardware profiles and copy costs (tiers), NUMA placement of host buffers (numa)."""
+
+from moecxl.memory.numa import (
+    NumaError,
+    alloc_on_node,
+    bound_to_node,
+    memory_nodes,
+    node_of_pages,
+    num_nodes,
+    verify_on_node,
+)
+from moecxl.memory.tiers import (
+    GPU,
+    TIER_KINDS,
+    Fault,
+    Hardware,
+    HardwareError,
+    Link,
+    Tier,
+    copy_gbps,
+    copy_gbps_by_size,
+    copy_time_s,
+    measure_host_matmul_tflops,
+    measure_host_memcpy_gbps,
+    path_gbps,
+    shared_bandwidth,
+)
+
+__all__ = [
+    "GPU",
+    "TIER_KINDS",
+    "Fault",
+    "Hardware",
+    "HardwareError",
+    "Link",
+    "NumaError",
+    "Tier",
+    "alloc_on_node",
+    "bound_to_node",
+    "copy_gbps",
+    "copy_gbps_by_size",
+    "copy_time_s",
+    "measure_host_matmul_tflops",
+    "measure_host_memcpy_gbps",
+    "memory_nodes",
+    "node_of_pages",
+    "num_nodes",
+    "path_gbps",
+    "shared_bandwidth",
+    "verify_on_node",
+]
