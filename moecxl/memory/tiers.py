@@ -112,7 +112,7 @@ _TIER_FIELDS = {
     "write_gbps": ("pos", True),
     "latency_ns": ("nonneg", True),
     "copy_overhead_us": ("nonneg", True),
-    "link": ("str", False),
+    "link": ("str", True),  # not for kind "hbm"
     "via": ("strlist", False),
     "numa_node": ("node", False),
 }
@@ -220,9 +220,29 @@ def _resolve(
     return values, tuple(pairs)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that rejects a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (two tiers or links with one name?)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _load_yaml(path: Path, ctx: _Ctx) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
     except (OSError, yaml.YAMLError) as e:
         raise HardwareError(f"{path}: cannot read YAML: {e}") from e
     if not isinstance(data, dict):
