@@ -76,3 +76,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="nbytes"):
         alloc_on_node(-1, 0)
     assert alloc_on_node(0, 0).size == 0
+
+
+def test_fallback_reports_node_unknown(monkeypatch):
+    monkeypatch.setattr(numa, "_NR", None)  # as on macOS or an unknown architecture
+    with pytest.warns(RuntimeWarning, match="NUMA placement unavailable"):
+        buf = alloc_on_node(10_000, 0)
+    assert buf.ctypes.data % 64 == 0 and buf.size == 10_000
+    assert (node_of_pages(buf) == numa.NODE_UNKNOWN).all()
+    with pytest.raises(NumaError, match="cannot verify placement on node 0"):
+        verify_on_node(buf, 0)
