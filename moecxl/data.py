@@ -676,7 +676,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     fractions = tuple(float(x) for x in args.fractions.split(","))
     splits = SplitSpec(fractions, args.holdout_domain)  # type: ignore[arg-type]
     datasets.disable_progress_bars()
-    print(json.dumps(prepare(args.corpus, args.out, args.vocab_size, splits), indent=2))
+    try:
+        report = prepare(args.corpus, args.out, args.vocab_size, splits)
+    except CorpusError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
