@@ -107,9 +107,13 @@ class ModelConfig:
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers of a decoder-only model (Switch: see model.switch)."""
         if self.family == "switch":
-            enc = [i for i in range(self.num_layers) if i % self.encoder_sparse_step == 1]
+            # transformers: block i is sparse when i % step == 1, or every block when step == 1.
+            def sparse(n, step):
+                return [i for i in range(n) if step > 0 and (i % step == 1 or step == 1)]
+
+            enc = sparse(self.num_layers, self.encoder_sparse_step)
             n_dec = self.num_decoder_layers or self.num_layers
-            dec = [i for i in range(n_dec) if i % self.decoder_sparse_step_switch == 1]
+            dec = sparse(n_dec, self.decoder_sparse_step_switch)
             return tuple(enc) + tuple(self.num_layers + i for i in dec)
         return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
@@ -202,6 +206,16 @@ class TrainConfig:
     vocab_size: int = 4096
     max_minutes: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # moecxl.train: schedule, clipping, logging, checkpoints, export
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    grad_clip: float = 1.0  # global-norm clipping
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    test_batches: int = 32  # per domain, at the end
+    tokenizer: str | None = None  # an existing tokenizer.json; None trains one on the train split
+    export_dtype: str = "float32"  # dtype of the exported HF checkpoint: float32 | bfloat16
+    dense: bool = False  # train the dense baseline (E=1, K=1, F=K·F) instead of the MoE
 
 
 def dumps_json(obj: Any) -> str:
