@@ -173,6 +173,9 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def __iter__(self):
+        return iter(self._entries)
+
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
