@@ -1,0 +1,189 @@
+"""The only code that moves expert bytes: asynchronous host-to-device copies, one queue per tier.
+
+Every copy is real (`jax.device_put` from the master to the device: a memcpy on this machine, DMA on
+a GPU). With emulation on, a copy also completes no earlier than the hardware profile predicts,
+scaled by `time_scale` (DESIGN section 4): the reservation model below says when. The simulator uses
+the same `LinkClock`, so engine and simulator agree on what a link can do.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecxl.memory.tiers import Hardware, Tier
+
+
+@dataclass
+class LinkClock:
+    """When copies finish: each tier (device) and each link is busy for bytes / its GB/s.
+
+    A copy starts when both its tier's queue and its link are free of earlier copies, holds the
+    device for bytes/read rate and the link for bytes/link rate, and completes after the longer of
+    the two plus the fixed latency and per-copy overhead. Concurrent copies from two devices thus
+    share the GPU link; copies from one device queue up (FIFO).
+    """
+
+    hardware: Hardware
+    time_scale: float = 1.0
+    tier_free_s: dict = field(default_factory=dict)
+    link_free_s: dict = field(default_factory=dict)
+    bytes_by_tier: dict = field(default_factory=dict)
+    busy_s_by_tier: dict = field(default_factory=dict)
+
+    def duration_s(self, tier: Tier, nbytes: int) -> tuple[float, float, float]:
+        """(device-busy, link-busy, fixed) seconds of one copy, unscaled."""
+        link = self.hardware.link(tier.link) if tier.link else None
+        dev_s = nbytes / (tier.read_gbps * 1e9)
+        link_s = nbytes / (link.gbps * 1e9) if link else 0.0
+        for hop in getattr(tier, "via", ()) or ():
+            hop_link = self.hardware.link(hop)
+            link_s = max(link_s, nbytes / (hop_link.gbps * 1e9))
+        fixed_s = tier.latency_ns * 1e-9 + tier.copy_overhead_us * 1e-6
+        return dev_s, link_s, fixed_s
+
+    def reserve(self, tier_name: str, nbytes: int, now_s: float) -> tuple[float, float]:
+        """Book one copy submitted at `now_s`; returns (start_s, done_s) on the scaled clock."""
+        tier = self.hardware.tier(tier_name)
+        dev_s, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+        link_name = tier.link or tier_name
+        start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
+        link_start = max(now_s, self.link_free_s.get(link_name, 0.0))
+        self.tier_free_s[tier_name] = start + dev_s
+        self.link_free_s[link_name] = link_start + link_s
+        done = max(start + dev_s, link_start + link_s) + fixed_s
+        self.bytes_by_tier[tier_name] = self.bytes_by_tier.get(tier_name, 0) + nbytes
+        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
+        return start, done
+
+    def expected_wait_s(self, tier_name: str, nbytes: int, now_s: float) -> float:
+        """How long a copy submitted now would take to finish (queue included), without booking it."""
+        tier = self.hardware.tier(tier_name)
+        dev_s, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+        start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
+        link_start = max(now_s, self.link_free_s.get(tier.link or tier_name, 0.0))
+        return max(start + dev_s, link_start + link_s) + fixed_s - now_s
+
+
+class TransferError(RuntimeError):
+    """A copy failed (source offline, corrupted file); the message names the expert and tier."""
+
+
+@dataclass
+class Transfer:
+    """One copy in flight. `result()` blocks until the device buffer is there (emulated time too)."""
+
+    key: tuple[int, int]
+    tier: str
+    nbytes: int
+    low_precision: bool
+    submitted_s: float
+    expected_done_s: float
+    done_event: threading.Event = field(default_factory=threading.Event)
+    value: object = None
+    error: BaseException | None = None
+    copied_s: float = 0.0  # when the real copy finished
+
+    def done(self) -> bool:
+        return self.done_event.is_set()
+
+    def result(self):
+        self.done_event.wait()
+        if self.error is not None:
+            raise TransferError(f"copy of expert {self.key} from tier {self.tier!r} failed: {self.error}") \
+                from self.error
+        return self.value
+
+
+class TransferEngine:
+    """One worker thread and FIFO queue per source tier; real copies, optionally emulated timing."""
+
+    def __init__(self, store, hardware: Hardware, emulate: bool = True, time_scale: float = 1.0):
+        self.store = store
+        self.hardware = hardware
+        self.emulate = emulate
+        self.clock = LinkClock(hardware, time_scale)
+        dev = jax.devices()[0]
+        self.device_sharding = jax.sharding.SingleDeviceSharding(dev)
+        self._queues: dict[str, queue.Queue] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.offline: set[str] = set()
+        self.emulated_bytes: int | None = None
+        self.t0 = time.perf_counter()
+
+    def now_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def submit(self, key, tier: str, low_precision: bool = False) -> Transfer:
+        if tier in self.offline:
+            raise TransferError(f"tier {tier!r} is offline; cannot copy expert {key}")
+        nbytes = self.store.layout.nbytes
+        if low_precision:
+            q, s = self.store.source(key, low_precision=True)
+            nbytes = q.nbytes + s.nbytes
+        # The clock books the bytes of the expert being emulated (e.g. a Mixtral expert), not ours.
+        clock_bytes = nbytes
+        if self.emulated_bytes:
+            clock_bytes = int(nbytes * self.emulated_bytes / self.store.layout.nbytes)
+        now = self.now_s()
+        with self._lock:
+            _, done = self.clock.reserve(tier, clock_bytes, now)
+        t = Transfer(key, tier, nbytes, low_precision, now, done if self.emulate else now)
+        self._queue(tier).put(t)
+        return t
+
+    def _queue(self, tier: str) -> queue.Queue:
+        q = self._queues.get(tier)
+        if q is None:
+            q = self._queues[tier] = queue.Queue()
+            th = threading.Thread(target=self._worker, args=(q,), name=f"moecxl-copy-{tier}", daemon=True)
+            th.start()
+            self._threads.append(th)
+        return q
+
+    def _worker(self, q: queue.Queue):
+        while True:
+            t = q.get()
+            if t is None:
+                return
+            try:
+                if t.tier in self.offline:
+                    raise TransferError(f"tier {t.tier!r} went offline")
+                src = self.store.source(t.key, t.low_precision)
+                if t.low_precision:
+                    value = tuple(jax.device_put(a, self.device_sharding) for a in src)
+                else:
+                    value = jax.device_put(src, self.device_sharding)
+                jax.block_until_ready(value)
+                t.copied_s = self.now_s()
+                wait = t.expected_done_s - self.now_s()
+                if self.emulate and wait > 0:
+                    time.sleep(wait)
+                t.value = value
+            except BaseException as e:  # reported to whoever waits on the transfer
+                t.error = e
+            t.done_event.set()
+
+    def close(self):
+        for q in self._queues.values():
+            q.put(None)
+        for th in self._threads:
+            th.join(timeout=5)
+
+
+def dequantize_int8(q_P, scales_R, layout):
+    """Inverse of `store.quantize_int8` on the device: packed float buffer in the layout's dtype."""
+    parts, o, r = [], 0, 0
+    for shape, n in zip(layout.shapes, layout.sizes):
+        rows = n // shape[-1]
+        m = q_P[o:o + n].reshape(rows, shape[-1]).astype(jnp.float32) * scales_R[r:r + rows, None]
+        parts.append(m.reshape(-1))
+        o, r = o + n, r + rows
+    return jnp.concatenate(parts).astype(np.dtype(layout.np_dtype))

@@ -1,0 +1,510 @@
+"""OffloadEngine: the per-layer loop that keeps the experts a layer needs on the device.
+
+It is an `ExpertProvider` for `generate`: for each MoE layer it reads the top-k ids (the one host
+sync per layer), waits for copies in flight, fetches misses from their home tiers, installs them in
+a fixed-size device cache, then lets the policy issue prefetches for the layers ahead. The device
+cache is C slot arrays of the expert shape; the expert step reads them through a slot map, so the
+arithmetic never depends on where an expert was (bit-identical to the resident path).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecxl.memory.store import ExpertLayout, HostStore, expert_matrices, layout_of
+from moecxl.memory.tiers import Hardware, copy_time_s
+from moecxl.memory.transfer import TransferEngine, dequantize_int8
+from moecxl.runtime import placement as placement_mod
+from moecxl.runtime.gate import GateInputs, should_prefetch
+from moecxl.runtime.policies import EntryStats, choose_victims, eam_probs, get_policy, pregate_probs, topk_candidates
+
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
+
+
+class EngineError(ValueError):
+    """Bad engine configuration (budget, policy, profile); the message names the value at fault."""
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _install(arrays, packed_P, slot, layout: ExpertLayout):
+    mats = layout.unpack(packed_P)
+    return tuple(
+        jax.lax.dynamic_update_slice(a, m[None].astype(a.dtype), (slot,) + (0,) * m.ndim)
+        for a, m in zip(arrays, mats)
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
+    return _install.__wrapped__(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
+
+
+@jax.jit
+def _router_scores(xn_BTD, routers_HDE):
+    return jnp.einsum("BTD,HDE->HBTE", xn_BTD.astype(jnp.float32), routers_HDE.astype(jnp.float32))
+
+
+class OffloadEngine:
+    """Experts in host tiers, a device cache of `device_budget`, and a policy deciding what moves.
+
+    `device_budget`: a fraction of all expert bytes (0 < f <= 1) or a byte count (> 1). Copies in
+    flight count against the budget (`max_inflight` staging buffers), so device-resident expert bytes
+    never exceed it. `emulate`: delay each copy to what the hardware profile predicts, time-scaled so
+    that copy time over measured layer compute equals the target's (`time_scale`; see
+    `calibrate_time_scale`); with `emulate=False` copies take the time they take here.
+    """
+
+    def __init__(self, model, hardware: Hardware | str | os.PathLike | None = None, policy: str = "lru",
+                 device_budget: float = 0.25, *, predictor=None, emulate: bool | None = None,
+                 time_scale: float | None = None, target_model=None, max_inflight: int | None = None,
+                 placement: dict | None = None, trace=None, frequencies=None, eam_library=None,
+                 nvme_dir=None, record_events: bool = False, lowp_threshold: float = 0.3):
+        self.model = model
+        self.cfg = model.cfg
+        self.policy = get_policy(policy)
+        if isinstance(hardware, (str, os.PathLike)):
+            hardware = Hardware.from_yaml(hardware)
+        self.hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
+        self.layout = layout_of(model)
+        self.expert_bytes = self.layout.nbytes
+        self.moe_layers = [i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None]
+        self.L, self.E, self.K = len(self.moe_layers), self.cfg.num_experts, self.cfg.top_k
+        total = self.L * self.E * self.expert_bytes
+        if device_budget is None or device_budget <= 0:
+            raise EngineError(f"device_budget must be a positive fraction or byte count, got {device_budget!r}")
+        budget_bytes = int(device_budget * total) if device_budget <= 1 else int(device_budget)
+        self.max_inflight = int(max_inflight if max_inflight is not None else max(2, self.K))
+        self.budget_bytes = budget_bytes
+        self.n_slots = budget_bytes // self.expert_bytes - self.max_inflight
+        min_slots = self.K  # batch 1 decode; larger steps are checked when they come
+        if self.n_slots < min_slots:
+            need = (min_slots + self.max_inflight) * self.expert_bytes
+            raise EngineError(
+                f"device_budget {device_budget!r} = {budget_bytes} bytes holds {budget_bytes // self.expert_bytes} "
+                f"experts of {self.expert_bytes} bytes; one layer's top-{self.K} plus {self.max_inflight} copies in "
+                f"flight need at least {need} bytes ({need / total:.3f} of expert bytes)"
+            )
+        self.trace = _future_from(trace, self.L) if trace is not None else None
+        if self.policy.prefetch == "oracle" and self.trace is None:
+            raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
+        self.predictor = predictor
+        self.predictor_name = "pregate" if self.policy.prefetch == "pregate" else self.policy.prefetch
+        # Host store: home tier of every expert (placement), masters packed in their tiers.
+        freq = np.asarray(frequencies, float) if frequencies is not None else None
+        self.placement = placement or placement_mod.initial_placement(self.hardware, self.L, self.E,
+                                                                     self.store_bytes_per_expert(), freq)
+        self.store = HostStore(model, self.hardware, self.placement, nvme_dir=nvme_dir,
+                               low_precision=self.policy.low_precision_on_miss)
+        # Emulated link timing.
+        self.target_model = target_model or self.cfg
+        if emulate is None:
+            emulate = not _is_local(self.hardware)
+        self.emulate = emulate
+        self.time_scale = time_scale if time_scale is not None else (
+            calibrate_time_scale(model, self.hardware, self.target_model) if emulate else 1.0)
+        self.transfers = TransferEngine(self.store, self.hardware, emulate=emulate, time_scale=self.time_scale)
+        self.emulated_expert_bytes = self.target_model.expert_bytes if emulate else self.expert_bytes
+        self.transfers.emulated_bytes = self.emulated_expert_bytes
+        # Device cache: fixed slot arrays.
+        dev_dtype = self.layout.np_dtype
+        self.cache = tuple(jnp.zeros((self.n_slots, *s), dev_dtype) for s in self.layout.shapes)
+        self.n_ins = len(self.layout.shapes) - 1
+        self.slot_key: list = [None] * self.n_slots
+        self.slot_of: dict = {}
+        self.slot_E = [np.full(self.E, -1, np.int32) for _ in range(self.L)]
+        self.stats: dict = {}
+        self.lowp: set = set()
+        self.inflight: dict = {}  # key -> (Transfer, slot, prefetched)
+        self.free_slots = list(range(self.n_slots))[::-1]
+        self.tick = 0
+        self.phase, self.step = "prefill", 0
+        self.record_events = record_events
+        self.events: list[dict] = []
+        self.lowp_threshold = lowp_threshold
+        self.offline: set[str] = set()
+        # Pre-gate: later layers' routers, stacked once on the device.
+        self._routers = None
+        if self.policy.prefetch == "pregate":
+            self._routers = jnp.stack([model.layers[i].core.router_DE[...] for i in self.moe_layers])
+        self._eam_library = list(eam_library or [])
+        self._eam_current = np.zeros((self.L, self.E))
+        self._pos = 0  # index into trace visits (oracle)
+        self.c = _Counters(self.L)
+        self._layer_s = None
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def store_bytes_per_expert(self) -> int:
+        from moecxl.memory.store import ALIGN_BYTES
+
+        return -(-self.layout.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+
+    def _event(self, kind: str, **kw):
+        if self.record_events:
+            self.events.append({"t_s": self.transfers.now_s(), "kind": kind, "phase": self.phase,
+                                "step": self.step, **kw, "device_expert_bytes": self.device_expert_bytes()})
+
+    def device_expert_bytes(self) -> int:
+        """Expert bytes the engine holds on the device now: the slot arrays plus copies in flight."""
+        return (self.n_slots + len(self.inflight)) * self.expert_bytes
+
+    # ---- the provider protocol -----------------------------------------------------------------------
+    def begin(self, phase: str, step: int) -> None:
+        self.phase, self.step = phase, step
+        if phase == "prefill":
+            self._eam_current[:] = 0
+
+    def end(self, phase: str, step: int) -> None:
+        pass
+
+    def experts(self, m: int, co):
+        t_enter = time.perf_counter()
+        self.tick += 1
+        ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer
+        needed = np.unique(ids)
+        if len(needed) > self.n_slots:
+            need = (len(needed) + self.max_inflight) * self.expert_bytes
+            raise EngineError(
+                f"layer {m} needs {len(needed)} distinct experts at once ({ids.shape[0]}x{ids.shape[1]} tokens, "
+                f"top-{self.K}) but the device cache holds {self.n_slots}; use a device_budget of at least "
+                f"{need} bytes, or a smaller batch or prompt"
+            )
+        keys = [(m, int(e)) for e in needed]
+        self._eam_current[m, needed] += np.bincount(ids.reshape(-1), minlength=self.E)[needed]
+        lowp_ok = set()
+        if self.policy.low_precision_on_miss:
+            w = np.asarray(co.weights_BTK)
+            for e in needed:
+                if float(w[ids == e].max()) < self.lowp_threshold:
+                    lowp_ok.add((m, int(e)))
+        self._poll()
+        protect = set(keys)
+        wait = []
+        for key in keys:
+            if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
+                self.c.hits[m] += 1
+                st = self.stats[key]
+                if st.prefetched and st.uses == 0:
+                    self.c.prefetch_used += 1
+                self._event("hit", layer=m, expert=key[1])
+            elif key in self.inflight:
+                self.c.inflight_hits[m] += 1
+                tr, _, pref = self.inflight[key]
+                if pref and not tr.done():
+                    self.c.late_prefetch += 1
+                wait.append(key)
+            else:
+                self.c.misses[m] += 1
+                if key in self.slot_of:  # a low-precision copy where an exact one is wanted
+                    self._evict(key)
+                self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
+                wait.append(key)
+        stall = 0.0
+        if wait:
+            t0 = time.perf_counter()
+            for key in wait:
+                self._complete(key)
+            stall = time.perf_counter() - t0
+            self.c.stall_s += stall
+            self.c.stall_by_layer[m] += stall
+        for key in keys:
+            st = self.stats[key]
+            self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
+        self._prefetch(m, co, protect)
+        self.c.control_s += time.perf_counter() - t_enter - stall
+        return self.cache[: self.n_ins], self.cache[self.n_ins], self.slot_E[m]
+
+    # ---- cache mechanics -----------------------------------------------------------------------------
+    def _home(self, key) -> str:
+        tier = self.store.home(key)
+        if tier in self.offline:
+            raise EngineError(f"expert {key} lives only on offline tier {tier!r}: no copy left to fetch")
+        return tier
+
+    def _take_slot(self, protect) -> int:
+        if not self.free_slots:
+            victims = choose_victims(self.policy.evict, self.stats_cached(), 1, protect | set(self.inflight),
+                                     next_use=self._next_use() if self.policy.evict == "belady" else None,
+                                     prob=self._probs)
+            if not victims:
+                raise EngineError(f"device cache of {self.n_slots} slots has nothing evictable (all needed now)")
+            self._evict(victims[0])
+        return self.free_slots.pop()
+
+    def stats_cached(self):
+        return {k: self.stats[k] for k in self.slot_of}
+
+    def _evict(self, key):
+        slot = self.slot_of.pop(key)
+        self.slot_key[slot] = None
+        self.slot_E[key[0]][key[1]] = -1
+        st = self.stats.get(key)
+        if st is not None and st.prefetched and st.uses == 0:
+            self.c.wasted_prefetch_bytes += self.expert_bytes
+        self.lowp.discard(key)
+        self.free_slots.append(slot)
+        self.c.evictions += 1
+        self._event("evict", layer=key[0], expert=key[1])
+
+    def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
+        slot = self._take_slot(protect)
+        tier = self._home(key)
+        tr = self.transfers.submit(key, tier, low_precision=low_precision)
+        self.inflight[key] = (tr, slot, prefetched)
+        self.c.bytes_by_tier[tier] += tr.nbytes
+        self.c.max_queue = max(self.c.max_queue, len(self.inflight))
+        if prefetched:
+            self.c.prefetch_issued += 1
+        self._event("prefetch" if prefetched else "fetch", layer=key[0], expert=key[1], tier=tier,
+                    nbytes=tr.nbytes, low_precision=low_precision)
+
+    def _complete(self, key):
+        tr, slot, prefetched = self.inflight.pop(key)
+        value = tr.result()
+        if tr.low_precision:
+            self.cache = _install_int8(self.cache, value, np.int32(slot), self.layout)
+            self.lowp.add(key)
+        else:
+            self.cache = _install(self.cache, value, np.int32(slot), self.layout)
+        self.slot_of[key] = slot
+        self.slot_key[slot] = key
+        self.slot_E[key[0]][key[1]] = slot
+        self.stats[key] = EntryStats(last_use=self.tick, uses=0, loaded_at=self.tick, prefetched=prefetched)
+
+    def _poll(self):
+        for key in [k for k, (tr, _, _) in self.inflight.items() if tr.done()]:
+            self._complete(key)
+
+    # ---- prefetch ------------------------------------------------------------------------------------
+    _probs: dict = {}
+
+    def _prefetch(self, m: int, co, protect):
+        pf = self.policy.prefetch
+        if pf is None or self.policy.horizon <= 0:
+            return
+        layers = [m + h for h in range(1, self.policy.horizon + 1) if m + h < self.L]
+        if pf == "oracle":
+            cands = self._oracle_candidates()
+        elif not layers:
+            return
+        elif pf == "pregate":
+            scores = np.asarray(_router_scores(co.xn_BTD, self._routers[layers[0]:layers[-1] + 1]))
+            H = len(layers)
+            probs = pregate_probs(scores.reshape(H, -1, self.E), self.K)
+            cands = topk_candidates(probs, layers, min(self.E, max(self.K, int((probs > 0).sum(1).max()))))
+            cands = [c for c in cands if c[1] > 0]
+        elif pf == "eam":
+            probs = eam_probs(self._eam_current, self._eam_library, layers)
+            cands = topk_candidates(probs, layers, self.K)
+        elif pf == "predictor" and self.predictor is not None:
+            cands = self.predictor.candidates(self, m, co, layers)
+        else:
+            return
+        self._probs = {k: p for k, p in cands}
+        for key, p in cands:
+            if key in self.slot_of or key in self.inflight:
+                continue
+            if len(self.inflight) >= self.max_inflight:
+                break
+            if self.policy.gate and not self._gate(key, p, m):
+                self.c.gated += 1
+                continue
+            try:
+                self._fetch(key, protect | {c[0] for c in cands if c[1] >= p}, prefetched=True)
+            except EngineError:
+                break
+
+    def _gate(self, key, p, m) -> bool:
+        tier = self.store.home(key)
+        now = self.transfers.now_s()
+        wait = self.transfers.clock.expected_wait_s(tier, self.emulated_expert_bytes, now)
+        one = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
+        layer_s = self._layer_s or one / 10
+        victim_p = 0.0
+        if not self.free_slots:
+            victims = choose_victims(self.policy.evict, self.stats_cached(), 1, set(self.inflight),
+                                     prob=self._probs)
+            victim_p = self._probs.get(victims[0], 0.0) if victims else 0.0
+        misses = sum(self.c.misses) + 1
+        pressure = misses / (misses + sum(self.c.hits) + 1)
+        g = GateInputs(p_use=p, lead_s=(key[0] - m) * layer_s, wait_s=wait, miss_s=one,
+                       link_busy_s=one, demand_pressure=pressure, victim_p=victim_p, victim_miss_s=one)
+        return should_prefetch(g)
+
+    def _next_use(self):
+        if self.trace is None:
+            return {}
+        nu = {}
+        for i, (layer, experts) in enumerate(self.trace[self._pos:self._pos + 4 * self.L]):
+            for e in experts:
+                nu.setdefault((layer, int(e)), i)
+        return nu
+
+    def _oracle_candidates(self):
+        # Advance the trace pointer to the visit after the current one.
+        self._pos += 1
+        nxt = self.trace[self._pos:self._pos + self.policy.horizon]
+        return [((layer, int(e)), 1.0) for layer, experts in nxt for e in experts]
+
+    # ---- faults ----------------------------------------------------------------------------------------
+    def set_offline(self, tier: str):
+        if tier not in self.hardware.tier_names:
+            raise EngineError(f"unknown tier {tier!r}; tiers: {', '.join(self.hardware.tier_names)}")
+        self.offline.add(tier)
+        self._event("offline", tier=tier)
+
+    def set_online(self, tier: str):
+        if tier not in self.hardware.tier_names:
+            raise EngineError(f"unknown tier {tier!r}; tiers: {', '.join(self.hardware.tier_names)}")
+        self.offline.discard(tier)
+        self._event("online", tier=tier)
+
+    # ---- visibility ------------------------------------------------------------------------------------
+    def where(self) -> dict:
+        """Where every expert is: its home tier, and whether it is on the device or in flight."""
+        device = sorted(self.slot_of)
+        return {
+            "device": [{"layer": k[0], "expert": k[1], "slot": self.slot_of[k], "low_precision": k in self.lowp}
+                       for k in device],
+            "in_flight": [{"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in self.inflight.items()],
+            "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.placement.items())},
+            "tiers": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
+            "numa": self.store.node_report,
+        }
+
+    def metrics(self) -> dict:
+        c = self.c
+        hits, misses = sum(c.hits) + sum(c.inflight_hits), sum(c.misses)
+        visits = self.tick
+        return {
+            "policy": self.policy.name,
+            "exact": self.policy.exact,
+            "predictor": self.predictor_name,
+            "hit_rate": hits / max(1, hits + misses),
+            "hit_rate_by_layer": [(h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)],
+            "misses": misses,
+            "stall_s": c.stall_s,
+            "stall_s_by_layer": list(c.stall_by_layer),
+            "bytes_by_tier": dict(c.bytes_by_tier),
+            "prefetch_issued": c.prefetch_issued,
+            "prefetch_used": c.prefetch_used,
+            "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else None,
+            "late_prefetches": c.late_prefetch,
+            "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+            "gated_prefetches": c.gated,
+            "evictions": c.evictions,
+            "max_inflight": c.max_queue,
+            "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
+            "device_budget_bytes": self.budget_bytes,
+            "device_slots": self.n_slots,
+            "timing": "emulated" if self.emulate else ("measured-gpu" if jax.default_backend() == "gpu"
+                                                       else "measured-cpu"),
+            "time_scale": self.time_scale,
+            "hardware": self.hardware.name,
+            "target_model": getattr(self.target_model, "name", "") or "self",
+        }
+
+    def reset_metrics(self):
+        self.c = _Counters(self.L)
+        self.events.clear()
+
+    def dump_events(self, path):
+        """JSON lines, one event each (written to a temp file, then renamed)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            for ev in self.events:
+                f.write(json.dumps(ev) + "\n")
+        os.replace(tmp, path)
+
+    def close(self):
+        self.transfers.close()
+        self.store.close()
+
+
+class _Counters:
+    def __init__(self, L):
+        self.hits = [0] * L
+        self.inflight_hits = [0] * L
+        self.misses = [0] * L
+        self.stall_by_layer = [0.0] * L
+        self.stall_s = 0.0
+        self.control_s = 0.0
+        self.bytes_by_tier = defaultdict(int)
+        self.prefetch_issued = self.prefetch_used = self.late_prefetch = self.gated = 0
+        self.wasted_prefetch_bytes = 0
+        self.evictions = 0
+        self.max_queue = 0
+
+
+def _is_local(hw: Hardware) -> bool:
+    return hw.gpu.name.lower() == "cpu"
+
+
+def _future_from(trace, L: int) -> list[tuple[int, np.ndarray]]:
+    """Visits (moe_layer, needed experts) in the order the engine will see them.
+
+    `trace`: a GenerateResult of the same prompt (its expert_ids per layer [B, T_prompt+T_new-1, K]),
+    or a list of per-step lists of per-layer id arrays.
+    """
+    if hasattr(trace, "expert_ids"):
+        ids = trace.expert_ids
+        T_p = trace.prompt_len
+        visits = [(m, np.unique(ids[m][:, :T_p])) for m in range(L)]
+        total = ids[0].shape[1]
+        for t in range(T_p, total):
+            visits += [(m, np.unique(ids[m][:, t])) for m in range(L)]
+        return visits
+    return [(m, np.unique(np.asarray(step[m]))) for step in trace for m in range(L)]
+
+
+def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
+    """Measured seconds of one decode-step MoE layer (core + experts, resident) on this machine."""
+    from moecxl.generate import _core_jit, _experts_jit, split_flat
+
+    cfg = model.cfg
+    li = next(i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None)
+    key, leaves = split_flat(model.layers[li].core)
+    core = _core_jit(*key)
+    S = 64
+    dt = model.embed_VD[...].dtype
+    x = jnp.zeros((batch, 1, cfg.hidden_size), dt) + 0.1
+    pos = np.zeros((batch, 1), np.int32)
+    mask = np.ones((batch, 1, S), bool)
+    ins, out = model.layers[li].experts.arrays()
+    slot_E = np.arange(cfg.num_experts, dtype=np.int32)
+    times = []
+    for _ in range(repeats + 2):
+        kv = (jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt),) * 2
+        t0 = time.perf_counter()
+        co, kv = core(leaves, x, pos, mask, kv, np.int32(0))
+        y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+        y.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512) -> float:
+    """Roofline seconds of one decode MoE layer of the target model on the profile's GPU."""
+    D, F, K = target_cfg.hidden_size, target_cfg.intermediate_size, target_cfg.top_k
+    H, G, Dh = target_cfg.num_heads, target_cfg.num_kv_heads, target_cfg.dim_head
+    bpe = 2  # bf16 weights on the target
+    attn_params = D * (H * Dh) * 2 + D * (G * Dh) * 2
+    experts_touched = min(target_cfg.num_experts, batch * K)
+    bytes_ = (attn_params + experts_touched * target_cfg.expert_params) * bpe + 2 * batch * context * G * Dh * bpe
+    flops = 2 * batch * (attn_params + K * target_cfg.expert_params) + 4 * batch * context * H * Dh
+    return max(bytes_ / (hw.gpu.memory_gbps * 1e9), flops / (hw.gpu.bf16_tflops * 1e12))
+
+
+def calibrate_time_scale(model, hw: Hardware, target_cfg) -> float:
+    """Measured layer time here over the target's roofline layer time: emulated copies use this scale."""
+    return layer_compute_s(model) / target_layer_s(target_cfg, hw)

@@ -1,0 +1,69 @@
+"""Expert placement across the host tiers (the seed paper's Algorithm 1), as pure functions.
+
+Hot experts belong on the device (the engine's cache starts from them), warm ones on CXL devices
+chosen by profile and load (`select_cxl_device`), cold ones in DRAM, then NVMe. Capacities are
+respected at every step; a profile that cannot hold the model is an error naming the shortfall.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moecxl.memory.tiers import Hardware, Tier, path_gbps
+
+HOME_KIND_ORDER = ("cxl", "dram", "nvme")
+
+
+class PlacementError(ValueError):
+    """The tiers cannot hold the experts; the message gives the shortfall in bytes."""
+
+
+def select_cxl_device(devices: list[Tier], used_bytes: dict[str, int], hw: Hardware, expert_bytes: int,
+                      load: dict[str, float]) -> Tier | None:
+    """The CXL device with the earliest expected completion for one more expert: its path rate,
+    latency and the load (expected bytes/s already placed there) decide; full devices are skipped."""
+    best, best_t = None, float("inf")
+    for d in devices:
+        if used_bytes.get(d.name, 0) + expert_bytes > d.capacity_bytes:
+            continue
+        gbps = path_gbps(d, hw) * 1e9
+        t = d.latency_ns * 1e-9 + (load.get(d.name, 0.0) + 1.0) * expert_bytes / gbps
+        if t < best_t:
+            best, best_t = d, t
+    return best
+
+
+def initial_placement(hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=None) -> dict:
+    """Home tier of every (moe_layer, expert): hottest first into CXL (by device choice), DRAM, NVMe.
+
+    `freq_LE`: activation frequencies (e.g. an EMA over past requests); uniform when unknown.
+    """
+    freq = np.ones((L, E)) if freq_LE is None else np.asarray(freq_LE, float)
+    if freq.shape != (L, E):
+        raise PlacementError(f"frequencies have shape {freq.shape}, expected (L, E) = ({L}, {E})")
+    order = np.argsort(-freq.reshape(-1), kind="stable")
+    homes = [t for kind in HOME_KIND_ORDER for t in hw.tiers_of_kind(kind)]
+    capacity = sum(t.capacity_bytes for t in homes)
+    need = L * E * expert_bytes
+    if need > capacity:
+        raise PlacementError(
+            f"hardware {hw.name!r}: host tiers hold {capacity} bytes but the {L * E} experts need {need}; "
+            f"shortfall {need - capacity} bytes"
+        )
+    used: dict[str, int] = {}
+    load: dict[str, float] = {}
+    cxl = list(hw.tiers_of_kind("cxl"))
+    rest = [t for kind in ("dram", "nvme") for t in hw.tiers_of_kind(kind)]
+    placement = {}
+    total_f = float(freq.sum()) or 1.0
+    for flat in order:
+        m, e = divmod(int(flat), E)
+        tier = select_cxl_device(cxl, used, hw, expert_bytes, load) if cxl else None
+        if tier is None:
+            tier = next((t for t in rest if used.get(t.name, 0) + expert_bytes <= t.capacity_bytes), None)
+        if tier is None:
+            raise PlacementError(f"hardware {hw.name!r}: no tier has room for expert ({m}, {e})")
+        placement[(m, e)] = tier.name
+        used[tier.name] = used.get(tier.name, 0) + expert_bytes
+        load[tier.name] = load.get(tier.name, 0.0) + freq[m, e] / total_f * L * E
+    return placement

@@ -1,0 +1,172 @@
+"""Named offloading policies as pure functions: eviction scores and prefetch candidates.
+
+A policy is a small frozen record naming its eviction score and its prefetch source; the engine and
+the simulator both call these functions, so a policy behaves the same in a real run and in replay.
+Keys are (moe_layer, expert). `tick` is a global access counter (one per MoE layer visited).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class PolicyError(ValueError):
+    """Unknown policy name or option; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class EntryStats:
+    """What eviction may look at for one cached expert."""
+
+    last_use: int = -1
+    uses: int = 0
+    loaded_at: int = 0
+    prefetched: bool = False
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    evict: str  # fifo | lru | lfu | belady | activation | predicted
+    prefetch: str | None  # None | pregate | eam | oracle | predictor
+    horizon: int = 1  # MoE layers ahead that prefetch looks
+    exact: bool = True
+    low_precision_on_miss: bool = False
+    gate: bool = False  # cost-benefit gate on prefetches (moecxl)
+    description: str = ""
+
+
+POLICIES: dict[str, PolicySpec] = {
+    p.name: p
+    for p in [
+        PolicySpec("on_demand", "fifo", None, 0,
+                   description="DeepSpeed-MoE-style offloading: fetch each expert when a layer needs it"),
+        PolicySpec("lru", "lru", None, 0, description="mixtral-offloading's LRU expert cache, fetch on miss"),
+        PolicySpec("lfu", "lfu", None, 0, description="least-frequently-used expert cache, fetch on miss"),
+        PolicySpec("pregate", "lru", "pregate", 1,
+                   description="Pre-gated MoE / AdapMoE: layer l+1's router on layer l's hidden state "
+                               "(also mixtral-offloading's speculative loading), LRU cache"),
+        PolicySpec("moe_infinity", "activation", "eam", 3,
+                   description="MoE-Infinity: request activation matrix matched to past requests by "
+                               "cosine similarity; prefetch and evict by matched activation ratio"),
+        PolicySpec("hobbit", "lru", None, 0, exact=False, low_precision_on_miss=True,
+                   description="HOBBIT: on a miss, an int8 copy of a low-weight expert (inexact)"),
+        PolicySpec("oracle", "belady", "oracle", 4,
+                   description="the limit: future routing known from a trace, Belady eviction"),
+        PolicySpec("moecxl", "predicted", "pregate", 2, gate=True,
+                   description="moecxl: multi-layer prediction (pre-gate until a learned predictor is "
+                               "given) with the cost-benefit gate and prediction-aware eviction"),
+    ]
+}
+
+
+def get_policy(name: str) -> PolicySpec:
+    if name not in POLICIES:
+        raise PolicyError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+# ---- eviction: lowest score goes first --------------------------------------------------------------
+
+
+def eviction_score(
+    evict: str,
+    key: tuple[int, int],
+    stats: EntryStats,
+    *,
+    next_use: Mapping[tuple[int, int], int] | None = None,
+    prob: Mapping[tuple[int, int], float] | None = None,
+) -> tuple:
+    """Sort key of a cached expert for eviction (smallest evicted first)."""
+    if evict == "fifo":
+        return (stats.loaded_at,)
+    if evict == "lru":
+        return (stats.last_use,)
+    if evict == "lfu":
+        return (stats.uses, stats.last_use)
+    if evict == "belady":
+        nu = (next_use or {}).get(key)
+        return (-(nu if nu is not None else 1 << 60),)  # farthest next use first
+    if evict in ("predicted", "activation"):
+        p = (prob or {}).get(key, 0.0)
+        return (p, stats.last_use)
+    raise PolicyError(f"unknown eviction rule {evict!r}")
+
+
+def choose_victims(
+    evict: str,
+    cached: Mapping[tuple[int, int], EntryStats],
+    n: int,
+    protect: set,
+    **ctx,
+) -> list[tuple[int, int]]:
+    """The n cached experts to evict, never one in `protect` (needed now or in flight)."""
+    cands = [k for k in cached if k not in protect]
+    cands.sort(key=lambda k: eviction_score(evict, k, cached[k], **ctx))
+    return cands[:n]
+
+
+# ---- prefetch sources -------------------------------------------------------------------------------
+
+
+def topk_candidates(probs_HE: np.ndarray, layers: Sequence[int], k: int) -> list[tuple[tuple[int, int], float]]:
+    """Top-k experts of each future layer from per-layer probabilities, best first."""
+    out = []
+    for h, layer in enumerate(layers):
+        top = np.argsort(-probs_HE[h])[:k]
+        out.extend(((layer, int(e)), float(probs_HE[h, e])) for e in top)
+    out.sort(key=lambda c: -c[1])
+    return out
+
+
+def pregate_probs(router_scores_HNE: np.ndarray, top_k: int) -> np.ndarray:
+    """P(expert used by any of the N tokens) per future layer, from later routers on this layer's input.
+
+    Each token's top-k under the later router counts as a vote of 1; the result is the fraction of
+    tokens voting, capped at 1: [H, E].
+    """
+    H, N, E = router_scores_HNE.shape
+    top = np.argsort(-router_scores_HNE, axis=-1)[..., :top_k]
+    votes = np.zeros((H, E))
+    for h in range(H):
+        np.add.at(votes[h], top[h].reshape(-1), 1.0)
+    return np.minimum(votes / max(1, N) * min(N, E / max(1, top_k)), 1.0) if N > 1 else np.minimum(votes, 1.0)
+
+
+def eam_match(current_LE: np.ndarray, library: Sequence[np.ndarray]) -> np.ndarray | None:
+    """MoE-Infinity: the stored activation matrix most cosine-similar to the current request's."""
+    if not library:
+        return None
+    cur = current_LE.reshape(-1)
+    best, best_sim = None, -1.0
+    n_cur = np.linalg.norm(cur)
+    for eam in library:
+        v = eam.reshape(-1)
+        sim = float(cur @ v / (n_cur * np.linalg.norm(v) + 1e-12))
+        if sim > best_sim:
+            best, best_sim = eam, sim
+    return best
+
+
+def eam_probs(current_LE: np.ndarray, library: Sequence[np.ndarray], layers: Sequence[int]) -> np.ndarray:
+    """Activation ratios of the matched matrix (falling back to the current one) for future layers."""
+    ref = eam_match(current_LE, library)
+    src = (ref if ref is not None else current_LE).astype(float)
+    rows = src[list(layers)]
+    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * 2.0
+
+
+def oracle_candidates(
+    future: Sequence[tuple[int, Sequence[int]]], horizon: int
+) -> list[tuple[tuple[int, int], float]]:
+    """The next `horizon` (layer, needed experts) visits from a trace, each certain (p = 1)."""
+    out = []
+    for layer, experts in list(future)[:horizon]:
+        out.extend(((layer, int(e)), 1.0) for e in experts)
+    return out
+
+
+PrefetchFn = Callable[..., list]
