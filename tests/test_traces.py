@@ -1,0 +1,228 @@
+"""Router traces: schema round trip, prefill/decode provenance, resume, bad input, statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import moecxl
+from moecxl import traces
+from moecxl.data import SplitSpec, save_tokenizer, train_tokenizer
+from moecxl.generate import generate
+from moecxl.model import MoEDecoder
+from moecxl.traces import TraceError, collect, read_traces
+from tests.conftest import tiny_config
+
+ALL_TRAIN = (1.0, 0.0, 0.0)
+WORDS = "the king spoke softly unto his loyal friend and the queen wept for her lost crown".split()
+KW = dict(
+    split="train",
+    tokens=150,
+    prompt_len=16,
+    decode_tokens=3,
+    decode_every=2,
+    batch=2,
+    shard_seqs=3,
+    fractions=ALL_TRAIN,
+    progress=lambda msg: None,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A prose + code corpus, a tokenizer trained on it, a tiny model saved with it."""
+    root = tmp_path_factory.mktemp("traces")
+    corpus_dir = root / "corpus"
+    corpus_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (corpus_dir / f"prose{i}.txt").write_text(" ".join(rng.choice(WORDS, 120)) + "\n")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for i, name in enumerate(("textwrap.py", "bisect.py", "colorsys.py", "keyword.py")):
+        (corpus_dir / f"code{i}.py").write_text((stdlib / name).read_text()[:1500])
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOECXL_CACHE", str(root / "cache"))
+    corpus = f"file:{corpus_dir}"
+    tok = train_tokenizer(corpus, vocab_size=300, splits=SplitSpec(ALL_TRAIN))
+    model = MoEDecoder(tiny_config(vocab_size=300, num_experts=6, top_k=2), rngs=nnx.Rngs(0))
+    ckpt = root / "model"
+    moecxl.save(model, ckpt)
+    save_tokenizer(tok, ckpt / "tokenizer.json")
+    out = collect(ckpt, root / "full", corpus, router_logits=True, sketch=4, **KW)
+    yield dict(root=root, corpus=corpus, tok=tok, model=model, ckpt=ckpt, out=out)
+    mp.undo()
+
+
+def test_schema_round_trip(setup):
+    ts = read_traces(setup["out"], require_complete=True)
+    meta = ts.metadata
+    assert (meta["L"], meta["E"], meta["K"], meta["P"]) == (2, 6, 2, 4)
+    assert meta["schema_version"] == traces.SCHEMA_VERSION and meta["model"]["hash"] == traces.model_hash(
+        setup["model"]
+    )
+    assert meta["tokenizer"]["hash"] and meta["moecxl_version"] == moecxl.__version__
+    assert meta["num_rows"] == len(ts) >= KW["tokens"]
+    N = len(ts)
+    assert ts.expert_ids.shape == (N, 2, 2) and ts.expert_weights.shape == (N, 2, 2)
+    assert ts.router_logits.shape == (N, 2, 6) and ts.hidden_sketch.shape == (N, 2, 4)
+    assert ts.sketch_projection.shape == (32, 4)
+    assert set(ts.domain) == {"prose", "code"}
+    assert ((ts.expert_ids >= 0) & (ts.expert_ids < 6)).all()
+    bounds = ts.seq_bounds()
+    assert bounds[-1] == N and len(bounds) - 1 == meta["num_sequences"]
+    ds = ts.dataset  # HF datasets view of the same rows
+    assert ds.num_rows == N and ds.features["expert_ids"].length == 2
+    assert ds[0]["phase"] == "prefill" and len(ds[0]["expert_ids"][0]) == 2
+
+
+def test_prefill_routing_equals_model_forward(setup):
+    ts = read_traces(setup["out"])
+    model, proj = setup["model"], ts.sketch_projection
+    sid, dec = ts.seq_id, ts.is_decode
+    for s in (0, 1):
+        rows = np.flatnonzero((sid == s) & ~dec)
+        ids = ts.column("token_id")[rows]
+        assert (ts.pos[rows] == np.arange(len(rows))).all()
+        out = model(ids[None].astype(np.int32))
+        np.testing.assert_array_equal(ts.expert_ids[rows], np.stack(out.expert_ids, 2)[0])
+        np.testing.assert_allclose(ts.expert_weights[rows], np.stack(out.expert_weights, 2)[0], atol=1e-5)
+        np.testing.assert_allclose(ts.router_logits[rows], np.stack(out.router_logits, 2)[0], atol=1e-4)
+        sketch = np.einsum("LTD,DP->TLP", np.stack(out.moe_inputs)[:, 0], proj)
+        np.testing.assert_allclose(ts.hidden_sketch[rows], sketch, atol=1e-4)
+
+
+def test_decode_rows_come_from_generate(setup):
+    ts = read_traces(setup["out"])
+    sid, dec, tok = ts.seq_id, ts.is_decode, ts.column("token_id")
+    assert set(np.unique(sid[dec])) == set(range(0, ts.metadata["num_sequences"], 2))
+    prompt = tok[(sid == 0) & ~dec]
+    rows = np.flatnonzero((sid == 0) & dec)
+    assert len(rows) == 3 and (ts.pos[rows] == len(prompt) + np.arange(3)).all()
+    res = generate(setup["model"], prompt[None], max_new_tokens=4)
+    np.testing.assert_array_equal(tok[rows], res.tokens[0, :3])
+    T = len(prompt)
+    np.testing.assert_array_equal(ts.expert_ids[rows], np.stack([a[0, T : T + 3] for a in res.expert_ids], 1))
+
+
+def _rows(ts):
+    t = ts.table
+    return {c: t.column(c).to_pylist() for c in t.column_names}
+
+
+def test_resume_after_interruption_gives_the_same_rows(setup):
+    out = setup["root"] / "resumed"
+    kw = dict(KW, tokenizer=setup["tok"])
+    collect(setup["model"], out, setup["corpus"], router_logits=True, sketch=4, max_shards=1, **kw)
+    part = read_traces(out)
+    assert not part.metadata["complete"] and len(part.metadata["shards"]) == 1
+    (out / ".shard-00001.parquet.tmp").write_bytes(b"half a shard")  # a crash mid-write
+    collect(setup["model"], out, setup["corpus"], router_logits=True, sketch=4, **kw)
+    collect(setup["model"], out, setup["corpus"], router_logits=True, sketch=4, **kw)  # complete: no-op
+    full, resumed = read_traces(setup["out"]), read_traces(out, require_complete=True)
+    assert _rows(resumed) == _rows(full)
+    assert not list(out.glob(".shard-*"))
+
+
+def test_append_with_other_model_shape_is_an_error(setup):
+    other = MoEDecoder(tiny_config(vocab_size=300, num_experts=4, top_k=2), rngs=nnx.Rngs(1))
+    with pytest.raises(TraceError, match=r"metadata.json: field 'E' is 6 .* model has 4"):
+        collect(other, setup["out"], setup["corpus"], tokenizer=setup["tok"], **KW)
+    with pytest.raises(TraceError, match=r"field 'args.prompt_len'"):
+        collect(
+            setup["ckpt"],
+            setup["out"],
+            setup["corpus"],
+            router_logits=True,
+            sketch=4,
+            **dict(KW, prompt_len=8),
+        )
+
+
+def test_corrupted_truncated_and_unknown_version_are_errors(setup, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["out"], bad)
+    shard = bad / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(TraceError, match="shard-00001.parquet: corrupted or truncated"):
+        read_traces(bad)
+    shard.unlink()
+    with pytest.raises(TraceError, match=r"shard-00001.parquet'\] listed in metadata.json are missing"):
+        read_traces(bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    (bad / "metadata.json").write_text(json.dumps(dict(meta, schema_version=99)))
+    with pytest.raises(TraceError, match="metadata.json: field 'schema_version' is 99"):
+        read_traces(bad)
+    (bad / "metadata.json").unlink()
+    with pytest.raises(TraceError, match="missing metadata"):
+        read_traces(bad)
+
+
+def test_stats_cli_writes_json_and_figures(setup, tmp_path):
+    traces.main(["stats", str(setup["out"]), "--out", str(tmp_path)])
+    s = json.loads((tmp_path / "stats.json").read_text())
+    assert np.allclose(np.asarray(s["popularity"]).sum(1), 1)
+    assert "code|prose" in s["domain_tv"] and len(s["layer_entropy"]) == 1 and len(s["temporal_entropy"]) == 2
+    for name in (
+        "popularity.png",
+        "transitions.png",
+        "entropy.png",
+        "reuse_distance.png",
+        "domain_popularity.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+# ---- statistics on synthetic routing with known answers --------------------------------------------------
+
+
+def test_entropy_known_answers():
+    rng = np.random.default_rng(0)
+    E, N = 8, 200_000
+    a = rng.integers(0, E, (N, 1))
+    chain = traces.routing_entropy(a, (a * 3 + 1) % E)  # deterministic (a permutation)
+    assert chain["set"]["conditional"] == pytest.approx(0, abs=1e-9)
+    assert chain["choice"]["marginal"] == pytest.approx(3, abs=0.01)
+    indep = traces.routing_entropy(a, rng.integers(0, E, (N, 1)))
+    assert indep["choice"]["conditional"] == pytest.approx(math.log2(E), abs=0.01)
+    # top-2, b = a + 1: zero set entropy. Per choice, given one choice x at a, b's choice is x + 1 half the
+    # time and the other (uniform over E - 1) + 1 otherwise: 0.5 + 0.5 log2(2 (E - 1)) bits.
+    a2 = np.stack([rng.permutation(E)[:2] for _ in range(5000)])
+    det2 = traces.routing_entropy(a2, (a2 + 1) % E)
+    assert det2["set"]["conditional"] == pytest.approx(0, abs=1e-9)
+    assert det2["choice"]["conditional"] == pytest.approx(0.5 + 0.5 * math.log2(2 * (E - 1)), abs=0.02)
+    assert traces.entropy_bits(np.array([0, 0, 1, 1])) == pytest.approx(1)
+
+
+def test_popularity_transitions_tv_and_reuse():
+    ids = np.array([[[0], [1]], [[0], [1]], [[2], [3]], [[0], [-1]]])  # [N=4, L=2, K=1]
+    pop = traces.popularity(ids, 4)
+    np.testing.assert_allclose(pop, [[0.75, 0, 0.25, 0], [0, 2 / 3, 0, 1 / 3]])
+    tr = traces.transition_matrix(ids[:, 0], ids[:, 1], 4)
+    np.testing.assert_allclose(tr[0], [0, 1, 0, 0])
+    np.testing.assert_allclose(tr[2], [0, 0, 0, 1])
+    np.testing.assert_allclose(traces.tv_distance(pop, pop), 0)
+    np.testing.assert_allclose(traces.tv_distance(np.eye(2), np.eye(2)[::-1]), 1)
+    # one sequence alternating A, B, A, B and a second sequence reusing expert 5 every token
+    ids_NK = np.array([[0], [1], [0], [1], [5], [5], [5]])
+    seq = np.array([0, 0, 0, 0, 1, 1, 1])
+    pos = np.array([0, 1, 2, 3, 0, 1, 2])
+    d, first = traces.reuse_distances(ids_NK, seq, pos)
+    assert sorted(d.tolist()) == [1, 1, 2, 2] and first == 3
+    np.testing.assert_array_equal(traces.previous_token(seq, pos), [-1, 0, 1, 2, -1, 4, 5])
+
+
+def test_plan_interleaves_domains_and_stops_at_budget():
+    docs = [
+        {"doc_id": "p", "domain": "prose", "input_ids": list(range(40))},
+        {"doc_id": "c", "domain": "code", "input_ids": list(range(25))},
+    ]
+    plan = traces.plan_sequences(docs, prompt_len=10, total_rows=45, decode_tokens=5, decode_every=2)
+    assert [s.domain for s in plan] == ["code", "prose", "code", "prose"]
+    assert [len(s.ids) for s in plan] == [10, 10, 10, 10] and [s.decode for s in plan] == [1, 0, 1, 0]
