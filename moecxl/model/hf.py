@@ -264,6 +264,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # transformers 4.x reads this one
         num_experts_per_tok=cfg.top_k,
         pad_token_id=cfg.pad_token_id,
         bos_token_id=cfg.bos_token_id,
