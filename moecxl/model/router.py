@@ -23,8 +23,10 @@ def softmax_topk(logits_NE, top_k: int, norm_topk_prob: bool, out_dtype=jnp.floa
 def switch_top1(logits_BTE, expert_capacity: int, valid_BT=None):
     """Switch: top-1 argmax of the softmax; capacity counts tokens per expert along each batch row.
 
-    Tokens beyond `expert_capacity` for their expert are dropped (keep=False): the layer then passes
-    the token through scaled by its router probability, exactly as the reference does at inference.
+    Tokens beyond `expert_capacity` for their expert are dropped (keep=False). In transformers 5 a
+    dropped token gets no MLP output (only its residual passes); 4.x added the normed input scaled by
+    the router probability instead. The reference counts padding toward capacity (its
+    `router_ignore_padding_tokens` is never read): pass `valid_BT=None` for parity.
     """
     probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
     ids_BT = jnp.argmax(probs_BTE, axis=-1).astype(jnp.int32)
