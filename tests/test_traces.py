@@ -16,12 +16,29 @@ import moecxl
 from moecxl import traces
 from moecxl.data import SplitSpec, save_tokenizer, train_tokenizer
 from moecxl.generate import generate
-from moecxl.model import MoEDecoder
+from moecxl.model.hf import build_model, param_shapes
 from moecxl.traces import TraceError, collect, read_traces
 from tests.conftest import tiny_config
 
 ALL_TRAIN = (1.0, 0.0, 0.0)
-WORDS = "the king spoke softly unto his loyal friend and the queen wept for her lost crown".split()
+WORDS = [
+    "the",
+    "king",
+    "spoke",
+    "softly",
+    "unto",
+    "his",
+    "loyal",
+    "friend",
+    "and",
+    "the",
+    "queen",
+    "wept",
+    "for",
+    "her",
+    "lost",
+    "crown",
+]
 KW = dict(
     split="train",
     tokens=150,
@@ -33,6 +50,16 @@ KW = dict(
     fractions=ALL_TRAIN,
     progress=lambda msg: None,
 )
+
+
+def _random_model(cfg):
+    """A MoEDecoder with seeded random weights, built from numpy (eager NNX init compiles op by op)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        name: np.ones(shape, np.float32) if "norm" in name else rng.normal(0, 0.2, shape).astype(np.float32)
+        for name, shape in param_shapes(cfg).items()
+    }
+    return build_model(cfg, arrays)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +78,11 @@ def setup(tmp_path_factory):
     mp.setenv("MOECXL_CACHE", str(root / "cache"))
     corpus = f"file:{corpus_dir}"
     tok = train_tokenizer(corpus, vocab_size=300, splits=SplitSpec(ALL_TRAIN))
-    model = MoEDecoder(tiny_config(vocab_size=300, num_experts=6, top_k=2), rngs=nnx.Rngs(0))
+    model = _random_model(tiny_config(vocab_size=300, num_experts=6, top_k=2))
     ckpt = root / "model"
     moecxl.save(model, ckpt)
     save_tokenizer(tok, ckpt / "tokenizer.json")
-    out = collect(ckpt, root / "full", corpus, router_logits=True, sketch=4, **KW)
+    out = collect(model, root / "full", corpus, tokenizer=tok, router_logits=True, sketch=4, **KW)
     yield dict(root=root, corpus=corpus, tok=tok, model=model, ckpt=ckpt, out=out)
     mp.undo()
 
@@ -86,11 +113,12 @@ def test_prefill_routing_equals_model_forward(setup):
     ts = read_traces(setup["out"])
     model, proj = setup["model"], ts.sketch_projection
     sid, dec = ts.seq_id, ts.is_decode
+    forward = nnx.jit(lambda m, ids: m(ids))  # model(ids), compiled once rather than op by op
     for s in (0, 1):
         rows = np.flatnonzero((sid == s) & ~dec)
         ids = ts.column("token_id")[rows]
         assert (ts.pos[rows] == np.arange(len(rows))).all()
-        out = model(ids[None].astype(np.int32))
+        out = forward(model, ids[None].astype(np.int32))
         np.testing.assert_array_equal(ts.expert_ids[rows], np.stack(out.expert_ids, 2)[0])
         np.testing.assert_allclose(ts.expert_weights[rows], np.stack(out.expert_weights, 2)[0], atol=1e-5)
         np.testing.assert_allclose(ts.router_logits[rows], np.stack(out.router_logits, 2)[0], atol=1e-4)
@@ -130,15 +158,20 @@ def test_resume_after_interruption_gives_the_same_rows(setup):
     assert not list(out.glob(".shard-*"))
 
 
-def test_append_with_other_model_shape_is_an_error(setup):
-    other = MoEDecoder(tiny_config(vocab_size=300, num_experts=4, top_k=2), rngs=nnx.Rngs(1))
-    with pytest.raises(TraceError, match=r"metadata.json: field 'E' is 6 .* model has 4"):
-        collect(other, setup["out"], setup["corpus"], tokenizer=setup["tok"], **KW)
+def test_append_with_other_model_shape_is_an_error(setup, tmp_path):
+    # Traces of a 4-expert model in the directory; the checkpoint (loaded from its path) has 6.
+    other = tmp_path / "other"
+    shutil.copytree(setup["out"], other)
+    meta = json.loads((other / "metadata.json").read_text())
+    (other / "metadata.json").write_text(json.dumps(dict(meta, E=4)))
+    with pytest.raises(TraceError, match=r"metadata.json: field 'E' is 4 .* model has 6"):
+        collect(setup["ckpt"], other, setup["corpus"], router_logits=True, sketch=4, **KW)
     with pytest.raises(TraceError, match=r"field 'args.prompt_len'"):
         collect(
-            setup["ckpt"],
+            setup["model"],
             setup["out"],
             setup["corpus"],
+            tokenizer=setup["tok"],
             router_logits=True,
             sketch=4,
             **dict(KW, prompt_len=8),
@@ -184,13 +217,13 @@ def test_stats_cli_writes_json_and_figures(setup, tmp_path):
 
 def test_entropy_known_answers():
     rng = np.random.default_rng(0)
-    E, N = 8, 200_000
+    E, N = 8, 40_000
     a = rng.integers(0, E, (N, 1))
     chain = traces.routing_entropy(a, (a * 3 + 1) % E)  # deterministic (a permutation)
     assert chain["set"]["conditional"] == pytest.approx(0, abs=1e-9)
-    assert chain["choice"]["marginal"] == pytest.approx(3, abs=0.01)
+    assert chain["choice"]["marginal"] == pytest.approx(3, abs=0.02)
     indep = traces.routing_entropy(a, rng.integers(0, E, (N, 1)))
-    assert indep["choice"]["conditional"] == pytest.approx(math.log2(E), abs=0.01)
+    assert indep["choice"]["conditional"] == pytest.approx(math.log2(E), abs=0.02)
     # top-2, b = a + 1: zero set entropy. Per choice, given one choice x at a, b's choice is x + 1 half the
     # time and the other (uniform over E - 1) + 1 otherwise: 0.5 + 0.5 log2(2 (E - 1)) bits.
     a2 = np.stack([rng.permutation(E)[:2] for _ in range(5000)])
