@@ -19,9 +19,11 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import jax.numpy as jnp  # noqa: E402
 
+from moecxl.model import hf  # noqa: E402
 from moecxl.model.hf_switch import config_from_hf, config_to_hf, load_switch, save_switch  # noqa: E402
 from moecxl.model.safetensors_io import CheckpointError  # noqa: E402
 from moecxl.model.switch import (  # noqa: E402
+    SwitchModel,
     _greedy_step,
     relative_position_bucket,
     sparse_layers,
@@ -248,8 +250,8 @@ def test_save_round_trip_loads_in_transformers(saved, tmp_path):
     ref = hf_forward(model, ids, dec, mask).logits.numpy()
     assert rel_err(hf_forward(reloaded, ids, dec, mask).logits.numpy(), ref) < 1e-6
     # and back through the default reader (TensorSource) into our model
-    again = load_switch(out)
-    assert again.cfg == ours.cfg
+    again = hf.load(out)  # the package entry point dispatches Switch here
+    assert isinstance(again, SwitchModel) and again.cfg == ours.cfg
     assert rel_err(switch_forward(again, ids, dec, mask).logits, ref) < RTOL
     save_switch(again, out)  # overwriting an existing directory is atomic too
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

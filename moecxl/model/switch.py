@@ -212,6 +212,7 @@ class Routing:
     expert_ids: list  # int32 [B, T, 1]
     expert_weights: list  # float32 [B, T, 1] combine weights (0 where dropped)
     expert_keep: list  # bool [B, T, 1]
+    moe_inputs: list  # [B, T, D] hidden state entering each sparse MLP (after its layer norm)
 
 
 def _collect(cos) -> Routing:
@@ -221,6 +222,7 @@ def _collect(cos) -> Routing:
         [c.ids_BTK for c in cos],
         [c.weights_BTK for c in cos],
         [c.keep_BTK for c in cos],
+        [c.xn_BTD for c in cos],
     )
 
 
@@ -281,6 +283,8 @@ class SwitchOutput:
     encoder_expert_weights: list  # float32 [B, S, 1] (0 where capacity dropped the token)
     decoder_expert_weights: list  # float32 [B, T, 1]
     encoder_last_hidden_state: jax.Array  # [B, S, D]
+    encoder_moe_inputs: list  # [B, S, D] input of each sparse MLP (after its layer norm)
+    decoder_moe_inputs: list  # [B, T, D]
 
     @property
     def router_logits(self) -> list:
@@ -377,6 +381,8 @@ class SwitchModel(nnx.Module):
             er.expert_weights,
             dec.expert_weights,
             enc.hidden_BSD,
+            er.moe_inputs,
+            dec.moe_inputs,
         )
 
     # ---- cached decoding ------------------------------------------------------------------------
