@@ -36,5 +36,13 @@ def __getattr__(name):
     raise AttributeError(f"module 'moecxl' has no attribute {name!r}")
 
 
-__all__ = ["load", "save", "generate", "GenerateResult", "GenerationError", "ModelConfig", "Hardware",
-           "OffloadEngine"]
+__all__ = [
+    "load",
+    "save",
+    "generate",
+    "GenerateResult",
+    "GenerationError",
+    "ModelConfig",
+    "Hardware",
+    "OffloadEngine",
+]

@@ -70,8 +70,15 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_experts", "top_k"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_experts",
+            "top_k",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"ModelConfig.{key} must be a positive integer, got {value!r}")

@@ -162,7 +162,11 @@ class _Head(nnx.Module):
 
 def left_pad(input_ids, attention_mask=None, pad_token_id: int = 0):
     """Accept an int array [B, T] (+ mask) or a list of token lists; return left-padded ids and mask."""
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+    if (
+        isinstance(input_ids, (list, tuple))
+        and input_ids
+        and isinstance(input_ids[0], (list, tuple, np.ndarray))
+    ):
         rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in input_ids]
         if any(len(r) == 0 for r in rows):
             raise GenerationError(f"empty prompt in row {[len(r) for r in rows].index(0)}")
@@ -170,8 +174,8 @@ def left_pad(input_ids, attention_mask=None, pad_token_id: int = 0):
         ids = np.full((len(rows), T), pad_token_id, np.int64)
         mask = np.zeros((len(rows), T), bool)
         for b, r in enumerate(rows):
-            ids[b, T - len(r):] = r
-            mask[b, T - len(r):] = True
+            ids[b, T - len(r) :] = r
+            mask[b, T - len(r) :] = True
         return ids, mask
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
@@ -238,7 +242,7 @@ def generate(
     stops = set(int(s) for s in (stop_tokens if stop_tokens is not None else []))
     B, T = ids_np.shape
     S = _bucket(T + max(max_new_tokens, 1))
-    if S > cfg.max_position_embeddings and T + max_new_tokens > cfg.max_position_embeddings:
+    if cfg.max_position_embeddings < S and T + max_new_tokens > cfg.max_position_embeddings:
         raise GenerationError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
             f"({cfg.max_position_embeddings})"
@@ -267,8 +271,9 @@ def generate(
 
     def forward(x_ids_BT, pos_BT, q_index_BT, start, phase, step):
         # numpy in, no eager jnp ops: each eager op costs more than a layer's control plane.
-        x, mask_BTS = _embed_jit(embed_VD, x_ids_BT.astype(np.int32), key_valid,
-                                 q_index_BT.astype(np.int32), cfg.sliding_window)
+        x, mask_BTS = _embed_jit(
+            embed_VD, x_ids_BT.astype(np.int32), key_valid, q_index_BT.astype(np.int32), cfg.sliding_window
+        )
         pos = pos_BT.astype(np.int32)
         start_arr = np.int32(start)
         provider.begin(phase, step)
@@ -325,7 +330,9 @@ def generate(
         metrics.update(provider.metrics())
     V = cfg.vocab_size
     tokens = np.stack(tokens_out, axis=1).astype(np.int32) if n_new else np.zeros((B, 0), np.int32)
-    logits_np = np.stack([np.asarray(lg) for lg in logits_out], axis=1) if n_new else np.zeros((B, 0, V), np.float32)
+    logits_np = (
+        np.stack([np.asarray(lg) for lg in logits_out], axis=1) if n_new else np.zeros((B, 0, V), np.float32)
+    )
     n_moe = len(routing_ids[0])
     expert_ids = [np.concatenate([np.asarray(s[m]) for s in routing_ids], axis=1) for m in range(n_moe)]
     expert_weights = [np.concatenate([np.asarray(s[m]) for s in routing_w], axis=1) for m in range(n_moe)]

@@ -14,8 +14,17 @@ from flax import nnx  # noqa: E402
 from moecxl.config import ModelConfig  # noqa: E402
 from moecxl.model import MoEDecoder  # noqa: E402
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-            num_experts=5, top_k=2, max_position_embeddings=512)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    num_experts=5,
+    top_k=2,
+    max_position_embeddings=512,
+)
 
 
 def tiny_config(**changes) -> ModelConfig:

@@ -16,15 +16,16 @@ def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-@pytest.mark.parametrize("changes", [{}, {"num_kv_heads": 4, "top_k": 1}, {"qk_norm": "head", "num_experts": 3,
-                                                                          "top_k": 3}])
+@pytest.mark.parametrize(
+    "changes", [{}, {"num_kv_heads": 4, "top_k": 1}, {"qk_norm": "head", "num_experts": 3, "top_k": 3}]
+)
 def test_kv_cache_decode_logits_equal_full_forward_at_every_position(changes):
     model = MoEDecoder(tiny_config(**changes), rngs=nnx.Rngs(1))
     prompt = np.array([[5, 9, 13, 2, 40, 7, 7], [1, 2, 3, 4, 5, 6, 8]])
     res = generate(model, prompt, max_new_tokens=9)
     full = np.concatenate([prompt, res.tokens[:, :-1]], axis=1)
     out = model(jnp.asarray(full))
-    ref = np.asarray(out.logits)[:, prompt.shape[1] - 1:, :]
+    ref = np.asarray(out.logits)[:, prompt.shape[1] - 1 :, :]
     assert rel_err(res.logits, ref) < 1e-5
     assert (np.argmax(ref, -1) == res.tokens).all()
     # Routing recorded during generation is the full forward's routing, position by position.
@@ -67,8 +68,10 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny_model):
     greedy = generate(tiny_model, prompt, max_new_tokens=8)
     nucleus_of_one = generate(tiny_model, prompt, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=5)
     assert (greedy.tokens == nucleus_of_one.tokens).all()
-    many = {tuple(generate(tiny_model, prompt, max_new_tokens=4, temperature=2.0, seed=s).tokens[0])
-            for s in range(6)}
+    many = {
+        tuple(generate(tiny_model, prompt, max_new_tokens=4, temperature=2.0, seed=s).tokens[0])
+        for s in range(6)
+    }
     assert len(many) > 1
 
 
@@ -77,7 +80,7 @@ def test_stop_tokens_end_rows_and_pad_after(tiny_model):
     stop = int(free.tokens[0, 2])
     res = generate(tiny_model, [[1, 2, 3], [4, 5, 6]], max_new_tokens=8, stop_tokens=[stop], pad_token_id=0)
     first = int(np.argmax(res.tokens[0] == stop))
-    assert first <= 2 and (res.tokens[0, first + 1:] == 0).all()
+    assert first <= 2 and (res.tokens[0, first + 1 :] == 0).all()
 
 
 def test_zero_new_tokens_returns_empty(tiny_model):

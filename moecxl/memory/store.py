@@ -56,14 +56,14 @@ class ExpertLayout:
         """Write the matrices of one expert, raveled in order, into `out` [numel]."""
         o = 0
         for m, n in zip(mats, self.sizes):
-            out[o:o + n] = np.asarray(m, dtype=self.np_dtype).reshape(-1)
+            out[o : o + n] = np.asarray(m, dtype=self.np_dtype).reshape(-1)
             o += n
 
     def unpack(self, packed_P):
         """Split a packed buffer (numpy or jax) back into the matrices."""
         mats, o = [], 0
         for s, n in zip(self.shapes, self.sizes):
-            mats.append(packed_P[o:o + n].reshape(s))
+            mats.append(packed_P[o : o + n].reshape(s))
             o += n
         return tuple(mats)
 
@@ -100,8 +100,14 @@ def quantize_int8(packed: np.ndarray, layout: ExpertLayout) -> tuple[np.ndarray,
 class HostStore:
     """Masters of every expert, each in its home tier (placement), packed and aligned."""
 
-    def __init__(self, model, hardware: Hardware, placement: dict[tuple[int, int], str],
-                 nvme_dir: str | os.PathLike | None = None, low_precision: bool = False):
+    def __init__(
+        self,
+        model,
+        hardware: Hardware,
+        placement: dict[tuple[int, int], str],
+        nvme_dir: str | os.PathLike | None = None,
+        low_precision: bool = False,
+    ):
         self.layout = layout_of(model)
         self.hardware = hardware
         self.placement = dict(placement)
@@ -141,8 +147,11 @@ class HostStore:
         want = node if node is not None else 0
         present = want in numa.memory_nodes() if numa.supported() else False
         arena = numa.alloc_on_node(total, want if present else 0)
-        report = {"numa_node_asked": node, "numa_node_used": want if present else 0,
-                  "emulated": not present and node is not None}
+        report = {
+            "numa_node_asked": node,
+            "numa_node_used": want if present else 0,
+            "emulated": not present and node is not None,
+        }
         if numa.supported():
             pages = numa.node_of_pages(arena)
             report["pages_on_nodes"] = {int(n): int(c) for n, c in zip(*np.unique(pages, return_counts=True))}
@@ -186,7 +195,7 @@ class HostStore:
         tier = self.placement[key]
         arena = self._arenas[tier]
         o = self._offset[key]
-        return arena[o:o + self.layout.nbytes].view(self.layout.np_dtype)
+        return arena[o : o + self.layout.nbytes].view(self.layout.np_dtype)
 
     def home(self, key) -> str:
         return self.placement[key]
@@ -195,7 +204,9 @@ class HostStore:
         """What a transfer copies from: a pinned_host array, an int8 pair, or a fresh NVMe read."""
         if low_precision:
             if key not in self._lowp:
-                raise StoreError(f"expert {key} has no low-precision copy (build the store with low_precision)")
+                raise StoreError(
+                    f"expert {key} has no low-precision copy (build the store with low_precision)"
+                )
             return self._lowp[key]
         tier = self.placement[key]
         if tier in self._nvme_files:

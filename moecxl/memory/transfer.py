@@ -96,8 +96,9 @@ class Transfer:
     def result(self):
         self.done_event.wait()
         if self.error is not None:
-            raise TransferError(f"copy of expert {self.key} from tier {self.tier!r} failed: {self.error}") \
-                from self.error
+            raise TransferError(
+                f"copy of expert {self.key} from tier {self.tier!r} failed: {self.error}"
+            ) from self.error
         return self.value
 
 
@@ -183,7 +184,7 @@ def dequantize_int8(q_P, scales_R, layout):
     parts, o, r = [], 0, 0
     for shape, n in zip(layout.shapes, layout.sizes):
         rows = n // shape[-1]
-        m = q_P[o:o + n].reshape(rows, shape[-1]).astype(jnp.float32) * scales_R[r:r + rows, None]
+        m = q_P[o : o + n].reshape(rows, shape[-1]).astype(jnp.float32) * scales_R[r : r + rows, None]
         parts.append(m.reshape(-1))
         o, r = o + n, r + rows
     return jnp.concatenate(parts).astype(np.dtype(layout.np_dtype))

@@ -22,8 +22,16 @@ class ExpertParam(nnx.Param):
 class ExpertBank(nnx.Module):
     """SwiGLU experts stacked on a leading E axis: gate/up [E, D, F], down [E, F, D]."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 gated: bool = True):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        gated: bool = True,
+    ):
         E, D, F = num_experts, d_model, d_ff
         if gated:
             self.w_gate_EDF = ExpertParam(init_normal(rngs, (E, D, F), dtype))

@@ -21,12 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moecxl.memory.store import ExpertLayout, HostStore, expert_matrices, layout_of
+from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, dequantize_int8
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.gate import GateInputs, should_prefetch
-from moecxl.runtime.policies import EntryStats, choose_victims, eam_probs, get_policy, pregate_probs, topk_candidates
+from moecxl.runtime.policies import (
+    EntryStats,
+    choose_victims,
+    eam_probs,
+    get_policy,
+    pregate_probs,
+    topk_candidates,
+)
 
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
 
@@ -64,11 +71,26 @@ class OffloadEngine:
     `calibrate_time_scale`); with `emulate=False` copies take the time they take here.
     """
 
-    def __init__(self, model, hardware: Hardware | str | os.PathLike | None = None, policy: str = "lru",
-                 device_budget: float = 0.25, *, predictor=None, emulate: bool | None = None,
-                 time_scale: float | None = None, target_model=None, max_inflight: int | None = None,
-                 placement: dict | None = None, trace=None, frequencies=None, eam_library=None,
-                 nvme_dir=None, record_events: bool = False, lowp_threshold: float = 0.3):
+    def __init__(
+        self,
+        model,
+        hardware: Hardware | str | os.PathLike | None = None,
+        policy: str = "lru",
+        device_budget: float = 0.25,
+        *,
+        predictor=None,
+        emulate: bool | None = None,
+        time_scale: float | None = None,
+        target_model=None,
+        max_inflight: int | None = None,
+        placement: dict | None = None,
+        trace=None,
+        frequencies=None,
+        eam_library=None,
+        nvme_dir=None,
+        record_events: bool = False,
+        lowp_threshold: float = 0.3,
+    ):
         self.model = model
         self.cfg = model.cfg
         self.policy = get_policy(policy)
@@ -77,11 +99,15 @@ class OffloadEngine:
         self.hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
         self.layout = layout_of(model)
         self.expert_bytes = self.layout.nbytes
-        self.moe_layers = [i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None]
+        self.moe_layers = [
+            i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None
+        ]
         self.L, self.E, self.K = len(self.moe_layers), self.cfg.num_experts, self.cfg.top_k
         total = self.L * self.E * self.expert_bytes
         if device_budget is None or device_budget <= 0:
-            raise EngineError(f"device_budget must be a positive fraction or byte count, got {device_budget!r}")
+            raise EngineError(
+                f"device_budget must be a positive fraction or byte count, got {device_budget!r}"
+            )
         budget_bytes = int(device_budget * total) if device_budget <= 1 else int(device_budget)
         self.max_inflight = int(max_inflight if max_inflight is not None else max(2, self.K))
         self.budget_bytes = budget_bytes
@@ -101,18 +127,29 @@ class OffloadEngine:
         self.predictor_name = "pregate" if self.policy.prefetch == "pregate" else self.policy.prefetch
         # Host store: home tier of every expert (placement), masters packed in their tiers.
         freq = np.asarray(frequencies, float) if frequencies is not None else None
-        self.placement = placement or placement_mod.initial_placement(self.hardware, self.L, self.E,
-                                                                     self.store_bytes_per_expert(), freq)
-        self.store = HostStore(model, self.hardware, self.placement, nvme_dir=nvme_dir,
-                               low_precision=self.policy.low_precision_on_miss)
+        self.placement = placement or placement_mod.initial_placement(
+            self.hardware, self.L, self.E, self.store_bytes_per_expert(), freq
+        )
+        self.store = HostStore(
+            model,
+            self.hardware,
+            self.placement,
+            nvme_dir=nvme_dir,
+            low_precision=self.policy.low_precision_on_miss,
+        )
         # Emulated link timing.
         self.target_model = target_model or self.cfg
         if emulate is None:
             emulate = not _is_local(self.hardware)
         self.emulate = emulate
-        self.time_scale = time_scale if time_scale is not None else (
-            calibrate_time_scale(model, self.hardware, self.target_model) if emulate else 1.0)
-        self.transfers = TransferEngine(self.store, self.hardware, emulate=emulate, time_scale=self.time_scale)
+        self.time_scale = (
+            time_scale
+            if time_scale is not None
+            else (calibrate_time_scale(model, self.hardware, self.target_model) if emulate else 1.0)
+        )
+        self.transfers = TransferEngine(
+            self.store, self.hardware, emulate=emulate, time_scale=self.time_scale
+        )
         self.emulated_expert_bytes = self.target_model.expert_bytes if emulate else self.expert_bytes
         self.transfers.emulated_bytes = self.emulated_expert_bytes
         # Device cache: fixed slot arrays.
@@ -150,8 +187,16 @@ class OffloadEngine:
 
     def _event(self, kind: str, **kw):
         if self.record_events:
-            self.events.append({"t_s": self.transfers.now_s(), "kind": kind, "phase": self.phase,
-                                "step": self.step, **kw, "device_expert_bytes": self.device_expert_bytes()})
+            self.events.append(
+                {
+                    "t_s": self.transfers.now_s(),
+                    "kind": kind,
+                    "phase": self.phase,
+                    "step": self.step,
+                    **kw,
+                    "device_expert_bytes": self.device_expert_bytes(),
+                }
+            )
 
     def device_expert_bytes(self) -> int:
         """Expert bytes the engine holds on the device now: the slot arrays plus copies in flight."""
@@ -189,6 +234,7 @@ class OffloadEngine:
         self._poll()
         protect = set(keys)
         wait = []
+        stall_pre = 0.0
         for key in keys:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
                 self.c.hits[m] += 1
@@ -206,16 +252,22 @@ class OffloadEngine:
                 self.c.misses[m] += 1
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
+                if len(self.inflight) >= self.max_inflight:  # staging is full: land a copy first
+                    t0 = time.perf_counter()
+                    done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
+                    self._complete(done)
+                    stall_pre += time.perf_counter() - t0
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
-        stall = 0.0
+        stall = stall_pre
         if wait:
             t0 = time.perf_counter()
             for key in wait:
-                self._complete(key)
-            stall = time.perf_counter() - t0
-            self.c.stall_s += stall
-            self.c.stall_by_layer[m] += stall
+                if key in self.inflight:
+                    self._complete(key)
+            stall += time.perf_counter() - t0
+        self.c.stall_s += stall
+        self.c.stall_by_layer[m] += stall
         for key in keys:
             st = self.stats[key]
             self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
@@ -232,11 +284,18 @@ class OffloadEngine:
 
     def _take_slot(self, protect) -> int:
         if not self.free_slots:
-            victims = choose_victims(self.policy.evict, self.stats_cached(), 1, protect | set(self.inflight),
-                                     next_use=self._next_use() if self.policy.evict == "belady" else None,
-                                     prob=self._probs)
+            victims = choose_victims(
+                self.policy.evict,
+                self.stats_cached(),
+                1,
+                protect | set(self.inflight),
+                next_use=self._next_use() if self.policy.evict == "belady" else None,
+                prob=self._probs,
+            )
             if not victims:
-                raise EngineError(f"device cache of {self.n_slots} slots has nothing evictable (all needed now)")
+                raise EngineError(
+                    f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
+                )
             self._evict(victims[0])
         return self.free_slots.pop()
 
@@ -264,8 +323,14 @@ class OffloadEngine:
         self.c.max_queue = max(self.c.max_queue, len(self.inflight))
         if prefetched:
             self.c.prefetch_issued += 1
-        self._event("prefetch" if prefetched else "fetch", layer=key[0], expert=key[1], tier=tier,
-                    nbytes=tr.nbytes, low_precision=low_precision)
+        self._event(
+            "prefetch" if prefetched else "fetch",
+            layer=key[0],
+            expert=key[1],
+            tier=tier,
+            nbytes=tr.nbytes,
+            low_precision=low_precision,
+        )
 
     def _complete(self, key):
         tr, slot, prefetched = self.inflight.pop(key)
@@ -297,7 +362,7 @@ class OffloadEngine:
         elif not layers:
             return
         elif pf == "pregate":
-            scores = np.asarray(_router_scores(co.xn_BTD, self._routers[layers[0]:layers[-1] + 1]))
+            scores = np.asarray(_router_scores(co.xn_BTD, self._routers[layers[0] : layers[-1] + 1]))
             H = len(layers)
             probs = pregate_probs(scores.reshape(H, -1, self.E), self.K)
             cands = topk_candidates(probs, layers, min(self.E, max(self.K, int((probs > 0).sum(1).max()))))
@@ -331,20 +396,29 @@ class OffloadEngine:
         layer_s = self._layer_s or one / 10
         victim_p = 0.0
         if not self.free_slots:
-            victims = choose_victims(self.policy.evict, self.stats_cached(), 1, set(self.inflight),
-                                     prob=self._probs)
+            victims = choose_victims(
+                self.policy.evict, self.stats_cached(), 1, set(self.inflight), prob=self._probs
+            )
             victim_p = self._probs.get(victims[0], 0.0) if victims else 0.0
         misses = sum(self.c.misses) + 1
         pressure = misses / (misses + sum(self.c.hits) + 1)
-        g = GateInputs(p_use=p, lead_s=(key[0] - m) * layer_s, wait_s=wait, miss_s=one,
-                       link_busy_s=one, demand_pressure=pressure, victim_p=victim_p, victim_miss_s=one)
+        g = GateInputs(
+            p_use=p,
+            lead_s=(key[0] - m) * layer_s,
+            wait_s=wait,
+            miss_s=one,
+            link_busy_s=one,
+            demand_pressure=pressure,
+            victim_p=victim_p,
+            victim_miss_s=one,
+        )
         return should_prefetch(g)
 
     def _next_use(self):
         if self.trace is None:
             return {}
         nu = {}
-        for i, (layer, experts) in enumerate(self.trace[self._pos:self._pos + 4 * self.L]):
+        for i, (layer, experts) in enumerate(self.trace[self._pos : self._pos + 4 * self.L]):
             for e in experts:
                 nu.setdefault((layer, int(e)), i)
         return nu
@@ -352,7 +426,7 @@ class OffloadEngine:
     def _oracle_candidates(self):
         # Advance the trace pointer to the visit after the current one.
         self._pos += 1
-        nxt = self.trace[self._pos:self._pos + self.policy.horizon]
+        nxt = self.trace[self._pos : self._pos + self.policy.horizon]
         return [((layer, int(e)), 1.0) for layer, experts in nxt for e in experts]
 
     # ---- faults ----------------------------------------------------------------------------------------
@@ -373,9 +447,13 @@ class OffloadEngine:
         """Where every expert is: its home tier, and whether it is on the device or in flight."""
         device = sorted(self.slot_of)
         return {
-            "device": [{"layer": k[0], "expert": k[1], "slot": self.slot_of[k], "low_precision": k in self.lowp}
-                       for k in device],
-            "in_flight": [{"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in self.inflight.items()],
+            "device": [
+                {"layer": k[0], "expert": k[1], "slot": self.slot_of[k], "low_precision": k in self.lowp}
+                for k in device
+            ],
+            "in_flight": [
+                {"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in self.inflight.items()
+            ],
             "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.placement.items())},
             "tiers": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
             "numa": self.store.node_report,
@@ -390,7 +468,9 @@ class OffloadEngine:
             "exact": self.policy.exact,
             "predictor": self.predictor_name,
             "hit_rate": hits / max(1, hits + misses),
-            "hit_rate_by_layer": [(h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)],
+            "hit_rate_by_layer": [
+                (h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)
+            ],
             "misses": misses,
             "stall_s": c.stall_s,
             "stall_s_by_layer": list(c.stall_by_layer),
@@ -406,8 +486,9 @@ class OffloadEngine:
             "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
             "device_budget_bytes": self.budget_bytes,
             "device_slots": self.n_slots,
-            "timing": "emulated" if self.emulate else ("measured-gpu" if jax.default_backend() == "gpu"
-                                                       else "measured-cpu"),
+            "timing": "emulated"
+            if self.emulate
+            else ("measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu"),
             "time_scale": self.time_scale,
             "hardware": self.hardware.name,
             "target_model": getattr(self.target_model, "name", "") or "self",
@@ -495,12 +576,14 @@ def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
 
 def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512) -> float:
     """Roofline seconds of one decode MoE layer of the target model on the profile's GPU."""
-    D, F, K = target_cfg.hidden_size, target_cfg.intermediate_size, target_cfg.top_k
+    D, K = target_cfg.hidden_size, target_cfg.top_k
     H, G, Dh = target_cfg.num_heads, target_cfg.num_kv_heads, target_cfg.dim_head
     bpe = 2  # bf16 weights on the target
     attn_params = D * (H * Dh) * 2 + D * (G * Dh) * 2
     experts_touched = min(target_cfg.num_experts, batch * K)
-    bytes_ = (attn_params + experts_touched * target_cfg.expert_params) * bpe + 2 * batch * context * G * Dh * bpe
+    bytes_ = (
+        attn_params + experts_touched * target_cfg.expert_params
+    ) * bpe + 2 * batch * context * G * Dh * bpe
     flops = 2 * batch * (attn_params + K * target_cfg.expert_params) + 4 * batch * context * H * Dh
     return max(bytes_ / (hw.gpu.memory_gbps * 1e9), flops / (hw.gpu.bf16_tflops * 1e12))
 

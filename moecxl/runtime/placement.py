@@ -18,8 +18,9 @@ class PlacementError(ValueError):
     """The tiers cannot hold the experts; the message gives the shortfall in bytes."""
 
 
-def select_cxl_device(devices: list[Tier], used_bytes: dict[str, int], hw: Hardware, expert_bytes: int,
-                      load: dict[str, float]) -> Tier | None:
+def select_cxl_device(
+    devices: list[Tier], used_bytes: dict[str, int], hw: Hardware, expert_bytes: int, load: dict[str, float]
+) -> Tier | None:
     """The CXL device with the earliest expected completion for one more expert: its path rate,
     latency and the load (expected bytes/s already placed there) decide; full devices are skipped."""
     best, best_t = None, float("inf")

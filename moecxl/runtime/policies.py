@@ -42,23 +42,56 @@ class PolicySpec:
 POLICIES: dict[str, PolicySpec] = {
     p.name: p
     for p in [
-        PolicySpec("on_demand", "fifo", None, 0,
-                   description="DeepSpeed-MoE-style offloading: fetch each expert when a layer needs it"),
+        PolicySpec(
+            "on_demand",
+            "fifo",
+            None,
+            0,
+            description="DeepSpeed-MoE-style offloading: fetch each expert when a layer needs it",
+        ),
         PolicySpec("lru", "lru", None, 0, description="mixtral-offloading's LRU expert cache, fetch on miss"),
         PolicySpec("lfu", "lfu", None, 0, description="least-frequently-used expert cache, fetch on miss"),
-        PolicySpec("pregate", "lru", "pregate", 1,
-                   description="Pre-gated MoE / AdapMoE: layer l+1's router on layer l's hidden state "
-                               "(also mixtral-offloading's speculative loading), LRU cache"),
-        PolicySpec("moe_infinity", "activation", "eam", 3,
-                   description="MoE-Infinity: request activation matrix matched to past requests by "
-                               "cosine similarity; prefetch and evict by matched activation ratio"),
-        PolicySpec("hobbit", "lru", None, 0, exact=False, low_precision_on_miss=True,
-                   description="HOBBIT: on a miss, an int8 copy of a low-weight expert (inexact)"),
-        PolicySpec("oracle", "belady", "oracle", 4,
-                   description="the limit: future routing known from a trace, Belady eviction"),
-        PolicySpec("moecxl", "predicted", "pregate", 2, gate=True,
-                   description="moecxl: multi-layer prediction (pre-gate until a learned predictor is "
-                               "given) with the cost-benefit gate and prediction-aware eviction"),
+        PolicySpec(
+            "pregate",
+            "lru",
+            "pregate",
+            1,
+            description="Pre-gated MoE / AdapMoE: layer l+1's router on layer l's hidden state "
+            "(also mixtral-offloading's speculative loading), LRU cache",
+        ),
+        PolicySpec(
+            "moe_infinity",
+            "activation",
+            "eam",
+            3,
+            description="MoE-Infinity: request activation matrix matched to past requests by "
+            "cosine similarity; prefetch and evict by matched activation ratio",
+        ),
+        PolicySpec(
+            "hobbit",
+            "lru",
+            None,
+            0,
+            exact=False,
+            low_precision_on_miss=True,
+            description="HOBBIT: on a miss, an int8 copy of a low-weight expert (inexact)",
+        ),
+        PolicySpec(
+            "oracle",
+            "belady",
+            "oracle",
+            4,
+            description="the limit: future routing known from a trace, Belady eviction",
+        ),
+        PolicySpec(
+            "moecxl",
+            "predicted",
+            "pregate",
+            2,
+            gate=True,
+            description="moecxl: multi-layer prediction (pre-gate until a learned predictor is "
+            "given) with the cost-benefit gate and prediction-aware eviction",
+        ),
     ]
 }
 
@@ -112,7 +145,9 @@ def choose_victims(
 # ---- prefetch sources -------------------------------------------------------------------------------
 
 
-def topk_candidates(probs_HE: np.ndarray, layers: Sequence[int], k: int) -> list[tuple[tuple[int, int], float]]:
+def topk_candidates(
+    probs_HE: np.ndarray, layers: Sequence[int], k: int
+) -> list[tuple[tuple[int, int], float]]:
     """Top-k experts of each future layer from per-layer probabilities, best first."""
     out = []
     for h, layer in enumerate(layers):
