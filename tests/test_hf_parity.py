@@ -245,3 +245,24 @@ def test_config_round_trip(saved):
         model = saved(name)[0]
         cfg = hf.config_from_hf(model.config.to_dict())
         assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
+def test_switch_checkpoints_dispatch_to_hf_switch(tmp_path):
+    pytest.importorskip("moecxl.model.hf_switch")
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=50,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        expert_capacity=8,
+        num_layers=2,
+        num_sparse_encoder_layers=1,
+        num_decoder_layers=2,
+        num_sparse_decoder_layers=1,
+        num_heads=4,
+        num_experts=3,
+    )
+    transformers.SwitchTransformersForConditionalGeneration(cfg).save_pretrained(tmp_path / "switch")
+    model = hf.load(tmp_path / "switch")
+    assert model.cfg.family == "switch"
+    assert (hf.save(model, tmp_path / "again") / "config.json").is_file()
