@@ -408,7 +408,7 @@ def train(
                 f"step {ckpt.latest_step()} in {out / 'checkpoints'}"
             )
         # The state before this step had a finite loss: checkpoint it if due.
-        if step > start and step % tc.checkpoint_every == 0:
+        if (step > start or step == 0) and step % tc.checkpoint_every == 0:
             ckpt.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
         params, opt_state = new_params, new_opt
         step += 1
@@ -471,6 +471,25 @@ def train(
     export_model(model, tok, export, metrics, tc.export_dtype, command)
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def restore(out_dir: str | os.PathLike, step: int | None = None):
+    """The model of a run directory at checkpoint `step` (default the latest), from run.json + orbax."""
+    out = Path(out_dir)
+    run = json.loads((out / "run.json").read_text())
+    cfg = from_dict(ModelConfig, run["model"], str(out / "run.json"))
+    tc = from_dict(TrainConfig, run["train"], str(out / "run.json"))
+    model = build_model(cfg, tc.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt, _ = make_optimizer(tc, tc.steps)
+    target = {"params": params, "opt_state": opt.init(params)}
+    with ocp.CheckpointManager((out / "checkpoints").absolute()) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise TrainingError(f"{out / 'checkpoints'}: no checkpoint to restore")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = ckpt.restore(step, args=ocp.args.StandardRestore(abstract))
+    return nnx.merge(graphdef, restored["params"], rest)
 
 
 def export_model(model, tok, path: Path, metrics: dict, dtype: str, command: str | None) -> Path:
