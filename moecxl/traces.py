@@ -8,12 +8,15 @@ A trace directory holds `metadata.json` and Parquet shards `shard-NNNNN.parquet`
   · optional hidden_sketch [L][P] float32 (each MoE layer's input hidden state times the seeded Gaussian
   projection [D, P] stored in the metadata, so a predictor can sketch live hidden states the same way).
 
-Layers are the model's MoE layers in order. Switch (encoder-decoder): the encoder's sparse layers, then the
-decoder's; prefill rows are encoder tokens and decode rows decoder tokens, and the layers a token does not
-pass through hold expert id -1, weight 0 and logits NaN. A sequence is a chunk of `prompt_len` tokens of a
-document (prefill rows, pos 0..T-1); every `decode_every`-th sequence is continued greedily by `generate`
-and its decode rows follow (pos T..T+M-1). Shard i holds sequences [i*S, (i+1)*S): a shard is written to a
-temp name and renamed, so a rerun keeps the complete shards and computes only the missing ones.
+Layers are the model's MoE layers in order. A sequence is a chunk of `prompt_len` tokens of a document
+(prefill rows, pos 0..T-1); every `decode_every`-th sequence is continued greedily by `generate` and its
+decode rows follow (pos T..T+M-1). Switch (encoder-decoder): layers are the encoder's sparse layers, then the
+decoder's; prefill rows are encoder tokens, decode rows decoder tokens (token_id is the decoder input, the
+start token first; pos continues after the S encoder tokens, so the decoder position is pos - S), and the
+layers a token does not pass through hold expert id -1, weight 0 and logits NaN.
+
+Shard i holds sequences [i*S, (i+1)*S). A shard is written to a temp name and renamed, so a rerun keeps
+the complete shards and computes only the missing ones: no row is duplicated or lost.
 
     python -m moecxl.traces collect --model DIR --corpus mixed --split test --tokens 100000 --out DIR
     python -m moecxl.traces stats DIR --out DIR
@@ -38,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from flax import nnx
 
@@ -184,11 +188,12 @@ class TraceSet:
     @property
     def is_decode(self) -> np.ndarray:
         """bool [N]: phase == "decode"."""
-        return np.asarray(self.table.column("phase").to_pylist()) == "decode"
+        return pc.equal(self.table.column("phase"), "decode").to_numpy(zero_copy_only=False)
 
     @property
     def domain(self) -> np.ndarray:
-        return np.asarray(self.table.column("domain").to_pylist())
+        """str [N]."""
+        return self.table.column("domain").to_numpy(zero_copy_only=False).astype(str)
 
     def seq_bounds(self) -> np.ndarray:
         """int64 [S + 1]: rows of sequence i are [b[i], b[i+1]) (rows are sorted by seq_id, then pos)."""
@@ -498,7 +503,8 @@ class _Collector:
         alive = np.ones_like(toks, bool)
         if cfg.eos_token_id is not None:  # rows after a row's EOS feed padding: not traced
             alive[:, 1:] = np.cumsum(toks[:, :-1] == cfg.eos_token_id, axis=1) == 0
-        pos = np.broadcast_to(np.arange(Mg)[None, :], toks.shape)
+        # Positions continue after the encoder tokens, so (seq_id, pos) stays a key; decoder position = pos - S.
+        pos = mask.sum(axis=1, keepdims=True) + np.arange(Mg)[None, :]
         e, w, lg = (
             self._pad_layers(e, -1, False),
             self._pad_layers(w, 0, False),

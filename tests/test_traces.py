@@ -259,3 +259,40 @@ def test_plan_interleaves_domains_and_stops_at_budget():
     plan = traces.plan_sequences(docs, prompt_len=10, total_rows=45, decode_tokens=5, decode_every=2)
     assert [s.domain for s in plan] == ["code", "prose", "code", "prose"]
     assert [len(s.ids) for s in plan] == [10, 10, 10, 10] and [s.decode for s in plan] == [1, 0, 1, 0]
+
+
+@pytest.mark.slow
+def test_switch_traces_encoder_then_decoder_layers(setup, tmp_path):
+    from moecxl.config import ModelConfig
+    from moecxl.model.switch import SwitchModel
+
+    cfg = ModelConfig(
+        family="switch",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        d_kv=8,
+        num_experts=4,
+        top_k=1,
+        eos_token_id=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
+    out = collect(
+        SwitchModel(cfg, rngs=nnx.Rngs(0)),
+        tmp_path / "sw",
+        setup["corpus"],
+        tokenizer=setup["tok"],
+        router_logits=True,
+        **dict(KW, tokens=60),
+    )
+    ts = read_traces(out, require_complete=True)
+    assert ts.metadata["layers"] == ["encoder.1", "encoder.3", "decoder.1", "decoder.3"]
+    ids, dec = ts.expert_ids, ts.is_decode
+    assert dec.any() and (ids[~dec][:, 2:] == -1).all() and (ids[~dec][:, :2] >= 0).all()
+    assert (ids[dec][:, :2] == -1).all() and (ids[dec][:, 2:] >= 0).all()
+    assert np.isnan(ts.router_logits[dec][:, :2]).all()
+    assert traces.compute_stats(ts)["layer_entropy"][1] is None  # no token passes encoder.3 -> decoder.1
