@@ -932,6 +932,7 @@ def compute_stats(ts: TraceSet, max_distance: int = 64) -> dict:
 def plot_stats(stats: dict, out: str | os.PathLike) -> list[Path]:
     """The PNGs of `compute_stats`' output: popularity, transitions, entropy, reuse distance, domains."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -973,7 +974,8 @@ def plot_stats(stats: dict, out: str | os.PathLike) -> list[Path]:
             for part, color in (("marginal", "tab:gray"), ("conditional", "tab:blue")):
                 ys = [r[kind][part] for r in stats[key] if r]
                 ax.plot(xs, ys, style, color=color, marker=".", label=f"{part} ({kind})")
-        ax.axhline(stats["log2_E"], color="k", lw=0.5)
+        ax.axhline(stats["log2_E"], color="k", lw=0.5, label="log2 E")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set(title=f"routing entropy: {title}", xlabel="layer", ylabel="bits")
         ax.legend(fontsize=7)
     save(fig, "entropy.png")
