@@ -272,7 +272,10 @@ class OffloadEngine:
             st = self.stats[key]
             self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
         self._prefetch(m, co, protect)
-        self.c.control_s += time.perf_counter() - t_enter - stall
+        control = time.perf_counter() - t_enter - stall
+        self.c.control_s += control
+        if self.phase == "decode" and len(self.c.control_samples_us) < 100_000:
+            self.c.control_samples_us.append(control * 1e6)
         return self.cache[: self.n_ins], self.cache[self.n_ins], self.slot_E[m]
 
     # ---- cache mechanics -----------------------------------------------------------------------------
@@ -359,6 +362,9 @@ class OffloadEngine:
         layers = [m + h for h in range(1, self.policy.horizon + 1) if m + h < self.L]
         if pf == "oracle":
             cands = self._oracle_candidates()
+        elif self.phase == "prefill" and layers and co.ids_BTK.size >= self.E:
+            # Prefill streams whole layers ahead: with at least E token-slots every expert is likely.
+            cands = [((layers[0], e), 1.0) for e in range(self.E)]
         elif not layers:
             return
         elif pf == "pregate":
@@ -484,6 +490,7 @@ class OffloadEngine:
             "evictions": c.evictions,
             "max_inflight": c.max_queue,
             "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
+            "control_us_median_decode": float(np.median(c.control_samples_us)) if c.control_samples_us else None,
             "device_budget_bytes": self.budget_bytes,
             "device_slots": self.n_slots,
             "timing": "emulated"
@@ -525,6 +532,7 @@ class _Counters:
         self.wasted_prefetch_bytes = 0
         self.evictions = 0
         self.max_queue = 0
+        self.control_samples_us: list[float] = []
 
 
 def _is_local(hw: Hardware) -> bool:
