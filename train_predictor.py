@@ -1,0 +1,49 @@
+"""Train the learned expert predictor on router traces and evaluate it against every baseline.
+
+python train_predictor.py --traces DIR [--out DIR] [--config configs/predictor/default.yaml]
+    [--model DIR] [--test-traces DIR] [--max-steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from predictor.checkpoint import PredictorError
+from predictor.data import PredictorDataError
+from predictor.train import load_config, train
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traces", required=True, help="trace directory (python -m moecxl.traces collect)")
+    ap.add_argument("--out", default=None, help="output directory (default: runs/predictor/<traces name>)")
+    ap.add_argument("--config", default=None, help="YAML of TrainConfig fields")
+    ap.add_argument(
+        "--model", default=None, help="the traced model, for pre-gate features (default: metadata)"
+    )
+    ap.add_argument("--test-traces", default=None, help="evaluate on these traces instead of the test split")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    out = args.out or str(Path("runs/predictor") / Path(args.traces).name)
+    try:
+        cfg = load_config(args.config, max_steps=args.max_steps)
+        report = train(
+            args.traces,
+            out,
+            cfg,
+            model=args.model,
+            test_traces=args.test_traces,
+            progress=not args.no_progress,
+        )
+    except (PredictorError, PredictorDataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({"out": out, "summary": report["summary"], "cost": report["cost"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
