@@ -14,7 +14,6 @@ import json
 import os
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -224,7 +223,8 @@ class OffloadEngine:
                 f"{need} bytes, or a smaller batch or prompt"
             )
         keys = [(m, int(e)) for e in needed]
-        self._eam_current[m, needed] += np.bincount(ids.reshape(-1), minlength=self.E)[needed]
+        if self.policy.prefetch == "eam":
+            self._eam_current[m, needed] += np.bincount(ids.reshape(-1), minlength=self.E)[needed]
         lowp_ok = set()
         if self.policy.low_precision_on_miss:
             w = np.asarray(co.weights_BTK)
@@ -239,7 +239,7 @@ class OffloadEngine:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
                 self.c.hits[m] += 1
                 st = self.stats[key]
-                if st.prefetched and st.uses == 0:
+                if st[3] and st[1] == 0:
                     self.c.prefetch_used += 1
                 self._event("hit", layer=m, expert=key[1])
             elif key in self.inflight:
@@ -270,7 +270,8 @@ class OffloadEngine:
         self.c.stall_by_layer[m] += stall
         for key in keys:
             st = self.stats[key]
-            self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
+            st[0] = self.tick
+            st[1] += 1
         self._prefetch(m, co, protect)
         control = time.perf_counter() - t_enter - stall
         self.c.control_s += control
@@ -303,14 +304,15 @@ class OffloadEngine:
         return self.free_slots.pop()
 
     def stats_cached(self):
-        return {k: self.stats[k] for k in self.slot_of}
+        """Frozen views of the cached experts' statistics, for the pure eviction functions."""
+        return {k: EntryStats(*self.stats[k]) for k in self.slot_of}
 
     def _evict(self, key):
         slot = self.slot_of.pop(key)
         self.slot_key[slot] = None
         self.slot_E[key[0]][key[1]] = -1
         st = self.stats.get(key)
-        if st is not None and st.prefetched and st.uses == 0:
+        if st is not None and st[3] and st[1] == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
         self.lowp.discard(key)
         self.free_slots.append(slot)
@@ -346,7 +348,8 @@ class OffloadEngine:
         self.slot_of[key] = slot
         self.slot_key[slot] = key
         self.slot_E[key[0]][key[1]] = slot
-        self.stats[key] = EntryStats(last_use=self.tick, uses=0, loaded_at=self.tick, prefetched=prefetched)
+        # Mutable on the hot path: [last_use, uses, loaded_at, prefetched] (the EntryStats fields).
+        self.stats[key] = [self.tick, 0, self.tick, prefetched]
 
     def _poll(self):
         for key in [k for k, (tr, _, _) in self.inflight.items() if tr.done()]:
@@ -490,7 +493,9 @@ class OffloadEngine:
             "evictions": c.evictions,
             "max_inflight": c.max_queue,
             "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
-            "control_us_median_decode": float(np.median(c.control_samples_us)) if c.control_samples_us else None,
+            "control_us_median_decode": float(np.median(c.control_samples_us))
+            if c.control_samples_us
+            else None,
             "device_budget_bytes": self.budget_bytes,
             "device_slots": self.n_slots,
             "timing": "emulated"
@@ -573,7 +578,7 @@ def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
     slot_E = np.arange(cfg.num_experts, dtype=np.int32)
     times = []
     for _ in range(repeats + 2):
-        kv = (jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt),) * 2
+        kv = tuple(jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt) for _ in range(2))
         t0 = time.perf_counter()
         co, kv = core(leaves, x, pos, mask, kv, np.int32(0))
         y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
