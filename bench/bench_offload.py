@@ -95,7 +95,7 @@ def main(argv=None):
         for budget in args.budgets:
             for pol in args.policies:
 
-                def engine():
+                def engine(hw=hw, pol=pol, budget=budget, scale=scale):
                     return OffloadEngine(
                         model,
                         hardware=hw,
