@@ -1,0 +1,1 @@
+"""Thin entry scripts over `moecxl.evaluation`: perplexity.py, latency.py, report.py."""
