@@ -40,6 +40,9 @@ class ExpertProvider(Protocol):
     def end(self, phase: str, step: int) -> None:
         """Called after each forward step."""
 
+    # Optional: `experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E) -> x_BTD` replaces
+    # the single-device expert step (moecxl.distributed.ExpertParallel runs it across devices).
+
 
 class ResidentExperts:
     """Every expert resident: the model's own stacked arrays and the identity slot map."""
@@ -248,6 +251,7 @@ def generate(
             f"({cfg.max_position_embeddings})"
         )
     provider = engine if engine is not None else ResidentExperts(model)
+    experts_step = getattr(provider, "experts_fn", None) or _experts_jit
     dt = model.embed_VD[...].dtype
     G, Dh = cfg.num_kv_heads, cfg.dim_head
     kvs = [(jnp.zeros((B, S, G, Dh), dt), jnp.zeros((B, S, G, Dh), dt)) for _ in model.layers]
@@ -285,7 +289,7 @@ def generate(
                 x = co.h_BTD
                 continue
             ins, out, slot_E = provider.experts(m, co)
-            x = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+            x = experts_step(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
             ids_step.append(co.ids_BTK)
             w_step.append(co.weights_BTK)
             m += 1

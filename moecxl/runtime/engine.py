@@ -89,6 +89,7 @@ class OffloadEngine:
         nvme_dir=None,
         record_events: bool = False,
         lowp_threshold: float = 0.3,
+        device=None,
     ):
         self.model = model
         self.cfg = model.cfg
@@ -151,9 +152,11 @@ class OffloadEngine:
         )
         self.emulated_expert_bytes = self.target_model.expert_bytes if emulate else self.expert_bytes
         self.transfers.emulated_bytes = self.emulated_expert_bytes
+        if device is not None:  # a host's engine in a multi-device run: copies land on this device
+            self.transfers.device_sharding = jax.sharding.SingleDeviceSharding(device)
         # Device cache: fixed slot arrays.
         dev_dtype = self.layout.np_dtype
-        self.cache = tuple(jnp.zeros((self.n_slots, *s), dev_dtype) for s in self.layout.shapes)
+        self.cache = tuple(jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes)
         self.n_ins = len(self.layout.shapes) - 1
         self.slot_key: list = [None] * self.n_slots
         self.slot_of: dict = {}
