@@ -1,9 +1,11 @@
-"""Host master copies of the experts: one contiguous packed buffer per (MoE layer, expert).
+"""Host copies of the experts: one contiguous packed buffer per (MoE layer, expert) per tier.
 
-Memory tiers (dram, cxl) keep their experts in one arena per tier, allocated under the tier's NUMA
-node when this machine has it (verified with move_pages) and exposed to JAX as `pinned_host` arrays;
-the NVMe tier keeps its experts in a file read back with real `pread`s. Packing all of an expert's
-matrices into one buffer makes a transfer one copy.
+Memory tiers (dram, cxl) keep each copy in its own page-aligned buffer allocated under the tier's
+NUMA node when this machine has it (verified with move_pages) and exposed to JAX as a `pinned_host`
+array; the NVMe tier keeps copies in a file read back with real `pread`s and checked by CRC. An expert
+may have copies on several tiers (its home plus replicas); the model's own host arrays are the
+master from which a copy is (re)made when a device fails or placement moves an expert. Packing all
+of an expert's matrices into one buffer makes a transfer one copy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from moecxl.memory import numa
 from moecxl.memory.tiers import Hardware
 
-ALIGN_BYTES = 4096  # experts start on page boundaries: aligned for pinned_host aliasing and O_DIRECT
+ALIGN_BYTES = 4096  # copies start on page boundaries: aligned for pinned_host aliasing and O_DIRECT
 
 
 class StoreError(ValueError):
@@ -45,6 +47,11 @@ class ExpertLayout:
     @property
     def nbytes(self) -> int:
         return self.numel * np.dtype(self.np_dtype).itemsize
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one copy occupies in a tier (page-aligned)."""
+        return -(-self.nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
     @property
     def np_dtype(self):
@@ -97,8 +104,34 @@ def quantize_int8(packed: np.ndarray, layout: ExpertLayout) -> tuple[np.ndarray,
     return np.concatenate(qs), np.concatenate(scales)
 
 
+class _NvmeFile:
+    """One tier's expert file: fixed-size slots, a free list, CRC per slot."""
+
+    def __init__(self, path: Path, slot_bytes: int):
+        self.path, self.slot_bytes = path, slot_bytes
+        self.free: list[int] = []
+        self.n_slots = 0
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb"):
+            pass
+        os.replace(tmp, path)
+
+    def alloc(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.n_slots += 1
+        return self.n_slots - 1
+
+    def write(self, slot: int, raw: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(slot * self.slot_bytes)
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class HostStore:
-    """Masters of every expert, each in its home tier (placement), packed and aligned."""
+    """Copies of every expert across host tiers; `placement` gives each expert's home tier."""
 
     def __init__(
         self,
@@ -110,97 +143,99 @@ class HostStore:
     ):
         self.layout = layout_of(model)
         self.hardware = hardware
-        self.placement = dict(placement)
-        self.slot_bytes = -(-self.layout.nbytes // ALIGN_BYTES) * ALIGN_BYTES
-        self._arenas: dict[str, np.ndarray] = {}
-        self._offset: dict[tuple[int, int], int] = {}
-        self._pinned: dict[tuple[int, int], jax.Array] = {}
-        self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._crc: dict[tuple[int, int], int] = {}
-        self.node_report: dict[str, dict] = {}
-        self._nvme_files: dict[str, Path] = {}
+        self.slot_bytes = self.layout.slot_bytes
+        self._mats = expert_matrices(model)  # the master: the model's own host arrays
+        self._nvme_dir = Path(nvme_dir) if nvme_dir is not None else None
         self._tmpdir = None
-        per_tier: dict[str, list[tuple[int, int]]] = {}
-        for key, tier in sorted(self.placement.items()):
-            if tier not in hardware.tier_names:
-                raise StoreError(f"placement puts expert {key} on unknown tier {tier!r}")
-            per_tier.setdefault(tier, []).append(key)
-        mats = expert_matrices(model)
-        for tier_name, keys in per_tier.items():
-            tier = hardware.tier(tier_name)
-            need = len(keys) * self.slot_bytes
-            if need > tier.capacity_bytes:
-                raise StoreError(
-                    f"tier {tier_name!r} holds {tier.capacity_bytes} bytes; its {len(keys)} experts need {need}"
-                )
-            if tier.kind == "nvme":
-                self._build_nvme(tier_name, keys, mats, nvme_dir)
-            else:
-                self._build_memory(tier_name, tier.numa_node, keys, mats)
+        self._nvme: dict[str, _NvmeFile] = {}
+        self._copies: dict[tuple[int, int], dict[str, object]] = {}  # key -> tier -> buffer | nvme slot
+        self._crc: dict[tuple[tuple[int, int], str], int] = {}
+        self.used_bytes: dict[str, int] = {}
+        self.home_of: dict[tuple[int, int], str] = {}
+        self.node_report: dict[str, dict] = {}
+        self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.low_precision = low_precision
+        for key, tier in sorted(placement.items()):
+            self.add_copy(key, tier)
+            self.home_of[key] = tier
             if low_precision:
-                for key in keys:
-                    self._lowp[key] = quantize_int8(self._host_view(key), self.layout)
+                self._lowp[key] = quantize_int8(self.master(key), self.layout)
 
-    # ---- building ------------------------------------------------------------------------------------
-    def _build_memory(self, tier_name, node, keys, mats):
-        total = len(keys) * self.slot_bytes
-        want = node if node is not None else 0
-        present = want in numa.memory_nodes() if numa.supported() else False
-        arena = numa.alloc_on_node(total, want if present else 0)
-        report = {
-            "numa_node_asked": node,
-            "numa_node_used": want if present else 0,
-            "emulated": not present and node is not None,
-        }
-        if numa.supported():
-            pages = numa.node_of_pages(arena)
-            report["pages_on_nodes"] = {int(n): int(c) for n, c in zip(*np.unique(pages, return_counts=True))}
-        self.node_report[tier_name] = report
-        self._arenas[tier_name] = arena
-        for i, key in enumerate(keys):
-            self._offset[key] = i * self.slot_bytes
-            view = self._host_view(key)
-            m, e = key
-            ins, out = mats[m]
-            self.layout.pack([w[e] for w in ins] + [out[e]], view)
-            self._crc[key] = zlib.crc32(view.view(np.uint8))
-            self._pinned[key] = _to_pinned_host(view)
+    # ---- copies --------------------------------------------------------------------------------------
+    def master(self, key) -> np.ndarray:
+        """The expert packed from the model's host arrays (the copy of last resort)."""
+        m, e = key
+        if not 0 <= m < len(self._mats):
+            raise StoreError(f"expert {key}: no MoE layer {m} (model has {len(self._mats)})")
+        ins, out = self._mats[m]
+        buf = np.empty(self.layout.numel, self.layout.np_dtype)
+        self.layout.pack([w[e] for w in ins] + [out[e]], buf)
+        return buf
 
-    def _build_nvme(self, tier_name, keys, mats, nvme_dir):
-        if nvme_dir is None:
-            self._tmpdir = self._tmpdir or tempfile.TemporaryDirectory(prefix="moecxl-nvme-")
-            nvme_dir = self._tmpdir.name
-        path = Path(nvme_dir) / f"experts-{tier_name}.bin"
-        tmp = path.with_suffix(".bin.tmp")
-        buf = np.zeros(self.layout.numel, self.layout.np_dtype)
-        with open(tmp, "wb") as f:
-            for i, key in enumerate(keys):
-                m, e = key
-                ins, out = mats[m]
-                self.layout.pack([w[e] for w in ins] + [out[e]], buf)
-                raw = buf.view(np.uint8).tobytes()
-                self._crc[key] = zlib.crc32(raw)
-                self._offset[key] = i * self.slot_bytes
-                f.seek(self._offset[key])
-                f.write(raw)
-            f.truncate(len(keys) * self.slot_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._nvme_files[tier_name] = path
-        self.node_report[tier_name] = {"file": str(path)}
+    def add_copy(self, key, tier_name: str, data: np.ndarray | None = None) -> int:
+        """Place a copy of `key` on `tier_name` (from `data` or the master); returns bytes written."""
+        if tier_name not in self.hardware.tier_names:
+            raise StoreError(
+                f"expert {key}: unknown tier {tier_name!r}; tiers: {', '.join(self.hardware.tier_names)}"
+            )
+        tier = self.hardware.tier(tier_name)
+        if tier.kind == "hbm":
+            raise StoreError(
+                f"expert {key}: tier {tier_name!r} is the device; host copies live in other tiers"
+            )
+        copies = self._copies.setdefault(key, {})
+        if tier_name in copies:
+            return 0
+        used = self.used_bytes.get(tier_name, 0)
+        if used + self.slot_bytes > tier.capacity_bytes:
+            raise StoreError(
+                f"tier {tier_name!r} is full: {used} of {tier.capacity_bytes} bytes used, expert {key} needs "
+                f"{self.slot_bytes} more"
+            )
+        packed = self.master(key) if data is None else data
+        if tier.kind == "nvme":
+            f = self._nvme_file(tier_name)
+            slot = f.alloc()
+            raw = np.ascontiguousarray(packed).view(np.uint8).tobytes()
+            f.write(slot, raw)
+            self._crc[(key, tier_name)] = zlib.crc32(raw)
+            copies[tier_name] = slot
+        else:
+            buf = self._alloc_on_tier(tier_name, tier.numa_node)
+            view = buf[: self.layout.nbytes].view(self.layout.np_dtype)
+            view[:] = packed
+            copies[tier_name] = (buf, _to_pinned_host(view))
+        self.used_bytes[tier_name] = used + self.slot_bytes
+        return self.layout.nbytes
 
-    # ---- reading -------------------------------------------------------------------------------------
-    def _host_view(self, key) -> np.ndarray:
-        tier = self.placement[key]
-        arena = self._arenas[tier]
-        o = self._offset[key]
-        return arena[o : o + self.layout.nbytes].view(self.layout.np_dtype)
+    def drop_copy(self, key, tier_name: str) -> None:
+        copies = self._copies.get(key, {})
+        if tier_name not in copies:
+            return
+        held = copies.pop(tier_name)
+        if tier_name in self._nvme:
+            self._nvme[tier_name].free.append(held)
+        self.used_bytes[tier_name] -= self.slot_bytes
+
+    def tiers_of(self, key) -> tuple[str, ...]:
+        return tuple(self._copies.get(key, {}))
 
     def home(self, key) -> str:
-        return self.placement[key]
+        return self.home_of[key]
 
-    def source(self, key, low_precision: bool = False):
+    def set_home(self, key, tier_name: str) -> None:
+        if tier_name not in self._copies.get(key, {}):
+            raise StoreError(f"expert {key} has no copy on {tier_name!r} to make its home")
+        self.home_of[key] = tier_name
+
+    def experts_on(self, tier: str) -> list[tuple[int, int]]:
+        return [k for k, c in self._copies.items() if tier in c]
+
+    def homed_on(self, tier: str) -> list[tuple[int, int]]:
+        return [k for k, t in self.home_of.items() if t == tier]
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def source(self, key, low_precision: bool = False, tier: str | None = None):
         """What a transfer copies from: a pinned_host array, an int8 pair, or a fresh NVMe read."""
         if low_precision:
             if key not in self._lowp:
@@ -208,25 +243,56 @@ class HostStore:
                     f"expert {key} has no low-precision copy (build the store with low_precision)"
                 )
             return self._lowp[key]
-        tier = self.placement[key]
-        if tier in self._nvme_files:
-            return self._read_nvme(key, tier)
-        return self._pinned[key]
+        tier = tier or self.home_of[key]
+        held = self._copies.get(key, {}).get(tier)
+        if held is None:
+            raise StoreError(f"expert {key} has no copy on tier {tier!r} (copies on: {self.tiers_of(key)})")
+        if tier in self._nvme:
+            return self._read_nvme(key, tier, held)
+        return held[1]
 
-    def _read_nvme(self, key, tier) -> np.ndarray:
-        path = self._nvme_files[tier]
+    def _read_nvme(self, key, tier, slot) -> np.ndarray:
+        f = self._nvme[tier]
         buf = np.empty(self.layout.nbytes, np.uint8)
-        with open(path, "rb", buffering=0) as f:
-            n = os.preadv(f.fileno(), [memoryview(buf)], self._offset[key])
-        if n != self.layout.nbytes or zlib.crc32(buf) != self._crc[key]:
+        with open(f.path, "rb", buffering=0) as fh:
+            n = os.preadv(fh.fileno(), [memoryview(buf)], slot * f.slot_bytes)
+        if n != self.layout.nbytes or zlib.crc32(buf) != self._crc[(key, tier)]:
             raise StoreError(
-                f"{path}: expert {key} at offset {self._offset[key]} is corrupted or truncated "
+                f"{f.path}: expert {key} at offset {slot * f.slot_bytes} is corrupted or truncated "
                 f"(read {n} of {self.layout.nbytes} bytes, checksum mismatch)"
             )
         return buf.view(self.layout.np_dtype)
 
-    def experts_on(self, tier: str) -> list[tuple[int, int]]:
-        return [k for k, t in self.placement.items() if t == tier]
+    # ---- allocation ----------------------------------------------------------------------------------
+    def _alloc_on_tier(self, tier_name: str, node: int | None) -> np.ndarray:
+        present = numa.supported() and node is not None and node in numa.memory_nodes()
+        use = node if present else 0
+        buf = numa.alloc_on_node(self.slot_bytes, use)
+        if tier_name not in self.node_report:
+            report = {
+                "numa_node_asked": node,
+                "numa_node_used": use,
+                "emulated": node is not None and not present,
+            }
+            if numa.supported():
+                pages = numa.node_of_pages(buf)
+                report["pages_on_nodes"] = {
+                    int(n): int(c) for n, c in zip(*np.unique(pages, return_counts=True))
+                }
+            self.node_report[tier_name] = report
+        return buf
+
+    def _nvme_file(self, tier_name: str) -> _NvmeFile:
+        f = self._nvme.get(tier_name)
+        if f is None:
+            if self._nvme_dir is None:
+                self._tmpdir = self._tmpdir or tempfile.TemporaryDirectory(prefix="moecxl-nvme-")
+                self._nvme_dir = Path(self._tmpdir.name)
+            f = self._nvme[tier_name] = _NvmeFile(
+                self._nvme_dir / f"experts-{tier_name}.bin", self.slot_bytes
+            )
+            self.node_report[tier_name] = {"file": str(f.path)}
+        return f
 
     def close(self):
         if self._tmpdir is not None:
@@ -236,7 +302,7 @@ class HostStore:
 
 def _to_pinned_host(view: np.ndarray) -> jax.Array:
     """A `pinned_host` JAX array over the buffer (aliased without a copy when 64-byte aligned)."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # this process's first device (multi-process runs)
     kinds = {m.kind for m in dev.addressable_memories()}
     kind = "pinned_host" if "pinned_host" in kinds else None
     sharding = jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)

@@ -62,6 +62,15 @@ class LinkClock:
         self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
         return start, done
 
+    def reserve_device(self, tier_name: str, nbytes: int, now_s: float) -> float:
+        """Book host-side traffic on a tier (a migration write or read): device busy, no GPU link."""
+        tier = self.hardware.tier(tier_name)
+        dev_s = nbytes / (min(tier.read_gbps, tier.write_gbps) * 1e9) * self.time_scale
+        start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
+        self.tier_free_s[tier_name] = start + dev_s
+        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
+        return start + dev_s
+
     def expected_wait_s(self, tier_name: str, nbytes: int, now_s: float) -> float:
         """How long a copy submitted now would take to finish (queue included), without booking it."""
         tier = self.hardware.tier(tier_name)
@@ -110,7 +119,7 @@ class TransferEngine:
         self.hardware = hardware
         self.emulate = emulate
         self.clock = LinkClock(hardware, time_scale)
-        dev = jax.devices()[0]
+        dev = jax.local_devices()[0]  # this process's first device (multi-process runs)
         self.device_sharding = jax.sharding.SingleDeviceSharding(dev)
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
@@ -157,7 +166,7 @@ class TransferEngine:
             try:
                 if t.tier in self.offline:
                     raise TransferError(f"tier {t.tier!r} went offline")
-                src = self.store.source(t.key, t.low_precision)
+                src = self.store.source(t.key, t.low_precision, tier=t.tier)
                 if t.low_precision:
                     value = tuple(jax.device_put(a, self.device_sharding) for a in src)
                 else:

@@ -22,7 +22,7 @@ import numpy as np
 
 from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
-from moecxl.memory.transfer import TransferEngine, dequantize_int8
+from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.gate import GateInputs, should_prefetch
 from moecxl.runtime.policies import (
@@ -88,6 +88,10 @@ class OffloadEngine:
         eam_library=None,
         nvme_dir=None,
         record_events: bool = False,
+        rebalance_every: int = 0,
+        ema_alpha: float = 0.2,
+        replicate_hot: int = 0,
+        warm_start: bool = False,
         lowp_threshold: float = 0.3,
         device=None,
     ):
@@ -127,8 +131,9 @@ class OffloadEngine:
         self.predictor_name = "pregate" if self.policy.prefetch == "pregate" else self.policy.prefetch
         # Host store: home tier of every expert (placement), masters packed in their tiers.
         freq = np.asarray(frequencies, float) if frequencies is not None else None
+        self.target_model = target_model or self.cfg
         self.placement = placement or placement_mod.initial_placement(
-            self.hardware, self.L, self.E, self.store_bytes_per_expert(), freq
+            self.hardware, self.L, self.E, self.store_bytes_per_expert(), freq, self.target_model.expert_bytes
         )
         self.store = HostStore(
             model,
@@ -138,7 +143,6 @@ class OffloadEngine:
             low_precision=self.policy.low_precision_on_miss,
         )
         # Emulated link timing.
-        self.target_model = target_model or self.cfg
         if emulate is None:
             emulate = not _is_local(self.hardware)
         self.emulate = emulate
@@ -156,7 +160,9 @@ class OffloadEngine:
             self.transfers.device_sharding = jax.sharding.SingleDeviceSharding(device)
         # Device cache: fixed slot arrays.
         dev_dtype = self.layout.np_dtype
-        self.cache = tuple(jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes)
+        self.cache = tuple(
+            jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes
+        )
         self.n_ins = len(self.layout.shapes) - 1
         self.slot_key: list = [None] * self.n_slots
         self.slot_of: dict = {}
@@ -180,12 +186,21 @@ class OffloadEngine:
         self._pos = 0  # index into trace visits (oracle)
         self.c = _Counters(self.L)
         self._layer_s = None
+        # Paper mechanisms: EMA activation frequencies, migration, replication, faults.
+        self.original_home = dict(self.store.home_of)
+        self.rebalance_every = int(rebalance_every)
+        self.ema_alpha = float(ema_alpha)
+        self.freq_ema = np.zeros((self.L, self.E)) if freq is None else freq / max(1e-12, freq.sum()) * self.L
+        self._step_counts = np.zeros((self.L, self.E))
+        self.replicate_hot = int(replicate_hot)
+        self.faults = tuple(getattr(self.hardware, "faults", ()) or ())
+        self.timeline: list[dict] = []  # per decode step: bytes and busy time per tier (utilisation)
+        if warm_start:
+            self._warm_start()
 
     # ---- helpers -------------------------------------------------------------------------------------
     def store_bytes_per_expert(self) -> int:
-        from moecxl.memory.store import ALIGN_BYTES
-
-        return -(-self.layout.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        return self.layout.slot_bytes
 
     def _event(self, kind: str, **kw):
         if self.record_events:
@@ -209,9 +224,29 @@ class OffloadEngine:
         self.phase, self.step = phase, step
         if phase == "prefill":
             self._eam_current[:] = 0
+        if phase == "decode":
+            for f in self.faults:  # scheduled faults from the hardware profile, by decode step
+                if f.offline_at_step == step and f.tier not in self.offline:
+                    self.set_offline(f.tier)
+                if f.online_at_step is not None and f.online_at_step == step and f.tier in self.offline:
+                    self.set_online(f.tier)
 
     def end(self, phase: str, step: int) -> None:
-        pass
+        a = self.ema_alpha
+        self.freq_ema = (1 - a) * self.freq_ema + a * self._step_counts
+        self._step_counts[:] = 0
+        clock = self.transfers.clock
+        self.timeline.append(
+            {
+                "phase": phase,
+                "step": step,
+                "t_s": self.transfers.now_s(),
+                "bytes_by_tier": dict(clock.bytes_by_tier),
+                "busy_s_by_tier": dict(clock.busy_s_by_tier),
+            }
+        )
+        if phase == "decode" and self.rebalance_every and step % self.rebalance_every == 0:
+            self.rebalance()
 
     def experts(self, m: int, co):
         t_enter = time.perf_counter()
@@ -226,6 +261,7 @@ class OffloadEngine:
                 f"{need} bytes, or a smaller batch or prompt"
             )
         keys = [(m, int(e)) for e in needed]
+        self._step_counts[m, needed] += 1
         if self.policy.prefetch == "eam":
             self._eam_current[m, needed] += np.bincount(ids.reshape(-1), minlength=self.E)[needed]
         lowp_ok = set()
@@ -283,11 +319,17 @@ class OffloadEngine:
         return self.cache[: self.n_ins], self.cache[self.n_ins], self.slot_E[m]
 
     # ---- cache mechanics -----------------------------------------------------------------------------
-    def _home(self, key) -> str:
-        tier = self.store.home(key)
-        if tier in self.offline:
-            raise EngineError(f"expert {key} lives only on offline tier {tier!r}: no copy left to fetch")
-        return tier
+    def _source(self, key) -> str:
+        """CXL-aware scheduling: of the expert's online copies, the one that would land first."""
+        tiers = [t for t in self.store.tiers_of(key) if t not in self.offline]
+        if not tiers:
+            self._rehome(key)
+            tiers = [t for t in self.store.tiers_of(key) if t not in self.offline]
+        if len(tiers) == 1:
+            return tiers[0]
+        now = self.transfers.now_s()
+        clock = self.transfers.clock
+        return min(tiers, key=lambda t: clock.expected_wait_s(t, self.emulated_expert_bytes, now))
 
     def _take_slot(self, protect) -> int:
         if not self.free_slots:
@@ -324,7 +366,7 @@ class OffloadEngine:
 
     def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
         slot = self._take_slot(protect)
-        tier = self._home(key)
+        tier = self._source(key)
         tr = self.transfers.submit(key, tier, low_precision=low_precision)
         self.inflight[key] = (tr, slot, prefetched)
         self.c.bytes_by_tier[tier] += tr.nbytes
@@ -342,7 +384,16 @@ class OffloadEngine:
 
     def _complete(self, key):
         tr, slot, prefetched = self.inflight.pop(key)
-        value = tr.result()
+        try:
+            value = tr.result()
+        except TransferError:
+            if tr.tier not in self.offline:
+                raise
+            # Its source went offline mid-copy: fetch again from another copy (or the master).
+            self.c.refetches += 1
+            self.free_slots.append(slot)
+            self._fetch(key, {key}, prefetched=prefetched, low_precision=tr.low_precision)
+            return self._complete(key)
         if tr.low_precision:
             self.cache = _install_int8(self.cache, value, np.int32(slot), self.layout)
             self.lowp.add(key)
@@ -441,18 +492,147 @@ class OffloadEngine:
         nxt = self.trace[self._pos : self._pos + self.policy.horizon]
         return [((layer, int(e)), 1.0) for layer, experts in nxt for e in experts]
 
-    # ---- faults ----------------------------------------------------------------------------------------
+    # ---- faults, re-homing, migration ----------------------------------------------------------------
     def set_offline(self, tier: str):
+        """A device fails: no copy is read from it; its experts are re-homed (replica or host master)."""
         if tier not in self.hardware.tier_names:
             raise EngineError(f"unknown tier {tier!r}; tiers: {', '.join(self.hardware.tier_names)}")
         self.offline.add(tier)
+        self.transfers.offline.add(tier)
         self._event("offline", tier=tier)
+        for key in self.store.homed_on(tier):
+            self._rehome(key)
+        self.c.fault_events.append({"step": self.step, "tier": tier, "state": "offline"})
 
     def set_online(self, tier: str):
+        """A device returns: experts whose original home it was move back (placement recovers)."""
         if tier not in self.hardware.tier_names:
             raise EngineError(f"unknown tier {tier!r}; tiers: {', '.join(self.hardware.tier_names)}")
         self.offline.discard(tier)
+        self.transfers.offline.discard(tier)
+        for key, home in self.original_home.items():
+            if home == tier and self.store.home(key) != tier:
+                self._migrate(key, tier)
         self._event("online", tier=tier)
+        self.c.fault_events.append({"step": self.step, "tier": tier, "state": "online"})
+
+    def _rehome(self, key):
+        """Give `key` a home on an online tier: an existing copy, else one made from the host master."""
+        online = [t for t in self.store.tiers_of(key) if t not in self.offline]
+        if online:
+            self.store.set_home(key, online[0])
+            return
+        target = self._tier_with_room(exclude=set(self.offline))
+        if target is None:
+            raise EngineError(f"expert {key}: every tier holding it is offline and no online tier has room")
+        try:
+            nbytes = self.store.add_copy(key, target)
+        except Exception as e:  # the master is the last copy: never compute without the expert
+            raise EngineError(f"expert {key} has no copy left to fetch: {e}") from e
+        self.store.set_home(key, target)
+        self.c.migration_bytes[target] += nbytes
+        self.c.rehomed += 1
+        self._event("rehome", layer=key[0], expert=key[1], tier=target)
+
+    def _tier_with_room(self, exclude=frozenset(), prefer=("cxl", "dram", "nvme")):
+        for kind in prefer:
+            tiers = [t for t in self.hardware.tiers_of_kind(kind) if t.name not in exclude]
+            if kind == "cxl":
+                used = dict(self.store.used_bytes)
+                t = placement_mod.select_cxl_device(
+                    tiers, used, self.hardware, self.store.slot_bytes, {}, self.target_model.expert_bytes
+                )
+                if t is not None:
+                    return t.name
+                continue
+            for t in tiers:
+                if self.store.used_bytes.get(t.name, 0) + self.store.slot_bytes <= t.capacity_bytes:
+                    return t.name
+        return None
+
+    def _migrate(self, key, target: str):
+        """Move an expert's home to `target` (host-side copy, booked on both devices' clocks)."""
+        src = self.store.home(key)
+        data = None
+        if src not in self.offline and not self.hardware.tier(src).kind == "nvme":
+            data = np.asarray(self.store.source(key, tier=src))
+        nbytes = self.store.add_copy(key, target, data)
+        now = self.transfers.now_s()
+        with self.transfers._lock:
+            self.transfers.clock.reserve_device(target, self.emulated_expert_bytes, now)
+            if src not in self.offline:
+                self.transfers.clock.reserve_device(src, self.emulated_expert_bytes, now)
+        self.store.set_home(key, target)
+        if src != target:
+            self.store.drop_copy(key, src)
+        self.c.migration_bytes[target] += nbytes
+        self.c.migrations += 1
+        self._event("migrate", layer=key[0], expert=key[1], src=src, tier=target)
+
+    def rebalance(self, max_moves: int | None = None, margin: float = 0.25):
+        """Background migration: re-run placement on the EMA frequencies, move experts whose proposed
+        tier is clearly better (hysteresis `margin`), only when no copy is in flight (idle links)."""
+        if self.inflight:
+            return 0
+        online_tiers = [t for t in self.hardware.tier_names if t not in self.offline]
+        hw = _restricted(self.hardware, online_tiers)
+        try:
+            proposal = placement_mod.initial_placement(
+                hw, self.L, self.E, self.store.slot_bytes, self.freq_ema, self.target_model.expert_bytes
+            )
+        except placement_mod.PlacementError:
+            return 0
+        moves = 0
+        limit = max_moves if max_moves is not None else max(1, self.L * self.E // 16)
+        score = placement_mod.tier_rank(hw)
+        order = np.argsort(-self.freq_ema.reshape(-1), kind="stable")
+        for flat in order:
+            key = divmod(int(flat), self.E)
+            cur, want = self.store.home(key), proposal[key]
+            if cur == want or score.get(want, 0) < score.get(cur, 0) * (1 + margin):
+                continue
+            if (
+                self.store.used_bytes.get(want, 0) + self.store.slot_bytes
+                > self.hardware.tier(want).capacity_bytes
+            ):
+                continue
+            self._migrate(key, want)
+            moves += 1
+            if moves >= limit:
+                break
+        return moves
+
+    def _warm_start(self):
+        """Algorithm 1's device step: fill the cache with the hottest experts before the first request."""
+        order = np.argsort(-self.freq_ema.reshape(-1), kind="stable")
+        for flat in order[: self.n_slots]:
+            key = divmod(int(flat), self.E)
+            self._fetch(key, set(), prefetched=False)
+            self._complete(key)
+            self.stats[key][1] = 0
+
+    def replicate(self, n: int | None = None):
+        """Replicate the hottest experts not on the device onto a second CXL device (scheduling then
+        reads whichever copy lands first)."""
+        n = self.replicate_hot if n is None else n
+        cxl = [t.name for t in self.hardware.tiers_of_kind("cxl") if t.name not in self.offline]
+        if len(cxl) < 2 or n <= 0:
+            return 0
+        done = 0
+        for flat in np.argsort(-self.freq_ema.reshape(-1), kind="stable"):
+            key = divmod(int(flat), self.E)
+            if key in self.slot_of or len(self.store.tiers_of(key)) > 1:
+                continue
+            home = self.store.home(key)
+            others = [t for t in cxl if t != home]
+            target = self._tier_with_room(exclude={home} | set(self.offline), prefer=("cxl",))
+            if target is None or target not in others:
+                break
+            self.c.migration_bytes[target] += self.store.add_copy(key, target)
+            done += 1
+            if done >= n:
+                break
+        return done
 
     # ---- visibility ------------------------------------------------------------------------------------
     def where(self) -> dict:
@@ -466,8 +646,11 @@ class OffloadEngine:
             "in_flight": [
                 {"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in self.inflight.items()
             ],
-            "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.placement.items())},
-            "tiers": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
+            "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.store.home_of.items())},
+            "copies": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
+            "tiers": {t: len(self.store.homed_on(t)) for t in self.hardware.tier_names},
+            "distribution": self.distribution(),
+            "offline": sorted(self.offline),
             "numa": self.store.node_report,
         }
 
@@ -494,6 +677,13 @@ class OffloadEngine:
             "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
             "gated_prefetches": c.gated,
             "evictions": c.evictions,
+            "migrations": c.migrations,
+            "migration_bytes": dict(c.migration_bytes),
+            "rehomed": c.rehomed,
+            "refetches": c.refetches,
+            "faults": list(c.fault_events),
+            "distribution": self.distribution(),
+            "utilisation_by_tier": self.utilisation(),
             "max_inflight": c.max_queue,
             "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
             "control_us_median_decode": float(np.median(c.control_samples_us))
@@ -508,6 +698,22 @@ class OffloadEngine:
             "hardware": self.hardware.name,
             "target_model": getattr(self.target_model, "name", "") or "self",
         }
+
+    def distribution(self) -> dict:
+        """Share of experts by tier kind: the device cache counts as hbm, the rest by home tier."""
+        total = self.L * self.E
+        kinds: dict[str, float] = {"hbm": len(self.slot_of) / total}
+        for key, tier in self.store.home_of.items():
+            if key in self.slot_of:
+                continue
+            k = self.hardware.tier(tier).kind
+            kinds[k] = kinds.get(k, 0.0) + 1 / total
+        return kinds
+
+    def utilisation(self) -> dict:
+        """Busy fraction of each tier's device since the engine started (emulated clock)."""
+        elapsed = max(1e-9, self.transfers.now_s())
+        return {t: b / elapsed for t, b in self.transfers.clock.busy_s_by_tier.items()}
 
     def reset_metrics(self):
         self.c = _Counters(self.L)
@@ -541,6 +747,17 @@ class _Counters:
         self.evictions = 0
         self.max_queue = 0
         self.control_samples_us: list[float] = []
+        self.migrations = self.rehomed = self.refetches = 0
+        self.migration_bytes = defaultdict(int)
+        self.fault_events: list[dict] = []
+
+
+def _restricted(hw: Hardware, tier_names) -> Hardware:
+    """The same hardware with only the named tiers (for placement while devices are offline)."""
+    from dataclasses import replace as _replace
+
+    keep = set(tier_names)
+    return _replace(hw, tiers=tuple(t for t in hw.tiers if t.name in keep))
 
 
 def _is_local(hw: Hardware) -> bool:

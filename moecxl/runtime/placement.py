@@ -19,7 +19,12 @@ class PlacementError(ValueError):
 
 
 def select_cxl_device(
-    devices: list[Tier], used_bytes: dict[str, int], hw: Hardware, expert_bytes: int, load: dict[str, float]
+    devices: list[Tier],
+    used_bytes: dict[str, int],
+    hw: Hardware,
+    expert_bytes: int,
+    load: dict[str, float],
+    cost_bytes: int | None = None,
 ) -> Tier | None:
     """The CXL device with the earliest expected completion for one more expert: its path rate,
     latency and the load (expected bytes/s already placed there) decide; full devices are skipped."""
@@ -28,17 +33,23 @@ def select_cxl_device(
         if used_bytes.get(d.name, 0) + expert_bytes > d.capacity_bytes:
             continue
         gbps = path_gbps(d, hw) * 1e9
-        t = d.latency_ns * 1e-9 + (load.get(d.name, 0.0) + 1.0) * expert_bytes / gbps
+        moved = expert_bytes if cost_bytes is None else cost_bytes
+        t = d.latency_ns * 1e-9 + (load.get(d.name, 0.0) + 1.0) * moved / gbps
         if t < best_t:
             best, best_t = d, t
     return best
 
 
-def initial_placement(hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=None) -> dict:
+def initial_placement(
+    hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=None, cost_bytes: int | None = None
+) -> dict:
     """Home tier of every (moe_layer, expert): hottest first into CXL (by device choice), DRAM, NVMe.
 
     `freq_LE`: activation frequencies (e.g. an EMA over past requests); uniform when unknown.
+    `expert_bytes` is what a copy occupies; `cost_bytes` what a fetch moves when choosing a device
+    (the emulated target's expert, default the same).
     """
+    cost_bytes = expert_bytes if cost_bytes is None else cost_bytes
     freq = np.ones((L, E)) if freq_LE is None else np.asarray(freq_LE, float)
     if freq.shape != (L, E):
         raise PlacementError(f"frequencies have shape {freq.shape}, expected (L, E) = ({L}, {E})")
@@ -59,7 +70,7 @@ def initial_placement(hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=N
     total_f = float(freq.sum()) or 1.0
     for flat in order:
         m, e = divmod(int(flat), E)
-        tier = select_cxl_device(cxl, used, hw, expert_bytes, load) if cxl else None
+        tier = select_cxl_device(cxl, used, hw, expert_bytes, load, cost_bytes) if cxl else None
         if tier is None:
             tier = next((t for t in rest if used.get(t.name, 0) + expert_bytes <= t.capacity_bytes), None)
         if tier is None:
@@ -68,3 +79,10 @@ def initial_placement(hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=N
         used[tier.name] = used.get(tier.name, 0) + expert_bytes
         load[tier.name] = load.get(tier.name, 0.0) + freq[m, e] / total_f * L * E
     return placement
+
+
+def tier_rank(hw: Hardware) -> dict[str, float]:
+    """How good a home each tier is for a hot expert: its path rate to the GPU, with CXL ahead of
+    DRAM ahead of NVMe at equal rate (the paper's order); larger is better."""
+    bonus = {"cxl": 1.02, "dram": 1.0, "nvme": 0.5, "hbm": 2.0}
+    return {t.name: path_gbps(t, hw) * bonus.get(t.kind, 1.0) for t in hw.tiers}
