@@ -4,6 +4,7 @@ hysteresis, and fault tolerance (a device going offline changes no generated tok
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -554,7 +554,7 @@ class OffloadEngine:
         """Move an expert's home to `target` (host-side copy, booked on both devices' clocks)."""
         src = self.store.home(key)
         data = None
-        if src not in self.offline and not self.hardware.tier(src).kind == "nvme":
+        if src not in self.offline and self.hardware.tier(src).kind != "nvme":
             data = np.asarray(self.store.source(key, tier=src))
         nbytes = self.store.add_copy(key, target, data)
         now = self.transfers.now_s()
