@@ -142,12 +142,14 @@ def test_offline_unknown_tier_and_duplicate_names_are_errors(model, tmp_path):
     eng.close()
     bad = tmp_path / "dup.yaml"
     text = (
-        open("configs/hardware/h100-4cxl.yaml").read().replace("  cxl-b: {use: cxl-b", "  cxl-a: {use: cxl-b")
+        Path("configs/hardware/h100-4cxl.yaml")
+        .read_text()
+        .replace("  cxl-b: {use: cxl-b", "  cxl-a: {use: cxl-b")
     )
     bad.write_text(
         text.replace(
             "include: library/devices.yaml",
-            "include: " + str(__import__("pathlib").Path("configs/hardware/library/devices.yaml").resolve()),
+            "include: " + str(Path("configs/hardware/library/devices.yaml").resolve()),
         )
     )
     with pytest.raises(HardwareError, match="cxl-a"):
