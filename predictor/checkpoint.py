@@ -70,14 +70,13 @@ def load_predictor(path: str | os.PathLike) -> tuple[ExpertPredictor, dict]:
     path = Path(path).absolute()
     meta = read_meta(path)
     cfg = PredictorConfig.from_dict(meta["config"])
-    model = ExpertPredictor(cfg, rngs=nnx.Rngs(0))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.state(model, nnx.Param))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ExpertPredictor(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     try:
         params = ocp.StandardCheckpointer().restore(path / PARAMS, abstract)
     except (FileNotFoundError, ValueError) as e:
         raise PredictorError(f"{path / PARAMS}: cannot restore the predictor params: {e}") from e
-    nnx.update(model, params)
-    return model, meta
+    return nnx.merge(graphdef, params), meta
 
 
 def check_shape(meta: dict, L: int, E: int, K: int, where: str) -> None:

@@ -14,6 +14,7 @@ Key: W windows, C current layers, H horizons, G = H + 1, E experts, P sketch, X 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,7 @@ class ExpertPredictor(nnx.Module):
         )
         self.norm = nnx.LayerNorm(d, rngs=rngs)
         self.head = nnx.Linear(d, E, kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.skip_HEE = nnx.Param(jnp.zeros((cfg.H, E, E)))  # layer l's routing -> l+h, a learned Markov term
         self.out_bias_LE = nnx.Param(jnp.zeros((cfg.L + 1, E)))
         self.pg_scale_H = nnx.Param(jnp.ones((cfg.H,)))
         self.prev_scale_H = nnx.Param(jnp.zeros((cfg.H,)))
@@ -148,7 +150,20 @@ class ExpertPredictor(nnx.Module):
             + self.out_bias_LE[...][lh_WH]
             + self.pg_scale_H[...][None, :, None] * x.pg_WGE[:, 1:]
             + self.prev_scale_H[...][None, :, None] * x.prev_WHE
+            + jnp.einsum("WE,HEF->WHF", x.cur_WCE[:, 0], self.skip_HEE[...])
         )
+
+
+def init(cfg: PredictorConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of a fresh predictor, initialised in one compiled call (eager NNX init
+    compiles op by op)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: ExpertPredictor(cfg, rngs=nnx.Rngs(seed))), nnx.Param)
+    return graphdef, _init_params(cfg, seed)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _init_params(cfg: PredictorConfig, seed: int):
+    return nnx.split(ExpertPredictor(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1]
 
 
 def bce_loss(logits_WHE, target_WHE, valid_WH):
@@ -163,5 +178,5 @@ def flops_per_window(cfg: PredictorConfig) -> int:
     d, E, X, C, H = cfg.d_model, cfg.E, cfg.C + cfg.H, cfg.C, cfg.H
     inputs = C * E * d + E * d + cfg.P * d + H * (E * d + (E + 1) * d)
     block = X * (3 * d * d + d * d + 2 * cfg.mlp_mult * d * d) + 2 * X * X * d
-    head = H * d * E
+    head = H * d * E + H * E * E
     return 2 * (inputs + cfg.num_blocks * block + head)

@@ -10,6 +10,7 @@ run with an error; the last good checkpoint stays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -41,7 +42,7 @@ from predictor.data import (
     split_rows,
     windows,
 )
-from predictor.model import ExpertPredictor, PredictorConfig, bce_loss, encode, flops_per_window
+from predictor.model import PredictorConfig, bce_loss, encode, flops_per_window, init
 
 # Mixtral-8x7B MoE layer, batch-1 decode on an H100 (FACTS: "The arithmetic of a miss"), and H100 bf16 dense.
 TARGET_LAYER_S = 0.21e-3
@@ -80,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     library_size: int = 256
     bins: int = 10
+    latency_repeats: int = 200  # jitted calls timed for the CPU latency (0: skip the measurement)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -135,10 +137,20 @@ def _loss(graphdef, params, raw, E: int, use_pregate: bool):
     return bce_loss(logits, target, (target_ids_WHK >= 0).all(-1))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 5, 6))
-def _train_step(graphdef, opt, params, opt_state, raw, E: int, use_pregate: bool):
+@functools.lru_cache
+def _optimizer(weight_decay: float) -> optax.GradientTransformation:
+    """AdamW without its learning rate (passed per step), one object per setting: the jitted step
+    then compiles once per predictor shape, whatever the schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.add_decayed_weights(weight_decay)
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 1, 6, 7))
+def _train_step(graphdef, opt, params, opt_state, raw, lr, E: int, use_pregate: bool):
     loss, grads = jax.value_and_grad(lambda p: _loss(graphdef, p, raw, E, use_pregate))(params)
     updates, opt_state = opt.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss
 
 
@@ -199,7 +211,7 @@ def _subsample(wins, n: int, seed: int):
 
 
 def _finite(tree) -> bool:
-    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
 
 
 # --------------------------------------------------------------------------------------------- costs
@@ -210,7 +222,7 @@ def cost_report(graphdef, params, cfg: PredictorConfig, repeats: int = 200) -> d
     share of the target layer's time (Mixtral-8x7B layer, H100) those FLOPs would take at peak."""
     flops = flops_per_window(cfg)
     out = {"flops_per_token_layer": flops}
-    for W in (1, 128):
+    for W in (1, 128) if repeats else ():
         raw = (
             np.zeros(W, np.int32),
             np.full((W, cfg.C, cfg.K), -1, np.int32),
@@ -223,7 +235,7 @@ def cost_report(graphdef, params, cfg: PredictorConfig, repeats: int = 200) -> d
         use_pg = "pregate" in cfg.features
         _probs(graphdef, params, raw, cfg.E, use_pg).block_until_ready()
         times = []
-        for _ in range(repeats if W == 1 else repeats // 4):
+        for _ in range(repeats if W == 1 else max(repeats // 4, 1)):
             t0 = time.perf_counter()
             _probs(graphdef, params, raw, cfg.E, use_pg).block_until_ready()
             times.append(time.perf_counter() - t0)
@@ -340,8 +352,12 @@ def train(
     )
     use_pg = "pregate" in cfg.features
     model_meta = tr.meta["model"]
-    run = {
-        "config": cfg.to_dict(),
+    run = {  # what a resumed run must share (max_steps may grow, and evaluation settings change)
+        "config": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("max_steps", "patience", "test_windows", "latency_repeats", "bins", "library_size")
+        },
         "predictor": pcfg.to_dict(),
         "traces": tr.path,
         "model": {"id": model_meta.get("id"), "hash": model_meta.get("hash")},
@@ -357,13 +373,12 @@ def train(
             )
     _write_json(run_file, run)
 
-    net = ExpertPredictor(pcfg, rngs=nnx.Rngs(cfg.seed))
-    graphdef, params = nnx.split(net, nnx.Param)
+    graphdef, params = init(pcfg, cfg.seed)
     sched = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.max_steps, cfg.warmup_steps + 1)
     )
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=cfg.weight_decay))
-    opt_state = opt.init(params)
+    opt = _optimizer(cfg.weight_decay)
+    opt_state = jax.jit(opt.init)(params)
     best = params
     progress_rec = {"step": 0, "best_val": None, "bad_evals": 0, "history": [], "stopped": None}
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -391,7 +406,8 @@ def train(
             b = gather(tr, train_n[pick], train_l[pick], H, C, cfg.features)
             drop = rng.random(cfg.batch_size) < cfg.history_dropout
             b = dataclasses.replace(b, prev_ids_WHK=np.where(drop[:, None, None], -1, b.prev_ids_WHK))
-            params, opt_state, loss = _train_step(graphdef, opt, params, opt_state, _raw(b), tr.E, use_pg)
+            lr = np.float32(sched(step))
+            params, opt_state, loss = _train_step(graphdef, opt, params, opt_state, _raw(b), lr, tr.E, use_pg)
             loss = float(loss)
             if not np.isfinite(loss):
                 raise TrainingDiverged(
@@ -437,10 +453,9 @@ def train(
         progress_rec["stopped"] = f"max_steps {cfg.max_steps}"
 
     learned = Learned(graphdef, best, pcfg)
-    nnx.update(net, best)
     save_predictor(
         out / "predictor",
-        net,
+        nnx.merge(graphdef, best),
         {
             "model": {
                 "id": model_meta.get("id"),
@@ -480,7 +495,7 @@ def train(
             "windows": {k: int(len(v[0])) for k, v in win.items()} | {"test_evaluated": int(len(n_W))},
         },
         "training": {k: progress_rec[k] for k in ("step", "best_val", "stopped", "history")},
-        "cost": cost_report(graphdef, best, pcfg),
+        "cost": cost_report(graphdef, best, pcfg, cfg.latency_repeats),
         "summary": summary_table(results),
         "results": results,
         "predictor_checkpoint": str(out / "predictor"),
