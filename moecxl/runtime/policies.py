@@ -160,15 +160,21 @@ def topk_candidates(
 def pregate_probs(router_scores_HNE: np.ndarray, top_k: int) -> np.ndarray:
     """P(expert used by any of the N tokens) per future layer, from later routers on this layer's input.
 
-    Each token's top-k under the later router counts as a vote of 1; the result is the fraction of
-    tokens voting, capped at 1: [H, E].
+    Each token's top-k under the later router counts as a vote of 1; see `pregate_vote_probs`: [H, E].
     """
     H, N, E = router_scores_HNE.shape
-    top = np.argsort(-router_scores_HNE, axis=-1)[..., :top_k]
+    return pregate_vote_probs(np.argsort(-router_scores_HNE, axis=-1)[..., :top_k], E)
+
+
+def pregate_vote_probs(top_HNK: np.ndarray, E: int) -> np.ndarray:
+    """Votes of N tokens' predicted top-k ids [H, N, K] as probabilities [H, E]: the fraction of tokens
+    voting, scaled by min(N, E/K) and capped at 1 (one token: 1 per vote). The simulator replays
+    pre-gating from stored top-k ids through this same function."""
+    H, N, K = top_HNK.shape
     votes = np.zeros((H, E))
     for h in range(H):
-        np.add.at(votes[h], top[h].reshape(-1), 1.0)
-    return np.minimum(votes / max(1, N) * min(N, E / max(1, top_k)), 1.0) if N > 1 else np.minimum(votes, 1.0)
+        np.add.at(votes[h], top_HNK[h].reshape(-1), 1.0)
+    return np.minimum(votes / max(1, N) * min(N, E / max(1, K)), 1.0) if N > 1 else np.minimum(votes, 1.0)
 
 
 def eam_match(current_LE: np.ndarray, library: Sequence[np.ndarray]) -> np.ndarray | None:

@@ -1,0 +1,151 @@
+"""Cost model of the simulator: roofline compute per MoE layer visit and expert bytes, from model shapes.
+
+Compute of one visit is max(FLOPs / bf16 peak, bytes / HBM bandwidth) on the profile's GPU: weights read
+once per visit (attention, router, each distinct expert touched), the KV cache read (decode) or written
+(prefill), FLOPs for every token (dense matmuls, each token's K experts, attention over its context).
+Copies are not here: they go through `moecxl.memory.transfer.LinkClock`, the clock the engine's emulated
+links use. Units: bytes, FLOPs, seconds. Weights are bf16 on the target (2 bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moecxl.config import ConfigError, ModelConfig, load_yaml
+from moecxl.memory.tiers import GPU
+
+WEIGHT_BYTES = 2  # bf16 weights and KV cache on the target
+
+
+class CostModelError(ValueError):
+    """A target model or cost input is wrong; the message names the value."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs of a target model (L MoE layers, E experts, K top-k, widths)."""
+
+    name: str
+    family: str
+    L: int
+    E: int
+    K: int
+    D: int
+    F: int
+    H: int  # query heads
+    G: int  # kv heads
+    Dh: int
+    V: int
+    expert_params: int
+    blocks_per_moe_layer: float  # transformer blocks per MoE layer (Switch: 2, every other block sparse)
+    dense_ffn_params: int  # params of a dense FFN block between sparse ones (Switch), else 0
+    shape_only: bool = False
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * WEIGHT_BYTES
+
+    @property
+    def attn_params(self) -> int:
+        """q, k, v, o projections of one block."""
+        return 2 * self.D * self.H * self.Dh + 2 * self.D * self.G * self.Dh
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.L * self.E * self.expert_bytes
+
+    @property
+    def dense_bytes(self) -> int:
+        """Non-expert weights (attention, routers, dense FFNs, embeddings): always resident on the GPU."""
+        per_moe = self.blocks_per_moe_layer * self.attn_params + self.D * self.E
+        per_moe += (self.blocks_per_moe_layer - 1) * self.dense_ffn_params
+        return int((self.L * per_moe + 2 * self.V * self.D) * WEIGHT_BYTES)
+
+
+def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
+    """The cost-model view of a ModelConfig (its MoE layers, expert and attention widths)."""
+    L = cfg.num_moe_layers
+    if cfg.family == "switch":
+        blocks = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers)
+        dense_ffn = 2 * cfg.hidden_size * cfg.intermediate_size
+    else:
+        blocks = cfg.num_layers
+        dense_ffn = 0
+    return ModelShape(
+        name=cfg.name or cfg.family,
+        family=cfg.family,
+        L=L,
+        E=cfg.num_experts,
+        K=cfg.top_k,
+        D=cfg.hidden_size,
+        F=cfg.intermediate_size,
+        H=cfg.num_heads,
+        G=cfg.num_kv_heads,
+        Dh=cfg.dim_head,
+        V=cfg.vocab_size,
+        expert_params=cfg.expert_params,
+        blocks_per_moe_layer=blocks / L,
+        dense_ffn_params=dense_ffn,
+        shape_only=shape_only,
+    )
+
+
+def load_shape(path: str | Path) -> ModelShape:
+    """A target model from configs/models/*.yaml (shape-only files carry `shape_only: true`)."""
+    path = Path(path)
+    try:
+        data = load_yaml(path)
+        cfg = ModelConfig.from_dict(data.get("model", data), str(path))
+    except ConfigError as e:
+        raise CostModelError(str(e)) from e
+    return shape_of(cfg, shape_only=bool(data.get("shape_only", False)))
+
+
+def visit_cost(
+    shape: ModelShape, n_tokens: int, n_distinct: int, context: int, batch: int, prefill: bool
+) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one MoE layer visit.
+
+    `n_tokens`: tokens through the layer (B*T prefill, B decode); `n_distinct`: distinct experts touched;
+    `context`: keys each query attends to (decode: cache length; prefill: prompt length, causal).
+    """
+    if n_tokens < 1 or batch < 1 or context < 1:
+        raise CostModelError(
+            f"visit_cost: n_tokens={n_tokens}, batch={batch}, context={context} must be >= 1"
+        )
+    nb = shape.blocks_per_moe_layer
+    dense_params = nb * shape.attn_params + shape.D * shape.E + (nb - 1) * shape.dense_ffn_params
+    w_bytes = (dense_params + n_distinct * shape.expert_params) * WEIGHT_BYTES
+    kv_row = 2 * shape.G * shape.Dh * WEIGHT_BYTES  # one token's K and V in one block
+    if prefill:
+        kv_bytes = nb * n_tokens * kv_row  # written once; flash attention keeps scores on chip
+        attn_flops = nb * 2 * n_tokens * context * shape.H * shape.Dh  # causal: half of 4*T*T*H*Dh
+    else:
+        kv_bytes = nb * batch * context * kv_row
+        attn_flops = nb * 4 * n_tokens * context * shape.H * shape.Dh
+    flops = 2 * n_tokens * (dense_params + shape.K * shape.expert_params) + attn_flops
+    return float(flops), float(w_bytes + kv_bytes)
+
+
+def roofline_s(flops: float, nbytes: float, gpu: GPU) -> float:
+    """The larger of compute time at bf16 peak and memory time at HBM bandwidth."""
+    return max(flops / (gpu.bf16_tflops * 1e12), nbytes / (gpu.memory_gbps * 1e9))
+
+
+def visit_s(
+    shape: ModelShape,
+    gpu: GPU,
+    n_tokens: int,
+    n_distinct: int,
+    context: int,
+    batch: int,
+    prefill: bool,
+) -> float:
+    """Roofline seconds of one MoE layer visit on `gpu`."""
+    return roofline_s(*visit_cost(shape, n_tokens, n_distinct, context, batch, prefill), gpu)
+
+
+def head_s(shape: ModelShape, gpu: GPU, batch: int) -> float:
+    """The LM head for one new token per sequence (V x D weights read, 2*B*V*D FLOPs)."""
+    return roofline_s(2.0 * batch * shape.V * shape.D, float(shape.V * shape.D * WEIGHT_BYTES), gpu)

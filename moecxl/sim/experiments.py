@@ -1,0 +1,368 @@
+"""The seed paper's experiments in simulation, from one YAML file (configs/experiments/*.yaml).
+
+`run_experiment(path, out_dir)` reads the experiment, the trace and the target model, runs every
+section (headline, batch, long_context, ablation, failure, cost) with every policy on the same trace
+and cost model, and writes `results.json` (schema-versioned, with trace, profiles and git commit) and
+plots, every figure labelled "simulated". `load_results` refuses other schema versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from moecxl.config import load_yaml
+from moecxl.memory.tiers import Hardware, HardwareError
+from moecxl.runtime.policies import get_policy
+from moecxl.sim.costmodel import ModelShape, load_shape
+from moecxl.sim.simulate import SimConfig, SimError, simulate
+from moecxl.sim.workload import activation_matrix, requests_from_trace
+
+SCHEMA_VERSION = 1
+RESULTS_KIND = "moecxl.sim.results"
+REPO = Path(__file__).resolve().parents[2]
+PREGATING = ("pregate", "moecxl")
+SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost")
+
+
+class ExperimentError(ValueError):
+    """An experiment file or result file is wrong; the message names the file and key."""
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "moecxl"], cwd=REPO, capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _path(p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else REPO / q
+
+
+def load_hardware(name: str) -> Hardware:
+    """A profile by name (configs/hardware/NAME.yaml) or path; unknown names list the known ones."""
+    p = _path(name) if name.endswith(".yaml") else REPO / "configs" / "hardware" / f"{name}.yaml"
+    if not p.is_file():
+        known = sorted(x.stem for x in (REPO / "configs" / "hardware").glob("*.yaml"))
+        raise ExperimentError(f"unknown hardware profile {name!r} (no {p}); known: {known}")
+    try:
+        return Hardware.from_yaml(p)
+    except HardwareError as e:
+        raise ExperimentError(str(e)) from e
+
+
+class _Ctx:
+    """Trace, target and the derived inputs every section shares."""
+
+    def __init__(self, exp: dict, path: Path):
+        from moecxl.traces import read_traces
+
+        self.exp, self.path = exp, path
+        for key in ("trace", "target"):
+            if key not in exp:
+                raise ExperimentError(f"{path}: missing key {key!r}")
+        self.trace_dir = _path(exp["trace"])
+        self.ts = read_traces(self.trace_dir)
+        self.shape: ModelShape = load_shape(_path(exp["target"]))
+        self.layer_map = exp.get("layer_map")
+        self.budget = float(exp.get("device_budget", 0.25))
+        self.n_requests = int(exp.get("requests", 4))
+        self.decode_tokens = exp.get("decode_tokens")
+        self.warmup = int(exp.get("warmup_requests", 1))
+        self.library_seqs = int(exp.get("library_sequences", 4))
+        self.policies = list(exp.get("policies", ["on_demand", "lru", "oracle", "moecxl"]))
+        for p in self.policies:
+            get_policy(p)
+        self.pregate = None
+        self.skipped: dict = {}
+        if any(get_policy(p).prefetch == "pregate" for p in self.policies):
+            self._load_pregate(exp.get("predictor_model"))
+        lib = self.requests(batch=1, library=True)
+        self.library = [activation_matrix(r, self.shape.L, self.shape.E) for r in lib]
+        self.freq = np.sum(self.library, axis=0) + 1e-3 if self.library else None
+
+    def _load_pregate(self, model_path):
+        if not model_path:
+            self.skipped.update(
+                {
+                    p: "no predictor_model: pre-gating needs the trace's small model"
+                    for p in self.policies
+                    if get_policy(p).prefetch == "pregate"
+                }
+            )
+            return
+        import moecxl
+        from moecxl.sim.predict import PredictError, pregate_tops_for_trace
+
+        model = moecxl.load(_path(model_path))
+        horizon = max(get_policy(p).horizon for p in self.policies if get_policy(p).prefetch == "pregate")
+        try:
+            self.pregate = pregate_tops_for_trace(model, self.ts, horizon)
+        except PredictError as e:
+            self.skipped.update({p: str(e) for p in self.policies if get_policy(p).prefetch == "pregate"})
+
+    def requests(self, batch: int, library: bool = False, prompt_tokens=None):
+        kw = dict(layer_map=self.layer_map, pregate_NLHK=self.pregate, batch=batch)
+        if library:
+            return requests_from_trace(self.ts, self.shape, max_requests=self.library_seqs, **kw)
+        return requests_from_trace(
+            self.ts,
+            self.shape,
+            skip_sequences=self.library_seqs,
+            max_requests=self.n_requests + self.warmup,
+            decode_tokens=self.decode_tokens,
+            prompt_tokens=prompt_tokens,
+            **kw,
+        )
+
+    def run(self, hw: Hardware, policy, requests, **cfg_kw) -> dict:
+        spec = get_policy(policy) if isinstance(policy, str) else policy
+        if spec.name in self.skipped:
+            return {"skipped": self.skipped[spec.name]}
+        placement = cfg_kw.pop("placement", "frequency" if spec.name == "moecxl" else "uniform")
+        homes = None
+        if placement.startswith("tier:"):
+            homes = {(m, e): placement[5:] for m in range(self.shape.L) for e in range(self.shape.E)}
+        cfg = SimConfig(
+            policy=spec,
+            device_budget=cfg_kw.pop("device_budget", self.budget),
+            placement="uniform" if homes else placement,
+            warmup_requests=self.warmup,
+            **cfg_kw,
+        )
+        res = simulate(
+            requests, self.shape, hw, cfg, freq_LE=self.freq, eam_library=self.library, placement=homes
+        )
+        m = res.metrics
+        m["placement_mode"] = placement
+        m["step_times_s"] = res.step_times_s
+        return m
+
+
+def _brief(m: dict) -> dict:
+    keys = (
+        "ttft_s",
+        "tpot_s",
+        "tokens_per_s",
+        "hit_rate",
+        "stall_s",
+        "prefetch_precision",
+        "bytes_by_tier",
+        "utilisation_by_tier",
+        "rehomed_fetches",
+        "skipped",
+    )
+    return {k: m[k] for k in keys if k in m}
+
+
+def section_headline(ctx: _Ctx, spec: dict) -> dict:
+    reqs = ctx.requests(batch=int(spec.get("batch", 1)))
+    rows = {}
+    for hw_name in spec["hardware"]:
+        name, _, place = hw_name.partition("@")
+        hw = load_hardware(name)
+        for p in ctx.policies:
+            kw = {"placement": f"tier:{place}"} if place else {}
+            rows[f"{hw_name}/{p}"] = _brief(ctx.run(hw, p, reqs, **kw))
+    base = rows.get(f"{spec['baseline']['hardware']}/{spec['baseline']['policy']}", {})
+    for r in rows.values():
+        if "tpot_s" in r and "tpot_s" in base:
+            r["tpot_speedup_vs_baseline"] = base["tpot_s"] / r["tpot_s"]
+            r["ttft_speedup_vs_baseline"] = base["ttft_s"] / r["ttft_s"]
+    return {"baseline": spec["baseline"], "rows": rows}
+
+
+def section_batch(ctx: _Ctx, spec: dict) -> dict:
+    rows = {}
+    for b in spec["batches"]:
+        try:
+            reqs = ctx.requests(batch=int(b))
+        except ValueError as e:
+            rows[str(b)] = {"skipped": str(e)}
+            continue
+        for hw_name, p in spec["runs"]:
+            rows.setdefault(str(b), {})[f"{hw_name}/{p}"] = _brief(ctx.run(load_hardware(hw_name), p, reqs))
+    return {"rows": rows}
+
+
+def section_long_context(ctx: _Ctx, spec: dict) -> dict:
+    rows = {}
+    for t in spec["prompt_tokens"]:
+        reqs = ctx.requests(batch=1, prompt_tokens=int(t))
+        for hw_name, p in spec["runs"]:
+            rows.setdefault(str(t), {})[f"{hw_name}/{p}"] = _brief(ctx.run(load_hardware(hw_name), p, reqs))
+    return {
+        "rows": rows,
+        "note": "routing of a longer prompt: union of the experts routed by that many "
+        "trace prompt tokens (several trace prompts); attention and compute costed at that length",
+    }
+
+
+def section_ablation(ctx: _Ctx, spec: dict) -> dict:
+    hw = load_hardware(spec["hardware"])
+    reqs = ctx.requests(batch=int(spec.get("batch", 1)))
+    full = get_policy("moecxl")
+    variants = {
+        "full": (full, "frequency"),
+        "no_placement": (full, "uniform"),
+        "no_prefetch": (
+            dataclasses.replace(full, name="moecxl-no-prefetch", prefetch=None, horizon=0),
+            "frequency",
+        ),
+        "no_balancing": (full, "first_fit"),
+    }
+    rows = {}
+    for name, (pol, place) in variants.items():
+        m = ctx.run(hw, pol, reqs, placement=place)
+        rows[name] = _brief(m) | {"placement": m.get("placement")}
+    return {"hardware": spec["hardware"], "rows": rows}
+
+
+def section_failure(ctx: _Ctx, spec: dict) -> dict:
+    hw = load_hardware(spec["hardware"])
+    reqs = ctx.requests(batch=1)
+    rows = {}
+    for p in spec.get("policies", ["moecxl"]):
+        m = ctx.run(hw, p, reqs)
+        if "skipped" in m:
+            rows[p] = m
+            continue
+        st = np.asarray(m["step_times_s"])
+        rows[p] = _brief(m) | {"step_times_s": st.tolist()}
+    faults = [dataclasses.asdict(f) for f in hw.faults]
+    return {
+        "hardware": spec["hardware"],
+        "faults": faults,
+        "rows": rows,
+        "note": "decode steps counted over the measured workload; experts of an offline device are "
+        "fetched from the host DRAM master copy (rehomed_fetches)",
+    }
+
+
+def section_cost(ctx: _Ctx, spec: dict) -> dict:
+    """GPU-only (enough GPUs to hold every weight) against one GPU + CXL (+ DRAM) holding the experts."""
+    prices = spec["prices_usd"]
+    hw = load_hardware(spec["hardware"])
+    total_bytes = ctx.shape.dense_bytes + ctx.shape.total_expert_bytes
+    n_gpu = math.ceil(total_bytes / (hw.gpu.hbm_bytes * spec.get("hbm_usable", 0.9)))
+    gpu_only = n_gpu * prices["gpu"]["usd"]
+    cxl_gb = ctx.shape.total_expert_bytes * (1 - ctx.budget) / 1e9
+    tiered = prices["gpu"]["usd"] + cxl_gb * prices["cxl_per_gb"]["usd"]
+    return {
+        "hardware": spec["hardware"],
+        "model_bytes": total_bytes,
+        "gpu_only": {"gpus": n_gpu, "usd": gpu_only},
+        "tiered": {"gpus": 1, "cxl_gb": cxl_gb, "usd": tiered},
+        "cost_reduction": 1 - tiered / gpu_only,
+        "prices": prices,
+        "note": "memory-relevant hardware only (GPUs and CXL memory); hosts, power and networking not counted",
+    }
+
+
+def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections=None) -> dict:
+    """Run an experiment file; write results.json and plots into out_dir; return the results."""
+    path = Path(path)
+    exp = load_yaml(path)
+    ctx = _Ctx(exp, path)
+    todo = [s for s in SECTIONS if s in exp and (sections is None or s in sections)]
+    unknown = set(exp.get("sections_order", [])) - set(SECTIONS)
+    if unknown:
+        raise ExperimentError(f"{path}: unknown section(s) {sorted(unknown)}; known: {SECTIONS}")
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": RESULTS_KIND,
+        "timing": "simulated",
+        "experiment": {"file": str(path), "config": exp},
+        "git_commit": git_commit(),
+        "trace": {
+            "path": str(ctx.trace_dir),
+            "model": ctx.ts.metadata.get("model", {}).get("id"),
+            "model_hash": ctx.ts.metadata.get("model", {}).get("hash"),
+            "L": ctx.ts.metadata["L"],
+            "E": ctx.ts.metadata["E"],
+            "K": ctx.ts.metadata["K"],
+            "rows": len(ctx.ts),
+        },
+        "target": dataclasses.asdict(ctx.shape),
+        "skipped_policies": ctx.skipped,
+        "profiles": {},
+        "sections": {},
+    }
+    fns = {
+        "headline": section_headline,
+        "batch": section_batch,
+        "long_context": section_long_context,
+        "ablation": section_ablation,
+        "failure": section_failure,
+        "cost": section_cost,
+    }
+    for s in todo:
+        results["sections"][s] = fns[s](ctx, exp[s])
+    for name in _profiles_used(exp):
+        results["profiles"][name] = load_hardware(name).to_dict()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable))
+    os.replace(tmp, out / "results.json")
+    from moecxl.sim.plots import plot_results
+
+    plot_results(results, out)
+    return results
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+def _profiles_used(exp: dict) -> list[str]:
+    names = set()
+    for s in SECTIONS:
+        spec = exp.get(s) or {}
+        names.update(
+            h.partition("@")[0] for h in spec.get("hardware", []) if isinstance(spec.get("hardware"), list)
+        )
+        if isinstance(spec.get("hardware"), str):
+            names.add(spec["hardware"])
+        names.update(h for h, _ in spec.get("runs", []))
+        if "baseline" in spec:
+            names.add(spec["baseline"]["hardware"])
+    return sorted(names)
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read results.json; another kind or schema version is an error naming both versions."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExperimentError(f"{p}: unreadable results file: {e}") from e
+    if data.get("kind") != RESULTS_KIND:
+        raise ExperimentError(f"{p}: field 'kind' is {data.get('kind')!r}, expected {RESULTS_KIND!r}")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ExperimentError(
+            f"{p}: field 'schema_version' is {data.get('schema_version')!r}; this moecxl reads version "
+            f"{SCHEMA_VERSION} (rerun eval/simulate.py to regenerate)"
+        )
+    return data
+
+
+__all__ = ["run_experiment", "load_results", "load_hardware", "ExperimentError", "SimError", "SCHEMA_VERSION"]

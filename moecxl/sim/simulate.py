@@ -1,0 +1,480 @@
+"""Discrete-event replay of router traces through the runtime's policy code, with a cost model.
+
+`simulate` walks the visits of each request in engine order and makes, at each, the decisions
+`OffloadEngine.experts` makes (poll finished copies, hits, in-flight hits, misses with the staging
+limit, waits, prefetch candidates, the cost-benefit gate, eviction), calling the same pure functions
+(`policies.choose_victims`, `topk_candidates`, `pregate_vote_probs`, `eam_probs`, `gate.should_prefetch`,
+`placement.initial_placement`) and booking every copy on the engine's `LinkClock`. Time is simulated:
+compute per visit from the roofline cost model (or a fixed time, to validate against an emulated run),
+copies from the clock. tests/test_sim.py checks that engine and simulator make the same decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from moecxl.memory.tiers import Hardware, copy_time_s
+from moecxl.memory.transfer import LinkClock
+from moecxl.runtime import placement as placement_mod
+from moecxl.runtime.gate import GateInputs, should_prefetch
+from moecxl.runtime.policies import (
+    EntryStats,
+    PolicySpec,
+    choose_victims,
+    eam_probs,
+    get_policy,
+    pregate_vote_probs,
+    topk_candidates,
+)
+from moecxl.sim.costmodel import ModelShape, head_s, visit_s
+from moecxl.sim.workload import Request, Visit, oracle_future
+
+PLACEMENTS = ("frequency", "uniform", "first_fit")
+
+
+class SimError(ValueError):
+    """A simulation cannot run as asked (budget, policy, placement, faults); the message names the value."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated deployment: policy, device budget and the knobs the engine has.
+
+    `compute_s`: a fixed compute time per visit instead of the roofline (validation against an
+    emulated engine run uses the measured layer time); `time_scale` scales copy times as the engine's
+    emulation does. `placement`: "frequency" (Algorithm 1 with activation frequencies), "uniform"
+    (Algorithm 1 without them, the engine's default), "first_fit" (no balancing: fill CXL devices in
+    profile order). `faults`: (tier, offline_at_decode_step, online_at_decode_step or None), counted over
+    the whole workload; the profile's own faults are added. While a tier is offline its experts are
+    fetched from `fallback_tier` (the host master copy).
+    """
+
+    policy: PolicySpec | str = "lru"
+    device_budget: float = 0.25
+    max_inflight: int | None = None
+    lowp_threshold: float = 0.3
+    lowp_bytes_ratio: float = 0.5  # int8 copy of a bf16 expert (scales ignored)
+    compute_s: float | None = None
+    head_s: float | None = None
+    time_scale: float = 1.0
+    placement: str = "uniform"
+    warmup_requests: int = 0
+    faults: tuple = ()
+    fallback_tier: str = "dram"
+    record_events: bool = False
+
+
+@dataclass
+class SimResult:
+    """Metrics (the engine's names, `timing: simulated`), per-step times and, optionally, events."""
+
+    metrics: dict
+    step_times_s: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+
+@dataclass
+class _Copy:
+    tier: str
+    done_s: float
+    prefetched: bool
+    low_precision: bool
+
+
+class _Counters:
+    def __init__(self, L: int):
+        self.hits, self.inflight_hits, self.misses = [0] * L, [0] * L, [0] * L
+        self.stall_s = 0.0
+        self.bytes_by_tier: dict = defaultdict(int)
+        self.prefetch_issued = self.prefetch_used = self.late_prefetch = self.gated = 0
+        self.wasted_prefetch_bytes = self.evictions = self.max_queue = self.rehomed = 0
+
+
+class _Replay:
+    """The engine's decision sequence on simulated time (mirrors `OffloadEngine.experts`)."""
+
+    def __init__(self, shape: ModelShape, hw: Hardware, cfg: SimConfig, requests, placement, library):
+        self.shape, self.hw, self.cfg = shape, hw, cfg
+        self.policy = get_policy(cfg.policy) if isinstance(cfg.policy, str) else cfg.policy
+        self.L, self.E, self.K = shape.L, shape.E, shape.K
+        self.expert_bytes = shape.expert_bytes
+        total = self.L * self.E * self.expert_bytes
+        b = cfg.device_budget
+        if b is None or b <= 0:
+            raise SimError(f"device_budget must be a positive fraction or byte count, got {b!r}")
+        self.budget_bytes = int(b * total) if b <= 1 else int(b)
+        self.max_inflight = int(cfg.max_inflight if cfg.max_inflight is not None else max(2, self.K))
+        self.n_slots = self.budget_bytes // self.expert_bytes - self.max_inflight
+        if self.n_slots < self.K:
+            raise SimError(
+                f"device_budget {b!r} = {self.budget_bytes} bytes holds {self.budget_bytes // self.expert_bytes} "
+                f"experts of {self.expert_bytes} bytes; top-{self.K} plus {self.max_inflight} copies in flight "
+                f"need more"
+            )
+        self.placement = placement
+        self.library = library
+        self.future = oracle_future(requests) if self.policy.prefetch == "oracle" else []
+        self.clock = LinkClock(hw, cfg.time_scale)
+        self.now_s = 0.0
+        self.tick = 0
+        self.pos = 0
+        self.free = self.n_slots
+        self.slot_of: dict = {}  # insertion (completion) order, as the engine's slot map
+        self.lowp: set = set()
+        self.inflight: dict = {}
+        self.stats: dict = {}
+        self.probs: dict = {}
+        self.eam_current = np.zeros((self.L, self.E))
+        self.offline: set = set()
+        self.c = _Counters(self.L)
+        self.events: list = []
+        self.phase, self.step = "prefill", 0
+
+    # ---- helpers mirroring the engine ------------------------------------------------------------
+    def _event(self, kind: str, **kw):
+        if self.cfg.record_events:
+            self.events.append(
+                {"t_s": self.now_s, "kind": kind, "phase": self.phase, "step": self.step, **kw}
+            )
+
+    def _copy_bytes(self, low_precision: bool) -> int:
+        return int(self.expert_bytes * self.cfg.lowp_bytes_ratio) if low_precision else self.expert_bytes
+
+    def _source(self, key) -> str:
+        tier = self.placement[key]
+        if tier in self.offline:
+            if self.cfg.fallback_tier in self.offline or self.cfg.fallback_tier not in self.hw.tier_names:
+                raise SimError(
+                    f"expert {key} lives on offline tier {tier!r} and fallback "
+                    f"{self.cfg.fallback_tier!r} is unavailable: no copy left to fetch"
+                )
+            self.c.rehomed += 1
+            return self.cfg.fallback_tier
+        return tier
+
+    def _stats_cached(self):
+        return {k: self.stats[k] for k in self.slot_of}
+
+    def _next_use(self):
+        nu = {}
+        for i, (layer, experts) in enumerate(self.future[self.pos : self.pos + 4 * self.L]):
+            for e in experts:
+                nu.setdefault((layer, int(e)), i)
+        return nu
+
+    def _take_slot(self, protect):
+        if self.free == 0:
+            victims = choose_victims(
+                self.policy.evict,
+                self._stats_cached(),
+                1,
+                protect | set(self.inflight),
+                next_use=self._next_use() if self.policy.evict == "belady" else None,
+                prob=self.probs,
+            )
+            if not victims:
+                raise SimError(f"device cache of {self.n_slots} slots has nothing evictable (all needed now)")
+            self._evict(victims[0])
+        self.free -= 1
+
+    def _evict(self, key):
+        self.slot_of.pop(key)
+        st = self.stats.get(key)
+        if st is not None and st.prefetched and st.uses == 0:
+            self.c.wasted_prefetch_bytes += self.expert_bytes
+        self.lowp.discard(key)
+        self.free += 1
+        self.c.evictions += 1
+        self._event("evict", layer=key[0], expert=key[1])
+
+    def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
+        self._take_slot(protect)
+        tier = self._source(key)
+        nbytes = self._copy_bytes(low_precision)
+        _, done = self.clock.reserve(tier, nbytes, self.now_s)
+        self.inflight[key] = _Copy(tier, done, prefetched, low_precision)
+        self.c.bytes_by_tier[tier] += nbytes
+        self.c.max_queue = max(self.c.max_queue, len(self.inflight))
+        if prefetched:
+            self.c.prefetch_issued += 1
+        self._event("prefetch" if prefetched else "fetch", layer=key[0], expert=key[1], tier=tier)
+
+    def _complete(self, key):
+        cp = self.inflight.pop(key)
+        self.now_s = max(self.now_s, cp.done_s)
+        if cp.low_precision:
+            self.lowp.add(key)
+        self.slot_of[key] = True
+        self.stats[key] = EntryStats(
+            last_use=self.tick, uses=0, loaded_at=self.tick, prefetched=cp.prefetched
+        )
+
+    def _poll(self):
+        for key in [k for k, cp in self.inflight.items() if cp.done_s <= self.now_s]:
+            self._complete(key)
+
+    # ---- one MoE layer visit (OffloadEngine.experts) ------------------------------------------------
+    def visit(self, v: Visit):
+        m = v.layer
+        self.tick += 1
+        if len(v.experts) > self.n_slots:
+            raise SimError(
+                f"layer {m} needs {len(v.experts)} distinct experts at once but the device cache holds "
+                f"{self.n_slots}; raise device_budget or lower the batch or prompt"
+            )
+        keys = [(m, e) for e in v.experts]
+        self.eam_current[m, list(v.experts)] += v.tokens_per_expert
+        lowp_ok = set()
+        if self.policy.low_precision_on_miss:
+            lowp_ok = {(m, e) for e, w in zip(v.experts, v.max_weight) if w < self.cfg.lowp_threshold}
+        self._poll()
+        protect = set(keys)
+        wait = []
+        t_stall0 = self.now_s
+        for key in keys:
+            if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
+                self.c.hits[m] += 1
+                st = self.stats[key]
+                if st.prefetched and st.uses == 0:
+                    self.c.prefetch_used += 1
+                self._event("hit", layer=m, expert=key[1])
+            elif key in self.inflight:
+                self.c.inflight_hits[m] += 1
+                cp = self.inflight[key]
+                if cp.prefetched and cp.done_s > self.now_s:
+                    self.c.late_prefetch += 1
+                wait.append(key)
+            else:
+                self.c.misses[m] += 1
+                if key in self.slot_of:
+                    self._evict(key)
+                if len(self.inflight) >= self.max_inflight:
+                    done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
+                    self._complete(done)
+                self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
+                wait.append(key)
+        for key in wait:
+            if key in self.inflight:
+                self._complete(key)
+        self.c.stall_s += self.now_s - t_stall0
+        for key in keys:
+            st = self.stats[key]
+            self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
+        self._prefetch(v, protect)
+
+    def _prefetch(self, v: Visit, protect):
+        pf, m = self.policy.prefetch, v.layer
+        if pf is None or self.policy.horizon <= 0:
+            return
+        layers = [m + h for h in range(1, self.policy.horizon + 1) if m + h < self.L]
+        if pf == "oracle":
+            self.pos += 1
+            nxt = self.future[self.pos : self.pos + self.policy.horizon]
+            cands = [((layer, int(e)), 1.0) for layer, experts in nxt for e in experts]
+        elif v.phase == "prefill" and layers and v.n_tokens * self.K >= self.E:
+            # As the engine: prefill streams whole layers ahead (E token-slots or more: every expert likely).
+            cands = [((layers[0], e), 1.0) for e in range(self.E)]
+        elif not layers:
+            return
+        elif pf == "pregate":
+            if v.pregate_top_HNK is None or v.pregate_top_HNK.shape[0] < len(layers):
+                raise SimError(
+                    f"policy {self.policy.name!r} pre-gates {self.policy.horizon} layers ahead but the workload "
+                    f"carries no (or too short) pregate predictions; build it with pregate_NLHK "
+                    f"(moecxl.sim.predict) of horizon >= {self.policy.horizon}"
+                )
+            probs = pregate_vote_probs(v.pregate_top_HNK[: len(layers)].astype(np.int64), self.E)
+            cands = topk_candidates(probs, layers, min(self.E, max(self.K, int((probs > 0).sum(1).max()))))
+            cands = [c for c in cands if c[1] > 0]
+        elif pf == "eam":
+            cands = topk_candidates(eam_probs(self.eam_current, self.library, layers), layers, self.K)
+        else:
+            raise SimError(
+                f"policy {self.policy.name!r}: prefetch source {pf!r} has no replay in the simulator"
+            )
+        self.probs = {k: p for k, p in cands}
+        for key, p in cands:
+            if key in self.slot_of or key in self.inflight:
+                continue
+            if len(self.inflight) >= self.max_inflight:
+                break
+            if self.policy.gate and not self._gate(key, p, m):
+                self.c.gated += 1
+                continue
+            try:
+                self._fetch(key, protect | {c[0] for c in cands if c[1] >= p}, prefetched=True)
+            except SimError:
+                break
+
+    def _gate(self, key, p, m) -> bool:
+        tier = self._source(key)
+        wait = self.clock.expected_wait_s(tier, self.expert_bytes, self.now_s)
+        one = copy_time_s(tier, self.expert_bytes, self.hw) * self.cfg.time_scale
+        layer_s = one / 10  # as the engine: its measured layer time (`_layer_s`) is not set yet
+        victim_p = 0.0
+        if self.free == 0:
+            victims = choose_victims(
+                self.policy.evict, self._stats_cached(), 1, set(self.inflight), prob=self.probs
+            )
+            victim_p = self.probs.get(victims[0], 0.0) if victims else 0.0
+        misses = sum(self.c.misses) + 1
+        pressure = misses / (misses + sum(self.c.hits) + 1)
+        g = GateInputs(
+            p_use=p,
+            lead_s=(key[0] - m) * layer_s,
+            wait_s=wait,
+            miss_s=one,
+            link_busy_s=one,
+            demand_pressure=pressure,
+            victim_p=victim_p,
+            victim_miss_s=one,
+        )
+        return should_prefetch(g)
+
+
+def first_fit_placement(hw: Hardware, L: int, E: int, expert_bytes: int) -> dict:
+    """No balancing: experts fill CXL devices in profile order, then DRAM, then NVMe."""
+    homes = [t for kind in placement_mod.HOME_KIND_ORDER for t in hw.tiers_of_kind(kind)]
+    used: dict = defaultdict(int)
+    out = {}
+    for m in range(L):
+        for e in range(E):
+            tier = next((t for t in homes if used[t.name] + expert_bytes <= t.capacity_bytes), None)
+            if tier is None:
+                raise SimError(f"hardware {hw.name!r}: no tier has room for expert ({m}, {e})")
+            out[(m, e)] = tier.name
+            used[tier.name] += expert_bytes
+    return out
+
+
+def make_placement(hw: Hardware, shape: ModelShape, how: str, freq_LE=None) -> dict:
+    """Home tier of every expert: Algorithm 1 with or without frequencies, or first-fit."""
+    if how == "frequency":
+        if freq_LE is None:
+            raise SimError("placement 'frequency' needs activation frequencies (freq_LE)")
+        return placement_mod.initial_placement(hw, shape.L, shape.E, shape.expert_bytes, freq_LE)
+    if how == "uniform":
+        return placement_mod.initial_placement(hw, shape.L, shape.E, shape.expert_bytes, None)
+    if how == "first_fit":
+        return first_fit_placement(hw, shape.L, shape.E, shape.expert_bytes)
+    raise SimError(f"unknown placement {how!r}; known: {PLACEMENTS}")
+
+
+def simulate(
+    requests: list[Request],
+    shape: ModelShape,
+    hw: Hardware,
+    cfg: SimConfig = SimConfig(),
+    *,
+    freq_LE: np.ndarray | None = None,
+    eam_library=(),
+    placement: dict | None = None,
+) -> SimResult:
+    """Replay `requests` (in order, one cache across them) on `hw` for target `shape` under `cfg`."""
+    if not requests:
+        raise SimError("simulate: no requests (is the trace empty, or the batch larger than it?)")
+    known = set(hw.tier_names)
+    faults = list(cfg.faults) + [(f.tier, f.offline_at_step, f.online_at_step) for f in hw.faults]
+    for tier, *_ in faults:
+        if tier not in known:
+            raise SimError(f"fault names unknown tier {tier!r}; tiers of {hw.name!r}: {sorted(known)}")
+    homes = placement or make_placement(hw, shape, cfg.placement, freq_LE)
+    r = _Replay(shape, hw, cfg, requests, homes, list(eam_library))
+    step_times, ttfts, tpots, tokens = [], [], [], 0
+    decode_step = 0
+    t_begin = None
+    for i, req in enumerate(requests):
+        if i == cfg.warmup_requests:
+            r.c = _Counters(r.L)
+            r.clock.bytes_by_tier.clear()
+            r.clock.busy_s_by_tier.clear()
+            t_begin = r.now_s
+        measured = i >= cfg.warmup_requests
+        t0 = r.now_s
+        r.eam_current[:] = 0
+        steps: dict = defaultdict(list)
+        for v in req.visits:
+            steps[v.step].append(v)
+        out_s = []
+        for step in sorted(steps):
+            r.phase, r.step = ("prefill", 0) if step == 0 else ("decode", step)
+            if step > 0:
+                for tier, off, on in faults:
+                    if decode_step == off:
+                        r.offline.add(tier)
+                        r._event("offline", tier=tier)
+                    if on is not None and decode_step == on:
+                        r.offline.discard(tier)
+                        r._event("online", tier=tier)
+                decode_step += 1
+            for v in steps[step]:
+                r.visit(v)
+                r.now_s += cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
+            r.now_s += cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
+            out_s.append(r.now_s - t0)
+        if measured:
+            ttfts.append(out_s[0])
+            diffs = np.diff(out_s)
+            tpots.extend(diffs.tolist())
+            step_times.extend(diffs.tolist())
+            tokens += req.batch * len(out_s)
+    wall_s = r.now_s - (t_begin if t_begin is not None else 0.0)
+    return SimResult(_metrics(r, ttfts, tpots, tokens, wall_s, requests, cfg), step_times, r.events)
+
+
+def _visit_compute_s(shape: ModelShape, hw: Hardware, v: Visit) -> float:
+    return visit_s(shape, hw.gpu, v.n_tokens, len(v.experts), v.context, v.batch, v.phase == "prefill")
+
+
+def _metrics(r: _Replay, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig) -> dict:
+    c = r.c
+    hits, misses = sum(c.hits) + sum(c.inflight_hits), sum(c.misses)
+    homes: dict = defaultdict(int)
+    for t in r.placement.values():
+        homes[t] += 1
+    n = r.L * r.E
+    return {
+        "policy": r.policy.name,
+        "exact": r.policy.exact,
+        "hit_rate": hits / max(1, hits + misses),
+        "hit_rate_by_layer": [
+            (h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)
+        ],
+        "hits": sum(c.hits),
+        "inflight_hits": sum(c.inflight_hits),
+        "misses": misses,
+        "misses_by_layer": list(c.misses),
+        "ttft_s": float(np.mean(ttfts)) if ttfts else float("nan"),
+        "tpot_s": float(np.mean(tpots)) if tpots else float("nan"),
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else float("nan"),
+        "stall_s": c.stall_s,
+        "bytes_by_tier": dict(c.bytes_by_tier),
+        "busy_s_by_tier": dict(r.clock.busy_s_by_tier),
+        "utilisation_by_tier": {t: s / wall_s for t, s in r.clock.busy_s_by_tier.items()} if wall_s else {},
+        "prefetch_issued": c.prefetch_issued,
+        "prefetch_used": c.prefetch_used,
+        "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else None,
+        "late_prefetches": c.late_prefetch,
+        "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+        "gated_prefetches": c.gated,
+        "evictions": c.evictions,
+        "rehomed_fetches": c.rehomed,
+        "max_inflight": c.max_queue,
+        "device_budget_bytes": r.budget_bytes,
+        "device_slots": r.n_slots,
+        "placement": {
+            "hbm_cache_fraction": r.n_slots / n,
+            "home_fraction_by_tier": {t: k / n for t, k in sorted(homes.items())},
+        },
+        "requests": len(requests) - cfg.warmup_requests,
+        "batch_size": requests[0].batch,
+        "prompt_len": requests[0].prompt_len,
+        "timing": "simulated",
+        "hardware": r.hw.name,
+        "target_model": r.shape.name,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
+    }

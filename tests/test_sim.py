@@ -1,0 +1,154 @@
+"""The simulator: cost-model units, the link clock, trace mapping errors, result schema, and agreement with
+the engine on emulated links (same fetch/prefetch/evict sequence, same misses, TPOT within 10%)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from moecxl.generate import generate
+from moecxl.memory import Hardware
+from moecxl.memory.tiers import copy_time_s
+from moecxl.memory.transfer import LinkClock
+from moecxl.model import MoEDecoder
+from moecxl.runtime.engine import OffloadEngine
+from moecxl.sim.costmodel import head_s, load_shape, shape_of, visit_s
+from moecxl.sim.experiments import ExperimentError, load_hardware, load_results
+from moecxl.sim.predict import pregate_tops_for_ids
+from moecxl.sim.simulate import SimConfig, simulate
+from moecxl.sim.workload import WorkloadError, check_topology, requests_from_arrays, requests_from_generate
+from tests.conftest import tiny_config
+
+MIXTRAL = "configs/models/mixtral-8x7b.yaml"
+
+
+def test_mixtral_expert_over_pcie5_and_h100_decode_layer():
+    hw = Hardware.from_yaml("configs/hardware/h100-pcie5-dram.yaml")
+    shape = load_shape(MIXTRAL)
+    assert shape.shape_only and shape.expert_bytes == 3 * 4096 * 14336 * 2
+    assert copy_time_s("dram", shape.expert_bytes, hw) == pytest.approx(6.6e-3, rel=0.02)
+    layer_s = visit_s(shape, hw.gpu, n_tokens=1, n_distinct=2, context=512, batch=1, prefill=False)
+    assert layer_s == pytest.approx(0.22e-3, rel=0.15)  # HBM-bound: ~790 MB at 3.35 TB/s
+    # batch-aware: 32 tokens touching all 8 experts read 4x the expert bytes of one token's 2
+    assert visit_s(shape, hw.gpu, 32, 8, 512, 32, False) > 3 * layer_s
+    # attention grows with context; long prefill is compute-bound
+    assert visit_s(shape, hw.gpu, 1, 2, 32768, 1, False) > visit_s(shape, hw.gpu, 1, 2, 512, 1, False)
+    assert visit_s(shape, hw.gpu, 16384, 8, 16384, 1, True) > 10e-3
+    assert 0 < head_s(shape, hw.gpu, 1) < layer_s
+
+
+def test_link_clock_fifo_per_device_and_shared_link():
+    hw = Hardware.from_yaml("configs/hardware/h100-4cxl.yaml")
+    n = 352_321_536
+    one = copy_time_s("cxl-d", n, hw)
+    clock = LinkClock(hw)
+    _, d1 = clock.reserve("cxl-d", n, 0.0)
+    _, d2 = clock.reserve("cxl-d", n, 0.0)  # same device: queues behind the first (FIFO)
+    assert d1 == pytest.approx(one, rel=1e-6) and d2 == pytest.approx(2 * one, rel=0.02)
+    clock = LinkClock(hw)
+    _, da = clock.reserve("cxl-a", n, 0.0)
+    _, db = clock.reserve("cxl-b", n, 0.0)  # another device, same GPU link: shares the link's 53.5 GB/s
+    link_s = n / 53.5e9
+    assert max(da, db) >= 2 * link_s  # the two together never beat the link
+    assert db < copy_time_s("cxl-a", n, hw) + copy_time_s("cxl-b", n, hw)  # but overlap their device reads
+
+
+def test_trace_topology_mismatch_is_an_error_unless_mapped():
+    shape = load_shape(MIXTRAL)
+    with pytest.raises(WorkloadError, match="E=128, K=1 but target model 'mixtral-8x7b' has E=8, K=2"):
+        check_topology((12, 128, 1), shape)
+    with pytest.raises(WorkloadError, match="L=16 MoE layers but target model 'mixtral-8x7b' has L=32"):
+        check_topology((16, 8, 2), shape)
+    check_topology((16, 8, 2), shape, layer_map="tile")  # explicit mapping: allowed
+    with pytest.raises(WorkloadError, match="unknown layer_map"):
+        check_topology((32, 8, 2), shape, layer_map="stretch")
+
+
+def test_unknown_profile_and_old_result_schema(tmp_path):
+    with pytest.raises(ExperimentError, match="unknown hardware profile 'h900-cxl'.*known:"):
+        load_hardware("h900-cxl")
+    old = tmp_path / "results.json"
+    old.write_text(json.dumps({"kind": "moecxl.sim.results", "schema_version": 0}))
+    with pytest.raises(ExperimentError, match="'schema_version' is 0; this moecxl reads version 1"):
+        load_results(old)
+
+
+def test_paper_scale_replay_oracle_bounds_the_policies():
+    """A random trace with L/E/K of Mixtral: the oracle beats on-demand; more bandwidth, lower TPOT."""
+    rng = np.random.default_rng(0)
+    S, T, M = 3, 8, 6
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(S * (T + M) * 32)]).reshape(-1, 32, 2)
+    seq = np.repeat(np.arange(S), T + M)
+    dec = np.tile(np.arange(T + M) >= T, S)
+    reqs = requests_from_arrays(ids, seq, dec)
+    shape = load_shape(MIXTRAL)
+    tpot = {}
+    for prof, pol in [
+        ("h100-pcie4-dram", "on_demand"),
+        ("h100-pcie5-dram", "on_demand"),
+        ("h100-cxl", "oracle"),
+    ]:
+        hw = Hardware.from_yaml(f"configs/hardware/{prof}.yaml")
+        m = simulate(reqs, shape, hw, SimConfig(policy=pol, warmup_requests=1)).metrics
+        assert m["timing"] == "simulated"
+        tpot[prof] = m["tpot_s"]
+    assert tpot["h100-pcie5-dram"] < tpot["h100-pcie4-dram"] and tpot["h100-cxl"] < tpot["h100-pcie5-dram"]
+
+
+# ---- agreement with the engine on emulated links --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config(num_layers=4, num_experts=6, top_k=2)
+    model = MoEDecoder(cfg, rngs=nnx.Rngs(3))
+    prompt = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref = generate(model, prompt, max_new_tokens=10)
+    full = np.concatenate([prompt, ref.tokens[:, :-1]], axis=1)
+    reqs = requests_from_generate(ref, pregate_NLHK=pregate_tops_for_ids(model, full, 2))
+    target = cfg.replace(hidden_size=4096, intermediate_size=14336, dtype="bfloat16", name="mixtral-width")
+    return model, prompt, ref, reqs, target
+
+
+def _decisions(events):
+    return [
+        (e["kind"], e["layer"], e["expert"]) for e in events if e["kind"] in ("fetch", "prefetch", "evict")
+    ]
+
+
+@pytest.mark.parametrize("policy", ["on_demand", "lru", "pregate", "moecxl", "oracle"])
+def test_simulator_agrees_with_emulated_engine(tiny, policy):
+    model, prompt, ref, reqs, target = tiny
+    hw = Hardware.from_yaml("configs/hardware/h100-4cxl.yaml")  # four devices sharing one PCIe 5 link
+    scale = 3.0  # emulated copies of Mixtral-width experts: 20-60 ms, far above this machine's layer time
+    for _ in range(2):  # the first run compiles
+        eng = OffloadEngine(
+            model,
+            hardware=hw,
+            policy=policy,
+            device_budget=0.5,
+            emulate=True,
+            time_scale=scale,
+            target_model=target,
+            record_events=True,
+            trace=ref if policy == "oracle" else None,
+        )
+        t0 = time.perf_counter()
+        res = generate(model, prompt, max_new_tokens=10, engine=eng)
+        wall_s = time.perf_counter() - t0
+        eng.close()
+    em = res.metrics
+    layer_s = (wall_s - em["stall_s"]) / eng.tick  # measured compute + control per layer visit
+    cfg = SimConfig(
+        policy=policy, device_budget=0.5, time_scale=scale, compute_s=layer_s, head_s=0.0, record_events=True
+    )
+    sim = simulate(reqs, shape_of(target), hw, cfg)
+    sm = sim.metrics
+    assert sm["device_slots"] == em["device_slots"]
+    assert _decisions(sim.events) == _decisions(eng.events)  # same fetches, prefetches, evictions
+    assert sm["misses"] == em["misses"] and sm["hit_rate"] == em["hit_rate"]
+    assert sm["tpot_s"] == pytest.approx(em["tpot_s"], rel=0.10)
