@@ -56,14 +56,23 @@ def read_predictor_metrics(path: str | os.PathLike) -> dict:
     return {**doc, "_path": str(path)}
 
 
+def _has_summary(path: Path) -> bool:
+    try:
+        return "summary" in json.loads(path.read_text())
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
 def collect(results_dir, predictor_metrics=()) -> Results:
     """Read every result file under `results_dir` (and predictor `metrics.json` files there or given)."""
     res = Results()
     for p in find_results(results_dir):
         doc = read_result(p)
         getattr(res, doc["kind"]).append({**doc, "_path": str(p)})
-    found = sorted(Path(results_dir).rglob("metrics.json"))
-    for p in list(found) + [Path(x) for x in predictor_metrics]:
+    for p in sorted(Path(results_dir).rglob("metrics.json")):
+        if _has_summary(p):  # a predictor's; other metrics.json files (a checkpoint's) are not results
+            res.predictor.append(read_predictor_metrics(p))
+    for p in predictor_metrics:
         res.predictor.append(read_predictor_metrics(p))
     if not (res.perplexity or res.latency or res.simulation or res.predictor):
         raise ResultError(
@@ -235,7 +244,7 @@ def _quality_claim(claim, res: Results) -> list:
         if claim == "ppl_increase":
             if exact:
                 worst = max(abs(r["ppl_rel_delta"]) for r in exact)
-                out.append((f"{worst:.2%}", timing, f"largest |delta| over exact policies; {src}"))
+                out.append((f"{worst:.2%}", timing, f"largest abs. delta over exact policies; {src}"))
             for r in inexact:
                 out.append(
                     (f"{r['ppl_rel_delta']:+.2%}", timing, f"{r['policy']} (inexact by design); {src}")
