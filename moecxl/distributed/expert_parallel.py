@@ -218,11 +218,14 @@ class ExpertParallel:
     The dense half of each layer runs where `generate` runs it (each process's default device); the
     expert step takes its inputs onto the mesh (replicated), dispatches with all-to-all, and hands
     the result back to the default device. Call `shard_model(model, mesh)` first (done here if not).
+    `heartbeat()` is called before each expert step (a `Watchdog.beat`, so a run waiting on a dead
+    peer is bounded while a slow but live one is not cut short).
     """
 
     timing = None
 
-    def __init__(self, model, mesh: Mesh, *, dispatch: str = "all_to_all"):
+    def __init__(self, model, mesh: Mesh, *, dispatch: str = "all_to_all", heartbeat=None):
+        self.heartbeat = heartbeat  # called before each expert step (e.g. `Watchdog.beat`)
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch {dispatch!r} is not one of {DISPATCHES}")
         self.mesh, self.dispatch = mesh, dispatch
@@ -254,6 +257,8 @@ class ExpertParallel:
     def experts_fn(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_map):
         """The expert step `generate` calls instead of its single-device one (same arguments)."""
         self.calls += 1
+        if self.heartbeat is not None:
+            self.heartbeat(f"expert step {self.calls}")
         args = [replicate(a, self.mesh) for a in (h_BTD, xn_BTD, weights_BTK, ids_BTK)]
         return to_local(self._step(*args, ins, out, slot_map))
 

@@ -122,10 +122,10 @@ class OffloadedExpertParallel(ExpertParallel):
     """Expert parallelism with a tier runtime per host: `OffloadEngine(**engine_kwargs)` over the
     experts this process owns; `metrics()` is this host's, `rollup` joins the hosts'."""
 
-    def __init__(self, model, mesh: Mesh, *, dispatch: str = "all_to_all", **engine_kwargs):
+    def __init__(self, model, mesh: Mesh, *, dispatch: str = "all_to_all", heartbeat=None, **engine_kwargs):
         from moecxl.runtime.engine import OffloadEngine
 
-        super().__init__(model, mesh, dispatch=dispatch)
+        super().__init__(model, mesh, dispatch=dispatch, heartbeat=heartbeat)
         E = model.cfg.num_experts
         self.E_loc = check_mesh(mesh, E)
         self.owned = owned_experts(mesh, E)
