@@ -87,6 +87,19 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class Host:
+    """The host CPUs, for computing an expert where it lives: sustained GFLOP/s on an expert FFN and
+    the memory read rate they reach (a tier slower than this caps it)."""
+
+    name: str
+    gflops: float
+    mem_gbps: float
+    sources: Sources = ()
+
+    source_of = _source_of
+
+
+@dataclass(frozen=True)
 class Fault:
     """A scheduled device failure: `tier` goes offline at a decode step and returns (or not)."""
 
@@ -117,7 +130,8 @@ _TIER_FIELDS = {
     "numa_node": ("node", False),
 }
 _NUMERIC = ("pos", "nonneg", "int")
-_PROFILE_KEYS = {"name", "description", "include", "gpu", "links", "tiers", "faults"}
+_HOST_FIELDS = {"name": ("str", True), "gflops": ("pos", True), "mem_gbps": ("pos", True)}
+_PROFILE_KEYS = {"name", "description", "include", "gpu", "links", "tiers", "faults", "host"}
 
 
 class _Ctx:
@@ -277,6 +291,7 @@ class Hardware:
     tiers: tuple[Tier, ...]
     faults: tuple[Fault, ...] = ()
     description: str = ""
+    host: Host | None = None
 
     # -- lookup ---------------------------------------------------------------------------------------
     def tier(self, name: str) -> Tier:
@@ -363,8 +378,14 @@ class Hardware:
                 raise ctx.fail(f"{key}.online_at_step", f"{on} is not after offline_at_step {off}")
             faults.append(Fault(f["tier"], off, on))
 
+        host = None
+        if data.get("host") is not None:
+            hv, hs = _resolve(ctx, "host", data["host"], {}, _HOST_FIELDS)
+            host = Host(**hv, sources=hs)
         name = data.get("name", default_name)
-        return cls(name, gpu, tuple(links), tuple(tiers), tuple(faults), data.get("description", "").strip())
+        return cls(
+            name, gpu, tuple(links), tuple(tiers), tuple(faults), data.get("description", "").strip(), host
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved, self-contained record (no include/use); `from_dict(to_dict())` round-trips."""
@@ -386,6 +407,8 @@ class Hardware:
         out["gpu"] = record(self.gpu, skip=())
         out["links"] = {x.name: record(x) for x in self.links}
         out["tiers"] = {t.name: record(t) for t in self.tiers}
+        if self.host is not None:
+            out["host"] = record(self.host, skip=())
         if self.faults:
             out["faults"] = [
                 {k: v for k, v in dataclasses.asdict(f).items() if v is not None} for f in self.faults

@@ -24,7 +24,7 @@ from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import GateInputs, should_prefetch
+from moecxl.runtime.gate import GateInputs, MissCosts, host_compute_s, miss_decision, should_prefetch
 from moecxl.runtime.policies import (
     EntryStats,
     choose_victims,
@@ -53,6 +53,14 @@ def _install(arrays, packed_P, slot, layout: ExpertLayout):
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
 def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
     return _install.__wrapped__(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
+
+
+@jax.jit
+def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD):
+    from moecxl.model.moe import expert_step
+
+    on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
+    return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
 
 
 @jax.jit
@@ -92,6 +100,7 @@ class OffloadEngine:
         ema_alpha: float = 0.2,
         replicate_hot: int = 0,
         warm_start: bool = False,
+        quality_budget: float = 0.0,
         lowp_threshold: float = 0.3,
         device=None,
     ):
@@ -195,6 +204,22 @@ class OffloadEngine:
         self.replicate_hot = int(replicate_hot)
         self.faults = tuple(getattr(self.hardware, "faults", ()) or ())
         self.timeline: list[dict] = []  # per decode step: bytes and busy time per tier (utilisation)
+        # The three-way miss decision (policy moecxl_nd): fetch, host compute, or low precision.
+        if not 0.0 <= quality_budget <= 1.0:
+            raise EngineError(
+                f"quality_budget must be in [0, 1] (fraction of misses served in int8), got {quality_budget!r}"
+            )
+        self.quality_budget = float(quality_budget)
+        self._host_keys: list = []
+        self._extra = None
+        if self.policy.host_compute:
+            if self.hardware.host is None:
+                raise EngineError(
+                    f"policy {self.policy.name!r} computes misses on the host, but profile {self.hardware.name!r} "
+                    "has no `host:` block (gflops, mem_gbps with sources); add one, or measure this machine's "
+                    "with moecxl.memory.measure_host_matmul_tflops / measure_host_memcpy_gbps"
+                )
+            self.experts_fn = self._mixed_step
         if warm_start:
             self._warm_start()
 
@@ -291,6 +316,15 @@ class OffloadEngine:
                 self.c.misses[m] += 1
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
+                if self.policy.host_compute:
+                    choice = self._miss_choice(key, int((ids == key[1]).sum()))
+                    self.c.miss_choices[choice] += 1
+                    if choice == "host":
+                        self._host_keys.append(key)
+                        protect.discard(key)
+                        continue
+                    if choice == "lowp":
+                        lowp_ok.add(key)
                 if len(self.inflight) >= self.max_inflight:  # staging is full: land a copy first
                     t0 = time.perf_counter()
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
@@ -305,9 +339,13 @@ class OffloadEngine:
                 if key in self.inflight:
                     self._complete(key)
             stall += time.perf_counter() - t0
+        if self._host_keys:
+            stall += self._host_compute(m, co, ids)
         self.c.stall_s += stall
         self.c.stall_by_layer[m] += stall
         for key in keys:
+            if key not in self.stats:  # computed on the host, never cached
+                continue
             st = self.stats[key]
             st[0] = self.tick
             st[1] += 1
@@ -316,7 +354,97 @@ class OffloadEngine:
         self.c.control_s += control
         if self.phase == "decode" and len(self.c.control_samples_us) < 100_000:
             self.c.control_samples_us.append(control * 1e6)
-        return self.cache[: self.n_ins], self.cache[self.n_ins], self.slot_E[m]
+        slot_E = self.slot_E[m]
+        if self._host_keys:
+            slot_E = slot_E.copy()
+            for key in self._host_keys:
+                slot_E[key[1]] = -1
+            self._host_keys = []
+        return self.cache[: self.n_ins], self.cache[self.n_ins], slot_E
+
+    # ---- the three-way miss decision --------------------------------------------------------------------
+    def _miss_choice(self, key, n_tokens: int) -> str:
+        tgt = self.target_model
+        now = self.transfers.now_s()
+        clock = self.transfers.clock
+        tier_name = self._source(key)
+        tier = self.hardware.tier(tier_name)
+        fetch_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes, now)
+        link = self.hardware.link(tier.link) if tier.link else None
+        host = self.hardware.host
+        host_s = (
+            host_compute_s(
+                n_tokens,
+                tgt.expert_params,
+                self.emulated_expert_bytes,
+                tier.read_gbps,
+                host.gflops,
+                host.mem_gbps,
+                tgt.hidden_size,
+                link.gbps if link else tier.read_gbps,
+            )
+            * self.time_scale
+        )
+        lowp_s = None
+        served = sum(self.c.miss_choices.values())
+        if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
+            lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
+        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s))
+
+    def _host_compute(self, m, co, ids) -> float:
+        """Experts computed where they live: activations come to the host, outputs go back."""
+        t0 = time.perf_counter()
+        xn = np.asarray(co.xn_BTD, np.float32)  # device -> host: N·D activations, not the weights
+        w = np.asarray(co.weights_BTK, np.float32)
+        extra = np.zeros(xn.shape, np.float32)
+        for key in self._host_keys:
+            tier = self._source(key)
+            packed = np.asarray(self.store.source(key, tier=tier), np.float32)
+            mats = self.layout.unpack(packed)
+            sel = ids == key[1]  # [B, T, K]
+            rows = sel.any(-1)
+            x = xn[rows]
+            if len(mats) == 3:
+                g, u = x @ mats[0], x @ mats[1]
+                h = g / (1.0 + np.exp(-g)) * u
+            else:
+                h = np.maximum(x @ mats[0], 0.0)
+            y = h @ mats[-1]
+            extra[rows] += (w * sel).sum(-1)[rows][:, None] * y
+            self.c.host_tokens += int(rows.sum())
+            self._event("host_compute", layer=m, expert=key[1], tier=tier, tokens=int(rows.sum()))
+        self._extra = extra.astype(np.dtype(self.layout.np_dtype))
+        if self.emulate:
+            tgt, host = self.target_model, self.hardware.host
+            want = (
+                sum(
+                    host_compute_s(
+                        int((ids == k[1]).sum()),
+                        tgt.expert_params,
+                        self.emulated_expert_bytes,
+                        self.hardware.tier(self.store.home(k)).read_gbps,
+                        host.gflops,
+                        host.mem_gbps,
+                        tgt.hidden_size,
+                        self.hardware.link(self.hardware.tier(self.store.home(k)).link).gbps,
+                    )
+                    for k in self._host_keys
+                )
+                * self.time_scale
+            )
+            left = want - (time.perf_counter() - t0)
+            if left > 0:
+                time.sleep(left)
+        return time.perf_counter() - t0
+
+    def _mixed_step(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
+        """The expert step when some experts were computed on the host (their slots are -1)."""
+        from moecxl.generate import _experts_jit
+
+        if self._extra is None:
+            return _experts_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E)
+        extra, self._extra = self._extra, None
+        return _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra)
 
     # ---- cache mechanics -----------------------------------------------------------------------------
     def _source(self, key) -> str:
@@ -680,6 +808,8 @@ class OffloadEngine:
             "migrations": c.migrations,
             "migration_bytes": dict(c.migration_bytes),
             "rehomed": c.rehomed,
+            "miss_choices": dict(c.miss_choices),
+            "host_computed_tokens": c.host_tokens,
             "refetches": c.refetches,
             "faults": list(c.fault_events),
             "distribution": self.distribution(),
@@ -750,6 +880,8 @@ class _Counters:
         self.migrations = self.rehomed = self.refetches = 0
         self.migration_bytes = defaultdict(int)
         self.fault_events: list[dict] = []
+        self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
+        self.host_tokens = 0
 
 
 def _restricted(hw: Hardware, tier_names) -> Hardware:

@@ -32,3 +32,56 @@ def expected_cost_s(g: GateInputs) -> float:
 
 def should_prefetch(g: GateInputs) -> bool:
     return expected_saving_s(g) > expected_cost_s(g)
+
+
+# ---- the three-way miss decision (issue: beyond fetching) -------------------------------------------
+
+MISS_OPTIONS = ("inflight", "fetch", "host", "lowp")
+
+
+@dataclass(frozen=True)
+class MissCosts:
+    """Expected seconds until a needed expert's output is available, for each way to serve a miss.
+
+    None means the option is not available (no copy in flight, host compute off, quality budget 0).
+    """
+
+    fetch_s: float
+    inflight_s: float | None = None
+    host_s: float | None = None
+    lowp_s: float | None = None
+
+
+def miss_decision(c: MissCosts) -> str:
+    """The fastest option; ties go to the exact ones (in flight, then fetch, then host, then lowp)."""
+    options = {"inflight": c.inflight_s, "fetch": c.fetch_s, "host": c.host_s, "lowp": c.lowp_s}
+    best, best_s = "fetch", float("inf")
+    for name in MISS_OPTIONS:
+        s = options[name]
+        if s is not None and s < best_s:
+            best, best_s = name, s
+    return best
+
+
+def host_compute_s(
+    n_tokens: int,
+    expert_params: int,
+    expert_bytes: int,
+    tier_read_gbps: float,
+    host_gflops: float,
+    host_mem_gbps: float,
+    d_model: int,
+    link_gbps: float,
+    act_bytes: int = 2,
+    copy_overhead_s: float = 5e-6,
+) -> float:
+    """Seconds to compute one expert for `n_tokens` tokens on the host where the expert lives.
+
+    The CPU streams the expert from its tier (capped by the tier and by the host's memory rate) while
+    doing 2·params FLOPs per token; the activations cross the GPU link both ways (two small copies).
+    Grows with tokens (compute) where fetching does not: batch-awareness comes from here.
+    """
+    read_s = expert_bytes / (min(tier_read_gbps, host_mem_gbps) * 1e9)
+    flops_s = 2.0 * expert_params * n_tokens / (host_gflops * 1e9)
+    act_s = 2 * (n_tokens * d_model * act_bytes / (link_gbps * 1e9) + copy_overhead_s)
+    return max(read_s, flops_s) + act_s

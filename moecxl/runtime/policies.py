@@ -36,6 +36,7 @@ class PolicySpec:
     exact: bool = True
     low_precision_on_miss: bool = False
     gate: bool = False  # cost-benefit gate on prefetches (moecxl)
+    host_compute: bool = False  # a miss may be computed on the host where the expert lives
     description: str = ""
 
 
@@ -91,6 +92,18 @@ POLICIES: dict[str, PolicySpec] = {
             gate=True,
             description="moecxl: multi-layer prediction (pre-gate until a learned predictor is "
             "given) with the cost-benefit gate and prediction-aware eviction",
+        ),
+        PolicySpec(
+            "moecxl_nd",
+            "predicted",
+            "pregate",
+            2,
+            exact=False,
+            gate=True,
+            host_compute=True,
+            description="moecxl + the three-way miss decision: fetch, compute on the host where the "
+            "expert lives, or (within the quality budget) a low-precision copy; float32-close (1e-5), "
+            "not bit-identical, because host-computed experts are summed separately",
         ),
     ]
 }

@@ -1,0 +1,94 @@
+"""Beyond fetching: each miss is fetched, computed on the host where the expert lives, or served by a
+low-precision copy, whichever is expected to finish first; host compute is float32-close (1e-5)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from moecxl.generate import generate
+from moecxl.memory import Hardware, copy_time_s
+from moecxl.model import MoEDecoder
+from moecxl.runtime.engine import EngineError, OffloadEngine
+from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision
+from tests.conftest import tiny_config
+
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, dtype="bfloat16")
+EXPERT_PARAMS = 3 * 4096 * 14336
+EXPERT_BYTES = 2 * EXPERT_PARAMS
+
+
+def host_s(hw, tier, n_tokens):
+    t, host = hw.tier(tier), hw.host
+    return host_compute_s(
+        n_tokens,
+        EXPERT_PARAMS,
+        EXPERT_BYTES,
+        t.read_gbps,
+        host.gflops,
+        host.mem_gbps,
+        4096,
+        hw.link(t.link).gbps,
+    )
+
+
+def test_decision_is_batch_aware_small_batches_compute_large_ones_fetch():
+    hw = Hardware.from_yaml("configs/hardware/h100-pcie4-dram.yaml")
+    fetch = copy_time_s("dram", EXPERT_BYTES, hw)
+    assert miss_decision(MissCosts(fetch_s=fetch, host_s=host_s(hw, "dram", 1))) == "host"
+    assert miss_decision(MissCosts(fetch_s=fetch, host_s=host_s(hw, "dram", 4096))) == "fetch"
+    # Host time grows with tokens routed to the expert; fetching does not.
+    assert host_s(hw, "dram", 64) > host_s(hw, "dram", 1)
+
+
+def test_decision_prefers_exact_options_on_ties_and_a_copy_in_flight_when_sooner():
+    assert miss_decision(MissCosts(fetch_s=1.0, host_s=1.0, lowp_s=1.0)) == "fetch"
+    assert miss_decision(MissCosts(fetch_s=1.0, inflight_s=0.2, host_s=0.5)) == "inflight"
+    assert miss_decision(MissCosts(fetch_s=1.0, host_s=2.0, lowp_s=0.5)) == "lowp"
+    assert miss_decision(MissCosts(fetch_s=1.0, host_s=None, lowp_s=None)) == "fetch"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MoEDecoder(tiny_config(num_layers=3, num_experts=6, top_k=2), rngs=nnx.Rngs(5))
+
+
+def test_host_computed_experts_are_float32_close_to_the_device_path(model):
+    prompt = [[3, 4, 5, 6, 7]]
+    ref = generate(model, prompt, max_new_tokens=6)
+    hw = Hardware.from_yaml("configs/hardware/h100-pcie4-dram.yaml")
+    eng = OffloadEngine(
+        model,
+        hardware=hw,
+        policy="moecxl_nd",
+        device_budget=0.5,
+        emulate=True,
+        time_scale=0.01,
+        target_model=model.cfg.replace(**MIXTRAL),
+    )
+    res = generate(model, prompt, max_new_tokens=6, engine=eng)
+    assert res.metrics["miss_choices"]["host"] > 0 and res.metrics["host_computed_tokens"] > 0
+    assert res.metrics["exact"] is False
+    err = np.abs(res.logits - ref.logits).max() / np.abs(ref.logits).max()
+    assert err < 1e-5
+    assert np.array_equal(res.tokens, ref.tokens)
+    eng.close()
+
+
+def test_bad_quality_budget_and_missing_host_figures_are_clear_errors(model):
+    hw = Hardware.from_yaml("configs/hardware/h100-pcie4-dram.yaml")
+    with pytest.raises(EngineError, match="quality_budget"):
+        OffloadEngine(
+            model, hardware=hw, policy="moecxl_nd", device_budget=0.5, emulate=False, quality_budget=1.5
+        )
+    with pytest.raises(EngineError, match="no `host:` block"):
+        OffloadEngine(
+            model,
+            hardware=dataclasses.replace(hw, host=None),
+            policy="moecxl_nd",
+            device_budget=0.5,
+            emulate=False,
+        )
