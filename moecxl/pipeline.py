@@ -1,0 +1,306 @@
+"""The main job: from the shipped small models to a report, one command (`python -m moecxl`).
+
+Stages (each a package entry point run as its own process, so a stage's memory is returned to the
+system and a failure names its stage; outputs under `--out`, finished stages are skipped on a rerun):
+
+  generate    text from the mixtral-topology model, resident (measured-cpu)
+  traces      router traces of prose and code from the test split (+ hidden-state sketches)
+  stats       routing statistics: entropies, popularity by domain, reuse distance
+  predictor   the learned expert predictor against every baseline
+  perplexity  resident vs each policy (identical for exact policies)
+  latency     every policy on emulated CXL-D and PCIe links, 25% and 50% device budgets (emulated)
+  simulate    Mixtral-8x7B at paper scale on the seed's hardware, driven by the traces (simulated)
+  report      markdown + plots from everything above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("generate", "traces", "stats", "predictor", "perplexity", "latency", "simulate", "report")
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it and where its log is."""
+
+
+def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str], Path]]:
+    """The command of each stage and the file whose presence means it is done."""
+    py = sys.executable
+    traces = out / "traces" / Path(model).name
+    n_tokens = "4000" if quick else "16000"
+    policies = [
+        "on_demand",
+        "lru",
+        "lfu",
+        "pregate",
+        "moe_infinity",
+        "hobbit",
+        "oracle",
+        "moecxl",
+        "moecxl_nd",
+    ]
+    exp = out / "simulate" / "experiment.yaml"
+    return {
+        "generate": (
+            [py, "-m", "moecxl.pipeline", "_generate", "--model", model, "--out", str(out / "generate.json")],
+            out / "generate.json",
+        ),
+        "traces": (
+            [
+                py,
+                "-m",
+                "moecxl.traces",
+                "collect",
+                "--model",
+                model,
+                "--corpus",
+                "mixed",
+                "--split",
+                "test",
+                "--tokens",
+                n_tokens,
+                "--prompt-len",
+                "64",
+                "--decode-tokens",
+                "16",
+                "--decode-every",
+                "4",
+                "--sketch",
+                "16",
+                "--out",
+                str(traces),
+            ],
+            traces / "metadata.json",
+        ),
+        "stats": (
+            [py, "-m", "moecxl.traces", "stats", str(traces), "--out", str(out / "stats")],
+            out / "stats" / "stats.json",
+        ),
+        "predictor": (
+            [
+                py,
+                str(REPO / "train_predictor.py"),
+                "--traces",
+                str(traces),
+                "--model",
+                model,
+                "--out",
+                str(out / "predictor"),
+                "--no-progress",
+            ]
+            + (["--max-steps", "200"] if quick else []),
+            out / "predictor" / "metrics.json",
+        ),
+        "perplexity": (
+            [
+                py,
+                str(REPO / "eval" / "perplexity.py"),
+                "--model",
+                model,
+                "--corpus",
+                "mixed",
+                "--tokens",
+                "512" if quick else "2048",
+                "--policies",
+                *policies[:-1],
+                "--budget",
+                "0.25",
+                "--profile",
+                "h100-cxl",
+                "--out",
+                str(out / "results" / "perplexity.json"),
+            ],
+            out / "results" / "perplexity.json",
+        ),
+        "latency": (
+            [
+                py,
+                str(REPO / "eval" / "latency.py"),
+                "--model",
+                model,
+                "--profiles",
+                "h100-cxl",
+                "h100-pcie4-dram",
+                "--policies",
+                *policies,
+                "--budgets",
+                "0.25",
+                "0.5",
+                "--batch",
+                "1",
+                "--prompt-lens",
+                "32",
+                "--tokens",
+                "8" if quick else "16",
+                "--repeats",
+                "1" if quick else "2",
+                "--corpus",
+                "mixed",
+                "--out",
+                str(out / "results" / "latency.json"),
+            ],
+            out / "results" / "latency.json",
+        ),
+        "simulate": (
+            [
+                py,
+                str(REPO / "eval" / "simulate.py"),
+                "--experiment",
+                str(exp),
+                "--out",
+                str(out / "results" / "simulate"),
+            ],
+            out / "results" / "simulate" / "results.json",
+        ),
+        "report": (
+            [
+                py,
+                str(REPO / "eval" / "report.py"),
+                "--results",
+                str(out / "results"),
+                "--out",
+                str(out / "report"),
+                "--predictor-metrics",
+                str(out / "predictor" / "metrics.json"),
+            ],
+            out / "report" / "report.md",
+        ),
+    }
+
+
+def _write_experiment(out: Path, model: str, quick: bool) -> None:
+    """The paper-scale experiment, pointed at this run's traces."""
+    import yaml
+
+    src = REPO / "configs" / "experiments" / "mixtral-8x7b.yaml"
+    exp = yaml.safe_load(src.read_text())
+    exp["trace"] = str(out / "traces" / Path(model).name)
+    exp["predictor_model"] = model
+    if quick:
+        exp["requests"] = 2
+    dst = out / "simulate" / "experiment.yaml"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(exp, sort_keys=False))
+    os.replace(tmp, dst)
+
+
+def run(
+    out: str | os.PathLike = "runs/main",
+    model: str | None = None,
+    stages=STAGES,
+    quick: bool = False,
+    force: bool = False,
+) -> dict:
+    """Run the stages in order; returns {stage: seconds}. Raises PipelineError naming a failed stage."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(Path(model or REPO / "models" / "mixtral-topology").resolve())
+    if not (Path(model) / "config.json").is_file() and not (Path(model) / "moecxl.json").is_file():
+        raise PipelineError(
+            f"{model}: no checkpoint (config.json); the shipped models live in {REPO / 'models'}"
+        )
+    _write_experiment(out, model, quick)
+    cmds = _stage_cmds(out, model, quick)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for i, stage in enumerate(stages):
+        if stage not in cmds:
+            raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        cmd, done = cmds[stage]
+        if done.exists() and not force:
+            print(f"[{i + 1}/{len(stages)}] {stage}: done already ({done})", flush=True)
+            continue
+        print(f"[{i + 1}/{len(stages)}] {stage} ...", flush=True)
+        log = out / "logs" / f"{stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            for line in proc.stdout:
+                f.write(line)
+                if not quick or stage in ("generate",):
+                    print(f"    {line.rstrip()}"[:160], flush=True)
+            rc = proc.wait()
+        timings[stage] = time.perf_counter() - t0
+        if rc != 0:
+            tail = log.read_text().splitlines()[-15:]
+            raise PipelineError(f"stage {stage!r} failed (exit {rc}); log {log}:\n" + "\n".join(tail))
+        print(f"    {stage}: {timings[stage]:.0f} s", flush=True)
+    timings["total"] = time.perf_counter() - t_all
+    summary = {
+        "model": model,
+        "quick": quick,
+        "stage_seconds": timings,
+        "report": str(out / "report" / "report.md"),
+    }
+    (out / "pipeline.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _generate(model_dir: str, out: str) -> None:
+    """Stage `generate`: decode a prose and a code prompt from the test split, fully resident."""
+    import moecxl
+    from moecxl.data import load_tokenizer, trace_documents
+
+    model = moecxl.load(model_dir)
+    tok = load_tokenizer(Path(model_dir) / "tokenizer.json")
+    docs = trace_documents("mixed", tok, split="test", max_docs_per_domain=1)
+    rows = []
+    for doc in docs[:2]:
+        prompt = list(doc["input_ids"][:48])
+        res = moecxl.generate(model, [prompt], max_new_tokens=32)
+        rows.append(
+            {
+                "domain": doc["domain"],
+                "prompt": tok.decode(prompt),
+                "continuation": tok.decode(res.tokens[0].tolist()),
+                "metrics": res.metrics,
+            }
+        )
+        print(
+            f"--- {doc['domain']} prompt:\n{rows[-1]['prompt'][-200:]}\n--- continuation:\n"
+            f"{rows[-1]['continuation']}\n--- TTFT {res.metrics['ttft_s'] * 1e3:.1f} ms, "
+            f"TPOT {res.metrics['tpot_s'] * 1e3:.2f} ms ({res.metrics['timing']})"
+        )
+    Path(out).write_text(json.dumps(rows, indent=2, default=float))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_generate"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--out", required=True)
+        a = ap.parse_args(argv[1:])
+        _generate(a.model, a.out)
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m moecxl", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/main")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: models/mixtral-topology)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--force", action="store_true", help="rerun stages that are done")
+    a = ap.parse_args(argv)
+    try:
+        summary = run(a.out, a.model, a.stages, a.quick, a.force)
+    except PipelineError as e:
+        print(f"moecxl: {e}", file=sys.stderr)
+        return 1
+    print(f"\nDone in {summary['stage_seconds']['total']:.0f} s. Report: {summary['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
