@@ -274,9 +274,9 @@ class OffloadEngine:
             self.rebalance()
 
     def experts(self, m: int, co):
-        t_enter = time.perf_counter()
         self.tick += 1
-        ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer
+        ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
+        t_enter = time.perf_counter()  # control-plane time starts once the ids are here
         needed = np.unique(ids)
         if len(needed) > self.n_slots:
             need = (len(needed) + self.max_inflight) * self.expert_bytes
