@@ -62,7 +62,11 @@ def make_dp_train_step(loss_fn, opt, mesh: Mesh, axis: str = DATA):
     """
 
     def local(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        # Differentiate per-device copies (varying over `axis`): each device's grads are its own
+        # shard's, and the average below is the one collective. (Differentiating the replicated
+        # params directly would make shard_map insert a psum: a sum, not a mean.)
+        local_params = jax.tree.map(lambda p: jax.lax.pcast(p, axis, to="varying"), params)
+        loss, grads = jax.value_and_grad(loss_fn)(local_params, batch)
         grads = jax.lax.pmean(grads, axis)
         loss = jax.lax.pmean(loss, axis)
         updates, opt_state = opt.update(grads, opt_state, params)
