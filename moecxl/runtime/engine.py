@@ -200,7 +200,7 @@ class OffloadEngine:
         self.rebalance_every = int(rebalance_every)
         self.ema_alpha = float(ema_alpha)
         self.freq_ema = np.zeros((self.L, self.E)) if freq is None else freq / max(1e-12, freq.sum()) * self.L
-        self._step_counts = np.zeros((self.L, self.E))
+        self._step_counts_py = [[0] * self.E for _ in range(self.L)]  # this step's visits per (layer, expert)
         self.replicate_hot = int(replicate_hot)
         self.faults = tuple(getattr(self.hardware, "faults", ()) or ())
         self.timeline: list[dict] = []  # per decode step: bytes and busy time per tier (utilisation)
@@ -258,8 +258,8 @@ class OffloadEngine:
 
     def end(self, phase: str, step: int) -> None:
         a = self.ema_alpha
-        self.freq_ema = (1 - a) * self.freq_ema + a * self._step_counts
-        self._step_counts[:] = 0
+        self.freq_ema = (1 - a) * self.freq_ema + a * np.asarray(self._step_counts_py, float)
+        self._step_counts_py = [[0] * self.E for _ in range(self.L)]
         clock = self.transfers.clock
         self.timeline.append(
             {
@@ -277,7 +277,9 @@ class OffloadEngine:
         self.tick += 1
         ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
         t_enter = time.perf_counter()  # control-plane time starts once the ids are here
-        needed = np.unique(ids)
+        # Plain Python on a few dozen ints beats numpy's per-call overhead on the hot path.
+        flat = ids.ravel().tolist()
+        needed = sorted(set(flat))
         if len(needed) > self.n_slots:
             need = (len(needed) + self.max_inflight) * self.expert_bytes
             raise EngineError(
@@ -285,8 +287,10 @@ class OffloadEngine:
                 f"top-{self.K}) but the device cache holds {self.n_slots}; use a device_budget of at least "
                 f"{need} bytes, or a smaller batch or prompt"
             )
-        keys = [(m, int(e)) for e in needed]
-        self._step_counts[m, needed] += 1
+        keys = [(m, e) for e in needed]
+        counts_m = self._step_counts_py[m]
+        for e in needed:
+            counts_m[e] += 1
         if self.policy.prefetch == "eam":
             self._eam_current[m, needed] += np.bincount(ids.reshape(-1), minlength=self.E)[needed]
         lowp_ok = set()
@@ -317,7 +321,7 @@ class OffloadEngine:
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
-                    choice = self._miss_choice(key, int((ids == key[1]).sum()))
+                    choice = self._miss_choice(key, flat.count(key[1]))
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
                         self._host_keys.append(key)
@@ -534,6 +538,8 @@ class OffloadEngine:
         self.stats[key] = [self.tick, 0, self.tick, prefetched]
 
     def _poll(self):
+        if not self.inflight:
+            return
         for key in [k for k, (tr, _, _) in self.inflight.items() if tr.done()]:
             self._complete(key)
 
