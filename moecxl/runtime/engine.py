@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -136,8 +137,21 @@ class OffloadEngine:
         self.trace = _future_from(trace, self.L) if trace is not None else None
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
+        if isinstance(predictor, (str, os.PathLike)):
+            from predictor.live import LivePredictor
+
+            predictor = LivePredictor.load(predictor)
+        if predictor is not None:
+            if hasattr(predictor, "check"):
+                predictor.check(self.cfg)  # a predictor trained for another L/E/K is refused
+            if self.policy.prefetch not in (None, "oracle"):
+                self.policy = replace(self.policy, prefetch="predictor")
         self.predictor = predictor
-        self.predictor_name = "pregate" if self.policy.prefetch == "pregate" else self.policy.prefetch
+        self.predictor_name = (
+            f"learned ({getattr(predictor, 'path', type(predictor).__name__)})"
+            if predictor is not None
+            else ("pregate" if self.policy.prefetch == "pregate" else self.policy.prefetch)
+        )
         # Host store: home tier of every expert (placement), masters packed in their tiers.
         freq = np.asarray(frequencies, float) if frequencies is not None else None
         self.target_model = target_model or self.cfg
@@ -550,6 +564,8 @@ class OffloadEngine:
         pf = self.policy.prefetch
         if pf is None or self.policy.horizon <= 0:
             return
+        if pf == "predictor" and hasattr(self.predictor, "observe"):  # history at every layer, the last too
+            self.predictor.observe(self.phase, self.step, m, co.ids_BTK, co.weights_BTK)
         layers = [m + h for h in range(1, self.policy.horizon + 1) if m + h < self.L]
         if pf == "oracle":
             cands = self._oracle_candidates()
