@@ -96,7 +96,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 str(out / "predictor"),
                 "--no-progress",
             ]
-            + (["--max-steps", "200"] if quick else []),
+            + ["--max-steps", "200" if quick else "600"],
             out / "predictor" / "metrics.json",
         ),
         "perplexity": (
@@ -129,6 +129,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "--profiles",
                 "h100-cxl",
                 "h100-pcie4-dram",
+                "h100-pcie5-dram",
                 "--policies",
                 *policies,
                 "--budgets",
