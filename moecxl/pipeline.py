@@ -8,7 +8,8 @@ system and a failure names its stage; outputs under `--out`, finished stages are
   stats       routing statistics: entropies, popularity by domain, reuse distance
   predictor   the learned expert predictor against every baseline
   perplexity  resident vs each policy (identical for exact policies)
-  latency     every policy on emulated CXL-D and PCIe links, 25% and 50% device budgets (emulated)
+  latency     the main policies on emulated CXL-D (+ PCIe-5 DRAM), 25% and 50% device budgets (emulated)
+  latency_pcie4  on-demand offloading from DRAM over PCIe 4, the paper's baseline (emulated)
   simulate    Mixtral-8x7B at paper scale on the seed's hardware, driven by the traces (simulated)
   report      markdown + plots from everything above
 """
@@ -24,7 +25,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("generate", "traces", "stats", "predictor", "perplexity", "latency", "simulate", "report")
+STAGES = (
+    "generate",
+    "traces",
+    "stats",
+    "predictor",
+    "perplexity",
+    "latency",
+    "latency_pcie4",
+    "simulate",
+    "report",
+)
 
 
 class PipelineError(RuntimeError):
@@ -132,9 +143,13 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 model,
                 "--profiles",
                 "h100-cxl",
-                "h100-pcie4-dram",
                 "--policies",
-                *policies,
+                "on_demand",
+                "lru",
+                "pregate",
+                "oracle",
+                "moecxl",
+                "moecxl_nd",
                 "--budgets",
                 "0.25",
                 "0.5",
@@ -143,7 +158,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "--prompt-lens",
                 "32",
                 "--tokens",
-                "8" if quick else "12",
+                "6" if quick else "8",
                 "--repeats",
                 "1",
                 "--corpus",
@@ -152,6 +167,34 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 str(out / "results" / "latency.json"),
             ],
             out / "results" / "latency.json",
+        ),
+        "latency_pcie4": (  # the on-demand CPU-offloading baseline the paper compares against
+            [
+                py,
+                str(REPO / "eval" / "latency.py"),
+                "--model",
+                model,
+                "--profiles",
+                "h100-pcie4-dram",
+                "--policies",
+                "on_demand",
+                "moecxl_nd",
+                "--budgets",
+                "0.25",
+                "--batch",
+                "1",
+                "--prompt-lens",
+                "32",
+                "--tokens",
+                "6" if quick else "8",
+                "--repeats",
+                "1",
+                "--corpus",
+                "mixed",
+                "--out",
+                str(out / "results" / "latency-pcie4.json"),
+            ],
+            out / "results" / "latency-pcie4.json",
         ),
         "simulate": (
             [
