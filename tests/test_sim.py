@@ -149,10 +149,11 @@ def test_simulator_agrees_with_emulated_engine(tiny, policy):
     sim = simulate(reqs, shape_of(target), hw, cfg)
     sm = sim.metrics
     assert sm["device_slots"] == em["device_slots"]
-    if policy == "oracle":
-        # The oracle prefetches far ahead; which of its copies have landed when Belady picks a victim (in
-        # flight = protected) depends on wall-clock arrival, so on a loaded machine the engine's exact
-        # eviction sequence can differ from the simulator's. Demand misses and hit rate must still agree.
+    if policy in ("oracle", "moecxl"):
+        # Timing-dependent decisions: the oracle's Belady victim depends on which far-ahead copies have
+        # landed (in flight = protected), and moecxl's gate reads the link queues at wall-clock time, so on
+        # a loaded machine the engine's exact sequence can differ from the simulator's. Demand misses and
+        # hit rate must still agree.
         assert abs(sm["misses"] - em["misses"]) <= max(1, 0.1 * em["misses"])
         assert sm["hit_rate"] == pytest.approx(em["hit_rate"], abs=0.05)
     else:
