@@ -161,3 +161,19 @@ def test_emulated_links_slow_misses_to_the_profile(model):
     assert res.metrics["timing"] == "emulated"
     assert res.metrics["stall_s"] >= 0.9 * res.metrics["misses"] * 0.0135 / eng.max_inflight
     eng.close()
+
+
+def test_fast_eviction_path_picks_what_the_pure_rule_picks():
+    from moecxl.runtime.policies import EntryStats, choose_victims
+
+    rng = np.random.default_rng(0)
+    for rule in ("fifo", "lru", "lfu"):
+        fast = OffloadEngine._FAST_EVICT[rule]
+        for _ in range(200):
+            stats = {
+                (0, i): [int(rng.integers(0, 20)), int(rng.integers(0, 5)), int(rng.integers(0, 20)), False]
+                for i in range(12)
+            }
+            protect = {(0, int(j)) for j in rng.integers(0, 12, 3)}
+            pure = choose_victims(rule, {k: EntryStats(*v) for k, v in stats.items()}, 1, protect)[0]
+            assert min((k for k in stats if k not in protect), key=lambda k: fast(stats[k])) == pure

@@ -477,7 +477,23 @@ class OffloadEngine:
         clock = self.transfers.clock
         return min(tiers, key=lambda t: clock.expected_wait_s(t, self.emulated_expert_bytes, now))
 
+    # Recency/frequency rules read the mutable stats directly: building frozen views of every cached
+    # entry per miss costs more than the control-plane budget. Same order as `eviction_score`.
+    _FAST_EVICT = {"fifo": lambda st: (st[2],), "lru": lambda st: (st[0],), "lfu": lambda st: (st[1], st[0])}
+
     def _take_slot(self, protect) -> int:
+        if not self.free_slots and self.policy.evict in self._FAST_EVICT:
+            rule, stats, skip = (
+                self._FAST_EVICT[self.policy.evict],
+                self.stats,
+                protect | self.inflight.keys(),
+            )
+            cands = [k for k in self.slot_of if k not in skip]
+            if not cands:
+                raise EngineError(
+                    f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
+                )
+            self._evict(min(cands, key=lambda k: rule(stats[k])))
         if not self.free_slots:
             victims = choose_victims(
                 self.policy.evict,
