@@ -25,7 +25,7 @@ from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import GateInputs, MissCosts, host_compute_s, miss_decision, should_prefetch
+from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate
 from moecxl.runtime.policies import (
     EntryStats,
     choose_victims,
@@ -629,19 +629,9 @@ class OffloadEngine:
                 self.policy.evict, self.stats_cached(), 1, set(self.inflight), prob=self._probs
             )
             victim_p = self._probs.get(victims[0], 0.0) if victims else 0.0
-        misses = sum(self.c.misses) + 1
-        pressure = misses / (misses + sum(self.c.hits) + 1)
-        g = GateInputs(
-            p_use=p,
-            lead_s=(key[0] - m) * layer_s,
-            wait_s=wait,
-            miss_s=one,
-            link_busy_s=one,
-            demand_pressure=pressure,
-            victim_p=victim_p,
-            victim_miss_s=one,
+        return prefetch_gate(
+            p, key[0] - m, layer_s, wait, one, sum(self.c.misses), sum(self.c.hits), victim_p
         )
-        return should_prefetch(g)
 
     def _next_use(self):
         if self.trace is None:

@@ -85,3 +85,29 @@ def host_compute_s(
     flops_s = 2.0 * expert_params * n_tokens / (host_gflops * 1e9)
     act_s = 2 * (n_tokens * d_model * act_bytes / (link_gbps * 1e9) + copy_overhead_s)
     return max(read_s, flops_s) + act_s
+
+
+def prefetch_gate(
+    p_use: float,
+    layers_ahead: int,
+    layer_s: float,
+    wait_s: float,
+    copy_s: float,
+    misses: int,
+    hits: int,
+    victim_p: float,
+) -> bool:
+    """The gate as the engine and the simulator both apply it: a candidate `layers_ahead` layers away,
+    a copy of `copy_s` that would land in `wait_s`, demand pressure from the run's misses and hits."""
+    pressure = (misses + 1) / (misses + 1 + hits + 1)
+    g = GateInputs(
+        p_use=p_use,
+        lead_s=layers_ahead * layer_s,
+        wait_s=wait_s,
+        miss_s=copy_s,
+        link_busy_s=copy_s,
+        demand_pressure=pressure,
+        victim_p=victim_p,
+        victim_miss_s=copy_s,
+    )
+    return should_prefetch(g)

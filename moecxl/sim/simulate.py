@@ -3,7 +3,7 @@
 `simulate` walks the visits of each request in engine order and makes, at each, the decisions
 `OffloadEngine.experts` makes (poll finished copies, hits, in-flight hits, misses with the staging
 limit, waits, prefetch candidates, the cost-benefit gate, eviction), calling the same pure functions
-(`policies.choose_victims`, `topk_candidates`, `pregate_vote_probs`, `eam_probs`, `gate.should_prefetch`,
+(`policies.choose_victims`, `topk_candidates`, `pregate_vote_probs`, `eam_probs`, `gate.prefetch_gate`,
 `placement.initial_placement`) and booking every copy on the engine's `LinkClock`. Time is simulated:
 compute per visit from the roofline cost model (or a fixed time, to validate against an emulated run),
 copies from the clock. tests/test_sim.py checks that engine and simulator make the same decisions.
@@ -20,7 +20,7 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import LinkClock
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import GateInputs, should_prefetch
+from moecxl.runtime.gate import prefetch_gate
 from moecxl.runtime.policies import (
     EntryStats,
     PolicySpec,
@@ -321,19 +321,9 @@ class _Replay:
                 self.policy.evict, self._stats_cached(), 1, set(self.inflight), prob=self.probs
             )
             victim_p = self.probs.get(victims[0], 0.0) if victims else 0.0
-        misses = sum(self.c.misses) + 1
-        pressure = misses / (misses + sum(self.c.hits) + 1)
-        g = GateInputs(
-            p_use=p,
-            lead_s=(key[0] - m) * layer_s,
-            wait_s=wait,
-            miss_s=one,
-            link_busy_s=one,
-            demand_pressure=pressure,
-            victim_p=victim_p,
-            victim_miss_s=one,
+        return prefetch_gate(
+            p, key[0] - m, layer_s, wait, one, sum(self.c.misses), sum(self.c.hits), victim_p
         )
-        return should_prefetch(g)
 
 
 def first_fit_placement(hw: Hardware, L: int, E: int, expert_bytes: int) -> dict:
