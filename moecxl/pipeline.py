@@ -236,8 +236,11 @@ def _write_experiment(out: Path, model: str, quick: bool) -> None:
     exp = yaml.safe_load(src.read_text())
     exp["trace"] = str(out / "traces" / Path(model).name)
     exp["predictor_model"] = model
-    exp["requests"] = 1 if quick else 2  # the 15-minute budget; configs/experiments has the full run
+    # The 15-minute budget: two profiles and the main policies; configs/experiments has the full run.
+    exp["requests"] = 1 if quick else 2
     exp["decode_tokens"] = 16
+    exp["policies"] = ["on_demand", "lru", "pregate", "oracle", "moecxl"]
+    exp["headline"]["hardware"] = ["h100-pcie4-dram", "h100-pcie5-dram", "h100-cxl"]
     dst = out / "simulate" / "experiment.yaml"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
