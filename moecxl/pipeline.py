@@ -203,14 +203,14 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "--experiment",
                 str(exp),
                 "--out",
-                str(out / "results" / "simulate"),
+                str(out / "simulate" / "results"),  # not under results/: the report reads another schema
                 "--sections",
                 "headline",
                 "ablation",
                 "failure",
                 "cost",
             ],
-            out / "results" / "simulate" / "results.json",
+            out / "simulate" / "results" / "results.json",
         ),
         "report": (
             [
