@@ -204,10 +204,8 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 str(exp),
                 "--out",
                 str(out / "simulate" / "results"),  # not under results/: the report reads another schema
-                "--sections",
+                "--sections",  # ablation and failure run from configs/experiments (they take longer)
                 "headline",
-                "ablation",
-                "failure",
                 "cost",
             ],
             out / "simulate" / "results" / "results.json",
@@ -237,7 +235,7 @@ def _write_experiment(out: Path, model: str, quick: bool) -> None:
     exp["trace"] = str(out / "traces" / Path(model).name)
     exp["predictor_model"] = model
     # The 15-minute budget: two profiles and the main policies; configs/experiments has the full run.
-    exp["requests"] = 1 if quick else 2
+    exp["requests"] = 1
     exp["decode_tokens"] = 16
     exp["policies"] = ["on_demand", "lru", "pregate", "oracle", "moecxl"]
     exp["headline"]["hardware"] = ["h100-pcie4-dram", "h100-pcie5-dram", "h100-cxl"]
