@@ -161,12 +161,9 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "--experiment",
                 str(exp),
                 "--out",
-                str(out / "simulate" / "results"),  # not under results/: the report reads another schema
-                "--sections",  # ablation and failure run from configs/experiments (they take longer)
-                "headline",
-                "cost",
+                str(out / "results" / "sim"),
             ],
-            out / "simulate" / "results" / "results.json",
+            out / "results" / "sim" / "results.json",
         ),
         "report": (
             [
@@ -178,6 +175,13 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 str(out / "report"),
                 "--predictor-metrics",
                 str(out / "predictor" / "metrics.json"),
+                # the paper's comparison: on-demand CPU offloading over PCIe 4 against moecxl on CXL
+                "--baseline-policy",
+                "on_demand",
+                "--baseline-profile",
+                "h100-pcie4-dram",
+                "--ours-profile",
+                "h100-cxl",
             ],
             out / "report" / "report.md",
         ),

@@ -17,7 +17,10 @@ from tests.test_hf_parity import build_hf  # noqa: E402
     "family, overrides",
     [
         ("mixtral", dict(num_local_experts=5, num_experts_per_tok=2)),
-        ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)),
+        (
+            "qwen3_moe",
+            dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
+        ),
     ],
 )
 def test_greedy_tokens_equal_transformers_generate(tmp_path, family, overrides):
@@ -27,7 +30,12 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path, family, overrides):
     ours = hf.load(tmp_path)
     prompt = np.random.default_rng(0).integers(3, 97, (2, 7))
     with torch.no_grad():
-        ref = ref_model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                 attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+        ref = ref_model.generate(
+            torch.tensor(prompt),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+        )
     res = generate(ours, prompt, max_new_tokens=12)
-    assert np.array_equal(res.tokens, ref.numpy()[:, prompt.shape[1]:])
+    assert np.array_equal(res.tokens, ref.numpy()[:, prompt.shape[1] :])

@@ -73,7 +73,7 @@ def test_unknown_profile_and_old_result_schema(tmp_path):
         load_hardware("h900-cxl")
     old = tmp_path / "results.json"
     old.write_text(json.dumps({"kind": "moecxl.sim.results", "schema_version": 0}))
-    with pytest.raises(ExperimentError, match="'schema_version' is 0; this moecxl reads version 1"):
+    with pytest.raises(ExperimentError, match="'schema_version' is 0; this moecxl reads version 2"):
         load_results(old)
 
 

@@ -296,3 +296,60 @@ def test_switch_traces_encoder_then_decoder_layers(setup, tmp_path):
     assert (ids[dec][:, :2] == -1).all() and (ids[dec][:, 2:] >= 0).all()
     assert np.isnan(ts.router_logits[dec][:, :2]).all()
     assert traces.compute_stats(ts)["layer_entropy"][1] is None  # no token passes encoder.3 -> decoder.1
+
+
+def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path):
+    """eval/simulate.py's experiment on a real (tiny) trace, every section, then the report reads it."""
+    import yaml
+
+    from moecxl.evaluation import report
+    from moecxl.sim.experiments import load_results, run_experiment
+
+    target = tmp_path / "wide.yaml"
+    wide = dict(tiny_config(vocab_size=300, num_experts=6, top_k=2).to_dict(), name="tiny-wide")
+    wide.update(hidden_size=4096, intermediate_size=14336, dtype="bfloat16")
+    target.write_text(yaml.safe_dump({"model": wide}))
+    exp = {
+        "trace": str(setup["out"]),
+        "predictor_model": str(setup["ckpt"]),
+        "target": str(target),
+        "device_budget": 0.75,  # 9 of 12 experts: a prefill needs all 6 of a layer + 2 in flight
+        "requests": 1,
+        "warmup_requests": 1,
+        "library_sequences": 1,
+        "policies": ["on_demand", "lru", "pregate", "oracle", "moecxl"],
+        "headline": {
+            "hardware": ["h100-pcie4-dram", "h100-cxl"],
+            "baseline": {"hardware": "h100-pcie4-dram", "policy": "on_demand"},
+        },
+        "batch": {"batches": [1, 2], "runs": [["h100-cxl", "moecxl"]]},
+        "long_context": {"prompt_tokens": [64], "runs": [["h100-cxl", "oracle"]]},
+        "ablation": {"hardware": "h100-4cxl"},
+        "failure": {"hardware": "h100-4cxl-faults", "policies": ["moecxl"]},
+        "cost": {
+            "hardware": "h100-cxl",
+            "prices_usd": {
+                "gpu": {"usd": 30000, "source": "test"},
+                "cxl_per_gb": {"usd": 10, "source": "test"},
+            },
+        },
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    res = run_experiment(tmp_path / "exp.yaml", tmp_path / "results" / "sim")
+    assert load_results(tmp_path / "results" / "sim" / "results.json")["git_commit"]
+    head = res["sections"]["headline"]["rows"]
+    assert set(head) == {f"{h}/{p}" for h in ("h100-pcie4-dram", "h100-cxl") for p in exp["policies"]}
+    for key, r in head.items():
+        assert r["tpot_s"] > 0 and r["batch"] == 1 and r["budget"] == 0.75, key
+    for hw in ("h100-pcie4-dram", "h100-cxl"):
+        assert head[f"{hw}/oracle"]["tpot_s"] <= head[f"{hw}/on_demand"]["tpot_s"]
+    assert set(res["sections"]) == {"headline", "batch", "long_context", "ablation", "failure", "cost"}
+    md = report.build(tmp_path / "results", tmp_path / "report").read_text()
+    assert "## Paper-scale experiment (simulated)" in md and "| h100-cxl/moecxl |" in md
+    assert "Ablation on h100-4cxl" in md and "Device failure on h100-4cxl-faults" in md
+    cmp = report.paper_comparison(
+        report.collect(tmp_path / "results"), report.Comparison("on_demand", "moecxl", "h100-pcie4-dram")
+    )
+    tpot = next(r for r in cmp if r["claim"].startswith("TPOT"))
+    want = head["h100-pcie4-dram/on_demand"]["tpot_s"] / head["h100-cxl/moecxl"]["tpot_s"]
+    assert tpot["label"] == "simulated" and tpot["ours"] == f"{want:.2f}x"

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecxl.evaluation.inputs import EvalError
-from moecxl.evaluation.results import ResultError, find_results, read_result
+from moecxl.evaluation.results import SCHEMA_VERSION, ResultError, find_results, read_result, validate
+
+SIM_RESULTS_KIND = "moecxl.sim.results"  # eval/simulate.py's sections document
 
 PLOTS = ("tpot_vs_budget.png", "hit_rate_by_layer.png", "bytes_by_tier.png", "prediction_accuracy.png")
 
@@ -63,10 +65,42 @@ def _has_summary(path: Path) -> bool:
         return False
 
 
+def _kind(path: Path):
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # read_result names the fault
+    return doc.get("kind") if isinstance(doc, dict) else None
+
+
+def _from_experiment(path: Path) -> dict:
+    """A paper-scale simulation (eval/simulate.py results.json) as a `simulation` result document."""
+    from moecxl.sim.experiments import ExperimentError, load_results, simulation_rows
+
+    try:
+        data = load_results(path)
+    except ExperimentError as e:
+        raise ResultError(str(e)) from e
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "simulation",
+        "created": "",
+        "machine": {},
+        "model": {"name": data["target"]["name"], "trace": data["trace"]["path"]},
+        "config": data["experiment"]["config"],
+        "rows": simulation_rows(data),
+    }
+    validate(doc, str(path))
+    return {**doc, "_path": str(path), "_experiment": data}
+
+
 def collect(results_dir, predictor_metrics=()) -> Results:
     """Read every result file under `results_dir` (and predictor `metrics.json` files there or given)."""
     res = Results()
     for p in find_results(results_dir):
+        if _kind(p) == SIM_RESULTS_KIND:
+            res.simulation.append(_from_experiment(p))
+            continue
         doc = read_result(p)
         getattr(res, doc["kind"]).append({**doc, "_path": str(p)})
     for p in sorted(Path(results_dir).rglob("metrics.json")):
@@ -333,6 +367,79 @@ def predictor_table(res: Results) -> str:
     return "\n".join(lines)
 
 
+def experiment_tables(data: dict) -> list[str]:
+    """Markdown for the sections of a paper-scale simulation: headline (with speedups and the oracle
+    ratio), ablation, failure, cost. Every figure simulated."""
+    secs = data.get("sections", {})
+    md = []
+    head = secs.get("headline")
+    if head:
+        b = head["baseline"]
+        md += [
+            f"Headline (baseline: {b['policy']}@{b['hardware']}; budget "
+            f"{data['experiment']['config'].get('device_budget')} of expert bytes; batch 1):",
+            "",
+            "| profile/policy | TTFT ms | TPOT ms | TTFT x | TPOT x | TPOT / oracle | hit rate | stall s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, r in head["rows"].items():
+            if "skipped" in r:
+                md.append(f"| {key} | skipped: {r['skipped']} |||||||")
+                continue
+            oracle = head["rows"].get(key.rpartition("/")[0] + "/oracle", {})
+            ratio = r["tpot_s"] / oracle["tpot_s"] if oracle.get("tpot_s") else None
+            md.append(
+                f"| {key} | {_f(r['ttft_s'], '.4g', 1e3)} | {_f(r['tpot_s'], '.4g', 1e3)} | "
+                f"{_f(r.get('ttft_speedup_vs_baseline'), '.2f')} | {_f(r.get('tpot_speedup_vs_baseline'), '.2f')} | "
+                f"{_f(ratio, '.2f')} | {_f(r.get('hit_rate'), '.3f')} | {_f(r.get('stall_s'), '.3g')} |"
+            )
+        md.append("")
+    abl = secs.get("ablation")
+    if abl:
+        md += [
+            f"Ablation on {abl['hardware']} (moecxl with one mechanism removed):",
+            "",
+            "| variant | TPOT ms | TTFT ms | hit rate | stall s | utilisation by tier | home fraction by tier |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in abl["rows"].items():
+            util = ", ".join(f"{t} {u:.2f}" for t, u in sorted(r.get("utilisation_by_tier", {}).items()))
+            homes = (r.get("placement") or {}).get("home_fraction_by_tier", {})
+            md.append(
+                f"| {name} | {_f(r.get('tpot_s'), '.4g', 1e3)} | {_f(r.get('ttft_s'), '.4g', 1e3)} | "
+                f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('stall_s'), '.3g')} | {util} | "
+                + ", ".join(f"{t} {f:.2f}" for t, f in sorted(homes.items()))
+                + " |"
+            )
+        md.append("")
+    fail = secs.get("failure")
+    if fail:
+        md += [
+            f"Device failure on {fail['hardware']} (faults {fail['faults']}):",
+            "",
+            "| policy | TPOT ms | worst step ms | rehomed fetches |",
+            "|---|---|---|---|",
+        ]
+        for name, r in fail["rows"].items():
+            steps = r.get("step_times_s") or []
+            md.append(
+                f"| {name} | {_f(r.get('tpot_s'), '.4g', 1e3)} | {_f(max(steps) if steps else None, '.4g', 1e3)} "
+                f"| {r.get('rehomed_fetches', '')} |"
+            )
+        md.append("")
+    cost = secs.get("cost")
+    if cost:
+        md += [
+            f"Memory cost ({cost['note']}): GPU-only {cost['gpu_only']['gpus']} GPUs = "
+            f"{cost['gpu_only']['usd']:,.0f} USD; tiered 1 GPU + {cost['tiered']['cxl_gb']:.0f} GB CXL = "
+            f"{cost['tiered']['usd']:,.0f} USD; reduction {cost['cost_reduction']:.0%} (prices: "
+            + "; ".join(f"{k}: {v.get('source', '')}" for k, v in cost["prices"].items())
+            + ").",
+            "",
+        ]
+    return md
+
+
 # ---- plots --------------------------------------------------------------------------------------------
 
 
@@ -527,6 +634,10 @@ def build(results_dir, out_dir, *, predictor_metrics=(), comparison: Comparison 
         md += ["## Latency on this machine (median [IQR] over repeats)", "", perf_table(lat), ""]
     if sim:
         md += ["## Simulated latency (paper-scale target)", "", perf_table(sim), ""]
+    for doc in res.simulation:
+        if "_experiment" in doc:
+            md += [f"## Paper-scale experiment (simulated): `{doc['_path']}`", ""]
+            md += experiment_tables(doc["_experiment"])
     skipped = [
         (doc["_path"], r) for doc in res.latency + res.simulation for r in doc["rows"] if r.get("skipped")
     ]

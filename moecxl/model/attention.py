@@ -27,9 +27,7 @@ def sdpa(q_BTHd, k_BSGd, v_BSGd, mask_BTS):
     B, T, H, Dh = q_BTHd.shape
     G = k_BSGd.shape[2]
     q_BTGRd = q_BTHd.reshape(B, T, G, H // G, Dh)
-    scores = jnp.einsum("BTGRd,BSGd->BGRTS", q_BTGRd, k_BSGd).astype(jnp.float32) / jnp.sqrt(
-        jnp.float32(Dh)
-    )
+    scores = jnp.einsum("BTGRd,BSGd->BGRTS", q_BTGRd, k_BSGd).astype(jnp.float32) / jnp.sqrt(jnp.float32(Dh))
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGd.dtype)
     out = jnp.einsum("BGRTS,BSGd->BTGRd", probs, v_BSGd)

@@ -74,8 +74,9 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.core = LayerCore(cfg, layer, rngs=rngs)
         if self.core.is_moe:
-            self.experts = ExpertBank(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
-                                      dtype=DTYPES[cfg.dtype])
+            self.experts = ExpertBank(
+                cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=DTYPES[cfg.dtype]
+            )
         else:
             self.experts = None
 
@@ -106,7 +107,8 @@ class MoEDecoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.lm_head_DV = (
-            None if cfg.tie_word_embeddings
+            None
+            if cfg.tie_word_embeddings
             else nnx.Param(init_normal(rngs, (cfg.hidden_size, cfg.vocab_size), dt))
         )
 

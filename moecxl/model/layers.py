@@ -33,8 +33,16 @@ class RMSNorm(nnx.Module):
 class Dense(nnx.Module):
     """y = x @ w (+ b), w stored [in, out]."""
 
-    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype=jnp.float32, bias: bool = False,
-                 std: float = 0.02):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        bias: bool = False,
+        std: float = 0.02,
+    ):
         self.w = nnx.Param(init_normal(rngs, (d_in, d_out), dtype, std))
         self.b = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 

@@ -28,6 +28,7 @@ from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate
 from moecxl.runtime.policies import (
     EntryStats,
+    NextUse,
     choose_victims,
     eam_probs,
     get_policy,
@@ -135,6 +136,7 @@ class OffloadEngine:
                 f"flight need at least {need} bytes ({need / total:.3f} of expert bytes)"
             )
         self.trace = _future_from(trace, self.L) if trace is not None else None
+        self._belady = NextUse(self.trace, 4 * self.L) if self.trace is not None else None
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
         if isinstance(predictor, (str, os.PathLike)):
@@ -636,11 +638,7 @@ class OffloadEngine:
     def _next_use(self):
         if self.trace is None:
             return {}
-        nu = {}
-        for i, (layer, experts) in enumerate(self.trace[self._pos : self._pos + 4 * self.L]):
-            for e in experts:
-                nu.setdefault((layer, int(e)), i)
-        return nu
+        return self._belady.at(self._pos)
 
     def _oracle_candidates(self):
         # Advance the trace pointer to the visit after the current one.

@@ -7,6 +7,7 @@ Keys are (moe_layer, expert). `tick` is a global access counter (one per MoE lay
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -150,9 +151,45 @@ def choose_victims(
     **ctx,
 ) -> list[tuple[int, int]]:
     """The n cached experts to evict, never one in `protect` (needed now or in flight)."""
-    cands = [k for k in cached if k not in protect]
-    cands.sort(key=lambda k: eviction_score(evict, k, cached[k], **ctx))
-    return cands[:n]
+    score = lambda k: eviction_score(evict, k, cached[k], **ctx)  # noqa: E731
+    cands = (k for k in cached if k not in protect)
+    if n == 1:  # the common case, once per miss: a scan, not a sort (same victim: min keeps the first)
+        best = min(cands, key=score, default=None)
+        return [] if best is None else [best]
+    return sorted(cands, key=score)[:n]
+
+
+class NextUse:
+    """Belady's look-ahead over a known future of (layer, experts) visits: at position `pos`, how many
+    visits until each expert is needed next, within `window` visits (None beyond). Built once; each
+    lookup is a bisection (the engine's and the simulator's oracle share it)."""
+
+    def __init__(self, future: Sequence[tuple[int, Sequence[int]]], window: int):
+        self.window = window
+        self._at: dict = {}
+        for i, (layer, experts) in enumerate(future):
+            for e in experts:
+                pos = self._at.setdefault((layer, int(e)), [])
+                if not pos or pos[-1] != i:
+                    pos.append(i)
+
+    def at(self, pos: int) -> _NextUseView:
+        return _NextUseView(self, pos)
+
+
+@dataclass(frozen=True)
+class _NextUseView:
+    nu: NextUse
+    pos: int
+
+    def get(self, key, default=None):
+        pos = self.nu._at.get(key)
+        if not pos:
+            return default
+        j = bisect.bisect_left(pos, self.pos)
+        if j < len(pos) and pos[j] - self.pos < self.nu.window:
+            return pos[j] - self.pos
+        return default
 
 
 # ---- prefetch sources -------------------------------------------------------------------------------

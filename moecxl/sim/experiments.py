@@ -24,7 +24,7 @@ from moecxl.sim.costmodel import ModelShape, load_shape
 from moecxl.sim.simulate import SimConfig, SimError, simulate
 from moecxl.sim.workload import activation_matrix, requests_from_trace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: section rows carry batch, budget, prompt_len (report rows)
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
@@ -154,19 +154,27 @@ class _Ctx:
 
 
 def _brief(m: dict) -> dict:
+    """The figures a section keeps of one run (the report's row fields included)."""
+    if "skipped" in m:
+        return {"skipped": m["skipped"]}
     keys = (
         "ttft_s",
         "tpot_s",
         "tokens_per_s",
         "hit_rate",
+        "hit_rate_by_layer",
         "stall_s",
         "prefetch_precision",
         "bytes_by_tier",
         "utilisation_by_tier",
         "rehomed_fetches",
-        "skipped",
+        "prompt_len",
+        "exact",
     )
-    return {k: m[k] for k in keys if k in m}
+    out = {k: m[k] for k in keys if k in m}
+    out["batch"] = m["batch_size"]
+    out["budget"] = m["config"]["device_budget"]
+    return out
 
 
 def section_headline(ctx: _Ctx, spec: dict) -> dict:
@@ -365,4 +373,31 @@ def load_results(path: str | os.PathLike) -> dict:
     return data
 
 
-__all__ = ["run_experiment", "load_results", "load_hardware", "ExperimentError", "SimError", "SCHEMA_VERSION"]
+def simulation_rows(results: dict) -> list[dict]:
+    """The headline, batch and long-context runs of a results document as report rows (kind
+    `simulation` of moecxl.evaluation.results: profile, policy, budget, batch, prompt_len, timing, ...)."""
+    rows = []
+    secs = results.get("sections", {})
+    runs = [(k, r) for k, r in secs.get("headline", {}).get("rows", {}).items()]
+    for part in ("batch", "long_context"):
+        for group in secs.get(part, {}).get("rows", {}).values():
+            runs += list(group.items()) if isinstance(group, dict) and "skipped" not in group else []
+    for key, r in runs:
+        profile, _, policy = key.rpartition("/")
+        row = {"profile": profile, "policy": policy, "timing": "simulated", "section": key}
+        if "skipped" in r:
+            rows.append(row | {"skipped": r["skipped"]})
+        elif "batch" in r:  # older files lack the row fields: they are skipped by load_results anyway
+            rows.append(row | r)
+    return rows
+
+
+__all__ = [
+    "run_experiment",
+    "load_results",
+    "simulation_rows",
+    "load_hardware",
+    "ExperimentError",
+    "SimError",
+    "SCHEMA_VERSION",
+]

@@ -28,29 +28,68 @@ def _routers(model) -> tuple[list[int], jnp.ndarray]:
     return moe, jnp.stack([model.layers[i].core.router_DE[...] for i in moe])
 
 
+def _bucket(n: int, least: int = 16) -> int:
+    """Padded length for a sequence of n tokens: the next power of two (few shapes, few compiles)."""
+    return max(least, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _pregate_fn(L: int, K: int, horizon: int):
+    """Jitted forward + every later router on every MoE input: [H][L-h, B, S, K] top-k ids."""
+
+    @nnx.jit
+    def run(model, ids_BS, routers_LDE):
+        xs_LBSD = jnp.stack(model(ids_BS).moe_inputs).astype(jnp.float32)
+        tops = []
+        for h in range(1, horizon + 1):
+            if h >= L:
+                break
+            scores_LBSE = jnp.einsum("LBSD,LDE->LBSE", xs_LBSD[: L - h], routers_LDE[h:])
+            tops.append(jax.lax.top_k(scores_LBSE, K)[1])
+        return tops
+
+    return run
+
+
 def pregate_tops_for_ids(model, ids_BS: np.ndarray, horizon: int) -> np.ndarray:
     """int16 [B, S, L, H, K]: top-k ids of layer m+h's router on layer m's MoE input (-1 past the last layer)."""
     moe, routers_LDE = _routers(model)
     L, K = len(moe), model.cfg.top_k
-    forward = nnx.jit(lambda m, ids: m(ids).moe_inputs)
-    xs = forward(model, jnp.asarray(ids_BS, jnp.int32))
+    return _tops(_pregate_fn(L, K, horizon), model, routers_LDE, np.asarray(ids_BS), L, K, horizon)
+
+
+def _tops(fn, model, routers_LDE, ids_BS, L, K, horizon) -> np.ndarray:
     out = np.full((*ids_BS.shape, L, horizon, K), -1, np.int16)
-    for m in range(L):
-        for h in range(1, horizon + 1):
-            if m + h >= L:
-                break
-            scores = jnp.einsum(
-                "BSD,DE->BSE", xs[m].astype(jnp.float32), routers_LDE[m + h].astype(jnp.float32)
-            )
-            out[:, :, m, h - 1] = np.asarray(jax.lax.top_k(scores, K)[1])
+    tops = fn(model, jnp.asarray(ids_BS, jnp.int32), routers_LDE.astype(jnp.float32))
+    for h, top_LBSK in enumerate(tops, start=1):
+        out[:, :, : L - h, h - 1] = np.asarray(top_LBSK).transpose(1, 2, 0, 3)
     return out
 
 
-def pregate_tops_for_trace(model, ts, horizon: int) -> np.ndarray:
-    """int16 [N, L, H, K] for every row of a TraceSet (each sequence's tokens in one forward)."""
+def pregate_tops_for_trace(model, ts, horizon: int, batch: int = 8) -> np.ndarray:
+    """int16 [N, L, H, K] for every row of a TraceSet.
+
+    Sequences are right-padded to a power-of-two length and run `batch` at a time: the model is
+    causal, so padding after a token changes nothing at or before it, and a handful of shapes means
+    a handful of compilations (one per distinct sequence length took minutes on a 2-core machine)."""
+    moe, routers_LDE = _routers(model)
+    L, K = len(moe), model.cfg.top_k
     tok = ts.column("token_id")
     b = ts.seq_bounds()
-    parts = [pregate_tops_for_ids(model, tok[a:c][None], horizon)[0] for a, c in zip(b[:-1], b[1:])]
-    if not parts:
+    if len(b) < 2:
         raise PredictError(f"{ts.path}: empty trace")
-    return np.concatenate(parts)
+    fn = _pregate_fn(L, K, horizon)
+    out = np.full((len(tok), L, horizon, K), -1, np.int16)
+    spans = sorted(zip(b[:-1], b[1:]), key=lambda s: s[1] - s[0])
+    groups: dict = {}
+    for a, c in spans:
+        groups.setdefault(_bucket(int(c - a)), []).append((int(a), int(c)))
+    for P, seqs in groups.items():
+        for i in range(0, len(seqs), batch):
+            chunk = seqs[i : i + batch]
+            ids_BP = np.zeros((batch, P), np.int32)
+            for j, (a, c) in enumerate(chunk):
+                ids_BP[j, : c - a] = tok[a:c]
+            tops = _tops(fn, model, routers_LDE, ids_BP, L, K, horizon)
+            for j, (a, c) in enumerate(chunk):
+                out[a:c] = tops[j, : c - a]
+    return out

@@ -23,6 +23,7 @@ from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.gate import prefetch_gate
 from moecxl.runtime.policies import (
     EntryStats,
+    NextUse,
     PolicySpec,
     choose_victims,
     eam_probs,
@@ -118,6 +119,7 @@ class _Replay:
         self.placement = placement
         self.library = library
         self.future = oracle_future(requests) if self.policy.prefetch == "oracle" else []
+        self.belady = NextUse(self.future, 4 * self.L)
         self.clock = LinkClock(hw, cfg.time_scale)
         self.now_s = 0.0
         self.tick = 0
@@ -157,14 +159,10 @@ class _Replay:
         return tier
 
     def _stats_cached(self):
-        return {k: self.stats[k] for k in self.slot_of}
+        return self.stats  # kept for cached experts only (popped on eviction)
 
     def _next_use(self):
-        nu = {}
-        for i, (layer, experts) in enumerate(self.future[self.pos : self.pos + 4 * self.L]):
-            for e in experts:
-                nu.setdefault((layer, int(e)), i)
-        return nu
+        return self.belady.at(self.pos)
 
     def _take_slot(self, protect):
         if self.free == 0:
@@ -183,7 +181,7 @@ class _Replay:
 
     def _evict(self, key):
         self.slot_of.pop(key)
-        st = self.stats.get(key)
+        st = self.stats.pop(key, None)
         if st is not None and st.prefetched and st.uses == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
         self.lowp.discard(key)
