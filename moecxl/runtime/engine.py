@@ -29,6 +29,7 @@ from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefet
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
+    Reuse,
     choose_victims,
     eam_probs,
     get_policy,
@@ -137,6 +138,7 @@ class OffloadEngine:
             )
         self.trace = _future_from(trace, self.L) if trace is not None else None
         self._belady = NextUse(self.trace, 4 * self.L) if self.trace is not None else None
+        self._reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
         if isinstance(predictor, (str, os.PathLike)):
@@ -304,6 +306,8 @@ class OffloadEngine:
                 f"{need} bytes, or a smaller batch or prompt"
             )
         keys = [(m, e) for e in needed]
+        if self._reuse is not None:
+            self._reuse.observe(m, needed)
         counts_m = self._step_counts_py[m]
         for e in needed:
             counts_m[e] += 1
@@ -329,8 +333,10 @@ class OffloadEngine:
             elif key in self.inflight:
                 self.c.inflight_hits[m] += 1
                 tr, _, pref = self.inflight[key]
-                if pref and not tr.done():
-                    self.c.late_prefetch += 1
+                if pref:
+                    self.c.prefetch_used += 1  # used, if late: it lands before a demand fetch would
+                    if not tr.done():
+                        self.c.late_prefetch += 1
                 wait.append(key)
             else:
                 self.c.misses[m] += 1
@@ -504,6 +510,7 @@ class OffloadEngine:
                 protect | set(self.inflight),
                 next_use=self._next_use() if self.policy.evict == "belady" else None,
                 prob=self._probs,
+                reuse=self._reuse,
             )
             if not victims:
                 raise EngineError(
@@ -628,7 +635,12 @@ class OffloadEngine:
         victim_p = 0.0
         if not self.free_slots:
             victims = choose_victims(
-                self.policy.evict, self.stats_cached(), 1, set(self.inflight), prob=self._probs
+                self.policy.evict,
+                self.stats_cached(),
+                1,
+                set(self.inflight),
+                prob=self._probs,
+                reuse=self._reuse,
             )
             victim_p = self._probs.get(victims[0], 0.0) if victims else 0.0
         return prefetch_gate(

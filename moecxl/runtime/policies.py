@@ -126,6 +126,7 @@ def eviction_score(
     *,
     next_use: Mapping[tuple[int, int], int] | None = None,
     prob: Mapping[tuple[int, int], float] | None = None,
+    reuse: Reuse | None = None,
 ) -> tuple:
     """Sort key of a cached expert for eviction (smallest evicted first)."""
     if evict == "fifo":
@@ -137,10 +138,50 @@ def eviction_score(
     if evict == "belady":
         nu = (next_use or {}).get(key)
         return (-(nu if nu is not None else 1 << 60),)  # farthest next use first
-    if evict in ("predicted", "activation"):
+    if evict == "activation" or (evict == "predicted" and reuse is None):
         p = (prob or {}).get(key, 0.0)
         return (p, stats.last_use)
+    if evict == "predicted":
+        return (-expected_reuse_distance(key, prob, reuse),)
     raise PolicyError(f"unknown eviction rule {evict!r}")
+
+
+PREDICTION_REACH = 4  # layers ahead for which a prefetch prediction replaces the reuse estimate
+
+
+class Reuse:
+    """Where the layer loop is and how likely each expert is to be used at its layer's next visit.
+
+    Decoding visits the MoE layers cyclically, so a global recency rule is the worst case of LRU (the
+    expert used longest ago is the one needed next); what predicts the next use of an expert is the
+    distance to its layer and the chance the next token routes to it there. `p_LE` is an exponential
+    moving average of use at each layer visit (temporal locality plus popularity)."""
+
+    def __init__(self, L: int, E: int, alpha: float = 0.3):
+        self.L, self.alpha = L, alpha
+        self.p_LE = np.full((L, E), 1.0 / E)
+        self.layer = 0
+
+    def observe(self, layer: int, experts) -> None:
+        """A visit of `layer` that used `experts` (call before evicting for it)."""
+        row = self.p_LE[layer]
+        row *= 1.0 - self.alpha
+        row[list(experts)] += self.alpha
+        self.layer = layer
+
+
+def expected_reuse_distance(key, prob, reuse: Reuse | None) -> float:
+    """Expected MoE-layer visits until `key` is used again (evict the largest: Belady in expectation).
+
+    Layers until its layer comes round, plus L visits per expected failed round (geometric, p per round).
+    p: the prefetch prediction where there is one, else the reuse estimate of its layer."""
+    layer, e = key
+    d = (layer - reuse.layer - 1) % reuse.L + 1
+    p = (prob or {}).get(key) if d <= PREDICTION_REACH else None
+    if p is None:
+        p = float(reuse.p_LE[layer, e])
+    p = min(max(p, 1e-6), 1.0)
+    return d + reuse.L * (1.0 - p) / p
 
 
 def choose_victims(

@@ -25,6 +25,7 @@ from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
     PolicySpec,
+    Reuse,
     choose_victims,
     eam_probs,
     get_policy,
@@ -120,6 +121,7 @@ class _Replay:
         self.library = library
         self.future = oracle_future(requests) if self.policy.prefetch == "oracle" else []
         self.belady = NextUse(self.future, 4 * self.L)
+        self.reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
         self.clock = LinkClock(hw, cfg.time_scale)
         self.now_s = 0.0
         self.tick = 0
@@ -173,6 +175,7 @@ class _Replay:
                 protect | set(self.inflight),
                 next_use=self._next_use() if self.policy.evict == "belady" else None,
                 prob=self.probs,
+                reuse=self.reuse,
             )
             if not victims:
                 raise SimError(f"device cache of {self.n_slots} slots has nothing evictable (all needed now)")
@@ -225,6 +228,8 @@ class _Replay:
                 f"{self.n_slots}; raise device_budget or lower the batch or prompt"
             )
         keys = [(m, e) for e in v.experts]
+        if self.reuse is not None:
+            self.reuse.observe(m, v.experts)
         self.eam_current[m, list(v.experts)] += v.tokens_per_expert
         lowp_ok = set()
         if self.policy.low_precision_on_miss:
@@ -243,8 +248,10 @@ class _Replay:
             elif key in self.inflight:
                 self.c.inflight_hits[m] += 1
                 cp = self.inflight[key]
-                if cp.prefetched and cp.done_s > self.now_s:
-                    self.c.late_prefetch += 1
+                if cp.prefetched:
+                    self.c.prefetch_used += 1  # as the engine: used, if late
+                    if cp.done_s > self.now_s:
+                        self.c.late_prefetch += 1
                 wait.append(key)
             else:
                 self.c.misses[m] += 1
@@ -316,7 +323,12 @@ class _Replay:
         victim_p = 0.0
         if self.free == 0:
             victims = choose_victims(
-                self.policy.evict, self._stats_cached(), 1, set(self.inflight), prob=self.probs
+                self.policy.evict,
+                self._stats_cached(),
+                1,
+                set(self.inflight),
+                prob=self.probs,
+                reuse=self.reuse,
             )
             victim_p = self.probs.get(victims[0], 0.0) if victims else 0.0
         return prefetch_gate(
