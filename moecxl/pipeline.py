@@ -228,7 +228,7 @@ def _write_experiment(out: Path, model: str, quick: bool) -> None:
     # The 15-minute budget: two profiles and the main policies; configs/experiments has the full run.
     exp["requests"] = 1
     exp["decode_tokens"] = 16
-    exp["policies"] = ["on_demand", "lru", "pregate", "oracle", "moecxl"]
+    exp["policies"] = ["on_demand", "lru", "pregate", "oracle", "moecxl", "moecxl_nd"]
     exp["headline"]["hardware"] = ["h100-pcie4-dram", "h100-pcie5-dram", "h100-cxl"]
     dst = out / "simulate" / "experiment.yaml"
     dst.parent.mkdir(parents=True, exist_ok=True)

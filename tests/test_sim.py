@@ -120,7 +120,7 @@ def _decisions(events):
     ]
 
 
-@pytest.mark.parametrize("policy", ["on_demand", "lru", "pregate", "moecxl", "oracle"])
+@pytest.mark.parametrize("policy", ["on_demand", "lru", "pregate", "moecxl", "oracle", "moecxl_nd"])
 def test_simulator_agrees_with_emulated_engine(tiny, policy):
     model, prompt, ref, reqs, target = tiny
     hw = Hardware.from_yaml("configs/hardware/h100-4cxl.yaml")  # four devices sharing one PCIe 5 link
@@ -149,7 +149,7 @@ def test_simulator_agrees_with_emulated_engine(tiny, policy):
     sim = simulate(reqs, shape_of(target), hw, cfg)
     sm = sim.metrics
     assert sm["device_slots"] == em["device_slots"]
-    if policy in ("oracle", "moecxl"):
+    if policy in ("oracle", "moecxl", "moecxl_nd"):
         # Timing-dependent decisions: the oracle's Belady victim depends on which far-ahead copies have
         # landed (in flight = protected), and moecxl's gate reads the link queues at wall-clock time, so on
         # a loaded machine the engine's exact sequence can differ from the simulator's. Demand misses and

@@ -157,7 +157,7 @@ class Reuse:
     distance to its layer and the chance the next token routes to it there. `p_LE` is an exponential
     moving average of use at each layer visit (temporal locality plus popularity)."""
 
-    def __init__(self, L: int, E: int, alpha: float = 0.3):
+    def __init__(self, L: int, E: int, alpha: float = 0.2):
         self.L, self.alpha = L, alpha
         self.p_LE = np.full((L, E), 1.0 / E)
         self.layer = 0

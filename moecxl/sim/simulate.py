@@ -20,7 +20,7 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import LinkClock
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import prefetch_gate
+from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
@@ -67,6 +67,7 @@ class SimConfig:
     warmup_requests: int = 0
     faults: tuple = ()
     fallback_tier: str = "dram"
+    quality_budget: float = 0.0  # fraction of misses a policy with host_compute may serve in int8
     record_events: bool = False
 
 
@@ -94,6 +95,10 @@ class _Counters:
         self.bytes_by_tier: dict = defaultdict(int)
         self.prefetch_issued = self.prefetch_used = self.late_prefetch = self.gated = 0
         self.wasted_prefetch_bytes = self.evictions = self.max_queue = self.rehomed = 0
+        self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
+        self.host_tokens = 0
+        self.host_s = 0.0
+        self.host_read_bytes_by_tier: dict = defaultdict(int)
 
 
 class _Replay:
@@ -116,6 +121,11 @@ class _Replay:
                 f"device_budget {b!r} = {self.budget_bytes} bytes holds {self.budget_bytes // self.expert_bytes} "
                 f"experts of {self.expert_bytes} bytes; top-{self.K} plus {self.max_inflight} copies in flight "
                 f"need more"
+            )
+        if self.policy.host_compute and hw.host is None:
+            raise SimError(
+                f"policy {self.policy.name!r} computes misses on the host but hardware {hw.name!r} has no "
+                "'host:' block (gflops, mem_gbps) in its profile"
             )
         self.placement = placement
         self.library = library
@@ -236,7 +246,7 @@ class _Replay:
             lowp_ok = {(m, e) for e, w in zip(v.experts, v.max_weight) if w < self.cfg.lowp_threshold}
         self._poll()
         protect = set(keys)
-        wait = []
+        wait, host = [], []
         t_stall0 = self.now_s
         for key in keys:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
@@ -257,6 +267,16 @@ class _Replay:
                 self.c.misses[m] += 1
                 if key in self.slot_of:
                     self._evict(key)
+                if self.policy.host_compute:
+                    n_tok = v.tokens_per_expert[v.experts.index(key[1])]
+                    choice, host_s = self._miss_choice(key, n_tok)
+                    self.c.miss_choices[choice] += 1
+                    if choice == "host":
+                        host.append((key, n_tok, host_s))
+                        protect.discard(key)
+                        continue
+                    if choice == "lowp":
+                        lowp_ok.add(key)
                 if len(self.inflight) >= self.max_inflight:
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
                     self._complete(done)
@@ -265,8 +285,16 @@ class _Replay:
         for key in wait:
             if key in self.inflight:
                 self._complete(key)
+        for key, n_tok, host_s in host:  # as the engine: after the copies, one expert after another
+            self.now_s += host_s
+            self.c.host_s += host_s
+            self.c.host_tokens += n_tok
+            self.c.host_read_bytes_by_tier[self._source(key)] += self.expert_bytes
+            self._event("host_compute", layer=m, expert=key[1], tokens=n_tok)
         self.c.stall_s += self.now_s - t_stall0
         for key in keys:
+            if key not in self.stats:  # computed on the host, never cached
+                continue
             st = self.stats[key]
             self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
         self._prefetch(v, protect)
@@ -314,6 +342,31 @@ class _Replay:
                 self._fetch(key, protect | {c[0] for c in cands if c[1] >= p}, prefetched=True)
             except SimError:
                 break
+
+    def _miss_choice(self, key, n_tokens: int) -> tuple[str, float]:
+        """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s)."""
+        tier_name = self._source(key)
+        tier = self.hw.tier(tier_name)
+        link = self.hw.link(tier.link) if tier.link else None
+        fetch_s = self.clock.expected_wait_s(tier_name, self.expert_bytes, self.now_s)
+        host_s = (
+            host_compute_s(
+                n_tokens,
+                self.shape.expert_params,
+                self.expert_bytes,
+                tier.read_gbps,
+                self.hw.host.gflops,
+                self.hw.host.mem_gbps,
+                self.shape.D,
+                link.gbps if link else tier.read_gbps,
+            )
+            * self.cfg.time_scale
+        )
+        lowp_s = None
+        served = sum(self.c.miss_choices.values())
+        if self.cfg.quality_budget > 0 and self.c.miss_choices["lowp"] < self.cfg.quality_budget * max(1, served):
+            lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
+        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s)), host_s
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
@@ -463,6 +516,10 @@ def _metrics(r: _Replay, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig)
         "gated_prefetches": c.gated,
         "evictions": c.evictions,
         "rehomed_fetches": c.rehomed,
+        "miss_choices": dict(c.miss_choices),
+        "host_computed_tokens": c.host_tokens,
+        "host_compute_s": c.host_s,
+        "host_read_bytes_by_tier": dict(c.host_read_bytes_by_tier),
         "max_inflight": c.max_queue,
         "device_budget_bytes": r.budget_bytes,
         "device_slots": r.n_slots,
