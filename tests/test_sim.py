@@ -209,3 +209,36 @@ def test_expected_reuse_distance_orders_by_layer_distance_and_chance():
     assert d((2, 2)) < d((3, 3)) < d((0, 0)) < d((1, 1))  # same chance: nearer layer first
     assert d((2, 2)) < d((2, 0))  # same layer: the expert the layer keeps using
     assert d((3, 0), {(3, 0): 1.0}) < d((3, 3), {(3, 3): 0.0})  # a prediction overrides the estimate
+
+
+def test_energy_per_token_counts_bytes_and_busy_time(tmp_path):
+    """Energy beside latency: on-demand moves more bytes than the oracle, so it costs more per token;
+    every figure in the energy file has a source, and a figure without one is refused by name."""
+    from moecxl.sim.energy import EnergyError, EnergyModel, path_pj_per_bit
+
+    em = EnergyModel.load()
+    assert all(em.sources.values()) and "link_pj_per_bit.nvlink-c2c" in em.sources
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    assert path_pj_per_bit(em, hw, "cxl-d") == em.memory("cxl") + em.link("pcie5-x16")
+    rng = np.random.default_rng(0)
+    S, T, M = 3, 8, 6
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(S * (T + M) * 32)]).reshape(-1, 32, 2)
+    reqs = requests_from_arrays(ids, np.repeat(np.arange(S), T + M), np.tile(np.arange(T + M) >= T, S))
+    shape = load_shape(MIXTRAL)
+    e = {}
+    for pol in ("on_demand", "oracle"):
+        m = simulate(reqs, shape, hw, SimConfig(policy=pol, warmup_requests=1), energy=em).metrics
+        moved = sum(m["bytes_by_tier"].values())
+        parts = m["energy"]["j_by_component"]
+        assert parts["expert_copies"] == pytest.approx(
+            moved * 8 * path_pj_per_bit(em, hw, "cxl-d") * 1e-12, rel=0.05
+        )
+        assert m["energy"]["j_per_token"] == pytest.approx(sum(parts.values()) / m["tokens"])
+        e[pol] = m["energy"]["j_per_token"]
+    assert e["oracle"] < e["on_demand"]
+    bad = tmp_path / "energy.yaml"
+    bad.write_text(
+        "memory_pj_per_bit: {dram: {value: 20}}\nlink_pj_per_bit: {}\ngpu_watts: {}\ncpu_watts: {busy: {value: 1, source: x}}\n"
+    )
+    with pytest.raises(EnergyError, match="memory_pj_per_bit.dram has no 'source'"):
+        EnergyModel.load(bad)

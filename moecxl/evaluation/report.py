@@ -379,19 +379,20 @@ def experiment_tables(data: dict) -> list[str]:
             f"Headline (baseline: {b['policy']}@{b['hardware']}; budget "
             f"{data['experiment']['config'].get('device_budget')} of expert bytes; batch 1):",
             "",
-            "| profile/policy | TTFT ms | TPOT ms | TTFT x | TPOT x | TPOT / oracle | hit rate | stall s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| profile/policy | TTFT ms | TPOT ms | TTFT x | TPOT x | TPOT / oracle | hit rate | stall s | J/token |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, r in head["rows"].items():
             if "skipped" in r:
-                md.append(f"| {key} | skipped: {r['skipped']} |||||||")
+                md.append(f"| {key} | skipped: {r['skipped']} ||||||||")
                 continue
             oracle = head["rows"].get(key.rpartition("/")[0] + "/oracle", {})
             ratio = r["tpot_s"] / oracle["tpot_s"] if oracle.get("tpot_s") else None
             md.append(
                 f"| {key} | {_f(r['ttft_s'], '.4g', 1e3)} | {_f(r['tpot_s'], '.4g', 1e3)} | "
                 f"{_f(r.get('ttft_speedup_vs_baseline'), '.2f')} | {_f(r.get('tpot_speedup_vs_baseline'), '.2f')} | "
-                f"{_f(ratio, '.2f')} | {_f(r.get('hit_rate'), '.3f')} | {_f(r.get('stall_s'), '.3g')} |"
+                f"{_f(ratio, '.2f')} | {_f(r.get('hit_rate'), '.3f')} | {_f(r.get('stall_s'), '.3g')} | "
+                f"{_f(r.get('energy_j_per_token'), '.3g')} |"
             )
         md.append("")
     abl = secs.get("ablation")

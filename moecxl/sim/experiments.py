@@ -21,6 +21,7 @@ from moecxl.config import load_yaml
 from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.runtime.policies import get_policy
 from moecxl.sim.costmodel import ModelShape, load_shape
+from moecxl.sim.energy import DEFAULT_ENERGY, EnergyError, EnergyModel
 from moecxl.sim.simulate import SimConfig, SimError, simulate
 from moecxl.sim.workload import activation_matrix, requests_from_trace
 
@@ -89,6 +90,10 @@ class _Ctx:
             get_policy(p)
         self.pregate = None
         self.skipped: dict = {}
+        try:
+            self.energy = EnergyModel.load(_path(exp["energy"]) if "energy" in exp else DEFAULT_ENERGY)
+        except (EnergyError, OSError, ValueError) as e:
+            raise ExperimentError(f"{path}: energy figures: {e}") from e
         if any(get_policy(p).prefetch == "pregate" for p in self.policies):
             self._load_pregate(exp.get("predictor_model"))
         lib = self.requests(batch=1, library=True)
@@ -145,7 +150,14 @@ class _Ctx:
             **cfg_kw,
         )
         res = simulate(
-            requests, self.shape, hw, cfg, freq_LE=self.freq, eam_library=self.library, placement=homes
+            requests,
+            self.shape,
+            hw,
+            cfg,
+            freq_LE=self.freq,
+            eam_library=self.library,
+            placement=homes,
+            energy=self.energy,
         )
         m = res.metrics
         m["placement_mode"] = placement
@@ -172,6 +184,9 @@ def _brief(m: dict) -> dict:
         "exact",
     )
     out = {k: m[k] for k in keys if k in m}
+    if "energy" in m:
+        out["energy_j_per_token"] = m["energy"]["j_per_token"]
+        out["energy_j_by_component"] = m["energy"]["j_by_component"]
     out["batch"] = m["batch_size"]
     out["budget"] = m["config"]["device_budget"]
     return out
@@ -307,6 +322,7 @@ def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections
         },
         "target": dataclasses.asdict(ctx.shape),
         "skipped_policies": ctx.skipped,
+        "energy_sources": ctx.energy.sources,
         "profiles": {},
         "sections": {},
     }

@@ -33,6 +33,7 @@ from moecxl.runtime.policies import (
     topk_candidates,
 )
 from moecxl.sim.costmodel import ModelShape, head_s, visit_s
+from moecxl.sim.energy import EnergyModel, run_energy
 from moecxl.sim.workload import Request, Visit, oracle_future
 
 PLACEMENTS = ("frequency", "uniform", "first_fit")
@@ -98,6 +99,7 @@ class _Counters:
         self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
         self.host_tokens = 0
         self.host_s = 0.0
+        self.busy_s = 0.0  # GPU compute (roofline) time
         self.host_read_bytes_by_tier: dict = defaultdict(int)
 
 
@@ -364,7 +366,9 @@ class _Replay:
         )
         lowp_s = None
         served = sum(self.c.miss_choices.values())
-        if self.cfg.quality_budget > 0 and self.c.miss_choices["lowp"] < self.cfg.quality_budget * max(1, served):
+        if self.cfg.quality_budget > 0 and self.c.miss_choices["lowp"] < self.cfg.quality_budget * max(
+            1, served
+        ):
             lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
         return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s)), host_s
 
@@ -426,8 +430,10 @@ def simulate(
     freq_LE: np.ndarray | None = None,
     eam_library=(),
     placement: dict | None = None,
+    energy: EnergyModel | None = None,
 ) -> SimResult:
-    """Replay `requests` (in order, one cache across them) on `hw` for target `shape` under `cfg`."""
+    """Replay `requests` (in order, one cache across them) on `hw` for target `shape` under `cfg`;
+    with an `energy` model, metrics["energy"] gives joules per token beside the latency."""
     if not requests:
         raise SimError("simulate: no requests (is the trace empty, or the batch larger than it?)")
     known = set(hw.tier_names)
@@ -466,8 +472,12 @@ def simulate(
                 decode_step += 1
             for v in steps[step]:
                 r.visit(v)
-                r.now_s += cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
-            r.now_s += cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
+                dt = cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
+                r.now_s += dt
+                r.c.busy_s += dt
+            dt = cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
+            r.now_s += dt
+            r.c.busy_s += dt
             out_s.append(r.now_s - t0)
         if measured:
             ttfts.append(out_s[0])
@@ -476,7 +486,10 @@ def simulate(
             step_times.extend(diffs.tolist())
             tokens += req.batch * len(out_s)
     wall_s = r.now_s - (t_begin if t_begin is not None else 0.0)
-    return SimResult(_metrics(r, ttfts, tpots, tokens, wall_s, requests, cfg), step_times, r.events)
+    metrics = _metrics(r, ttfts, tpots, tokens, wall_s, requests, cfg)
+    if energy is not None and tokens:
+        metrics["energy"] = run_energy(metrics, hw, energy, tokens)
+    return SimResult(metrics, step_times, r.events)
 
 
 def _visit_compute_s(shape: ModelShape, hw: Hardware, v: Visit) -> float:
@@ -504,6 +517,9 @@ def _metrics(r: _Replay, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig)
         "ttft_s": float(np.mean(ttfts)) if ttfts else float("nan"),
         "tpot_s": float(np.mean(tpots)) if tpots else float("nan"),
         "tokens_per_s": tokens / wall_s if wall_s > 0 else float("nan"),
+        "tokens": tokens,
+        "wall_s": wall_s,
+        "gpu_busy_s": c.busy_s,
         "stall_s": c.stall_s,
         "bytes_by_tier": dict(c.bytes_by_tier),
         "busy_s_by_tier": dict(r.clock.busy_s_by_tier),
