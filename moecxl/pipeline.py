@@ -83,7 +83,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "--decode-tokens",
                 "16",
                 "--decode-every",
-                "4",
+                "3",  # enough decoded sequences for two batch-32 requests in the simulation
                 "--sketch",
                 "16",
                 "--out",

@@ -326,6 +326,7 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
         "long_context": {"prompt_tokens": [64], "runs": [["h100-cxl", "oracle"]]},
         "ablation": {"hardware": "h100-4cxl"},
         "failure": {"hardware": "h100-4cxl-faults", "policies": ["moecxl"]},
+        "miss_handling": {"batches": [1, 2], "hardware": ["h100-pcie4-dram"]},
         "cost": {
             "hardware": "h100-cxl",
             "prices_usd": {
@@ -343,10 +344,31 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
         assert r["tpot_s"] > 0 and r["batch"] == 1 and r["budget"] == 0.75, key
     for hw in ("h100-pcie4-dram", "h100-cxl"):
         assert head[f"{hw}/oracle"]["tpot_s"] <= head[f"{hw}/on_demand"]["tpot_s"]
-    assert set(res["sections"]) == {"headline", "batch", "long_context", "ablation", "failure", "cost"}
+    assert set(res["sections"]) == {
+        "headline",
+        "batch",
+        "long_context",
+        "ablation",
+        "failure",
+        "cost",
+        "miss_handling",
+    }
+    miss = res["sections"]["miss_handling"]["rows"]
+    for b in ("1", "2"):
+        got = {k.split("/")[1]: r for k, r in miss[b].items()}
+        assert (
+            got["host_only"]["miss_choices"]["fetch"] == 0 and got["fetch_only"]["miss_choices"]["host"] == 0
+        )
+        # the three-way decision picks the faster way per miss: never slower than both one-way variants
+        assert (
+            got["three_way"]["tpot_s"]
+            <= max(got["host_only"]["tpot_s"], got["fetch_only"]["tpot_s"]) * 1.0001
+        )
+        assert all(r["energy_j_per_token"] > 0 for r in got.values())
     md = report.build(tmp_path / "results", tmp_path / "report").read_text()
     assert "## Paper-scale experiment (simulated)" in md and "| h100-cxl/moecxl |" in md
     assert "Ablation on h100-4cxl" in md and "Device failure on h100-4cxl-faults" in md
+    assert "Beyond fetching: fetch-only, host-compute-only and the three-way miss decision" in md
     cmp = report.paper_comparison(
         report.collect(tmp_path / "results"), report.Comparison("on_demand", "moecxl", "h100-pcie4-dram")
     )

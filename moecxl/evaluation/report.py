@@ -428,6 +428,32 @@ def experiment_tables(data: dict) -> list[str]:
                 f"| {r.get('rehomed_fetches', '')} |"
             )
         md.append("")
+    miss = secs.get("miss_handling")
+    if miss:
+        md += [
+            "Beyond fetching: fetch-only, host-compute-only and the three-way miss decision "
+            f"({', '.join(f'{k} = {v}' for k, v in miss['variants'].items())}):",
+            "",
+            "| batch | profile/variant | TPOT ms | TTFT ms | x fetch-only TPOT | J/token | miss choices |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for b, group in miss["rows"].items():
+            if "skipped" in group:
+                md.append(f"| {b} | skipped: {group['skipped']} ||||||")
+                continue
+            for key, r in group.items():
+                if "skipped" in r:
+                    md.append(f"| {b} | {key} | skipped: {r['skipped']} |||||")
+                    continue
+                fetch = group.get(key.rpartition("/")[0] + "/fetch_only", {})
+                x = fetch["tpot_s"] / r["tpot_s"] if fetch.get("tpot_s") and r.get("tpot_s") else None
+                md.append(
+                    f"| {b} | {key} | {_f(r.get('tpot_s'), '.4g', 1e3)} | {_f(r.get('ttft_s'), '.4g', 1e3)} | "
+                    f"{_f(x, '.2f')} | {_f(r.get('energy_j_per_token'), '.3g')} | "
+                    + ", ".join(f"{c} {n}" for c, n in (r.get("miss_choices") or {}).items() if n)
+                    + " |"
+                )
+        md.append("")
     cost = secs.get("cost")
     if cost:
         md += [

@@ -390,6 +390,8 @@ class OffloadEngine:
 
     # ---- the three-way miss decision --------------------------------------------------------------------
     def _miss_choice(self, key, n_tokens: int) -> str:
+        if self.policy.host_only:
+            return "host"
         tgt = self.target_model
         now = self.transfers.now_s()
         clock = self.transfers.clock

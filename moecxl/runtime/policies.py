@@ -38,6 +38,7 @@ class PolicySpec:
     low_precision_on_miss: bool = False
     gate: bool = False  # cost-benefit gate on prefetches (moecxl)
     host_compute: bool = False  # a miss may be computed on the host where the expert lives
+    host_only: bool = False  # every miss computed on the host, none fetched (the host-compute-only baseline)
     description: str = ""
 
 
@@ -105,6 +106,18 @@ POLICIES: dict[str, PolicySpec] = {
             description="moecxl + the three-way miss decision: fetch, compute on the host where the "
             "expert lives, or (within the quality budget) a low-precision copy; float32-close (1e-5), "
             "not bit-identical, because host-computed experts are summed separately",
+        ),
+        PolicySpec(
+            "moecxl_host",
+            "predicted",
+            "pregate",
+            2,
+            exact=False,
+            gate=True,
+            host_compute=True,
+            host_only=True,
+            description="moecxl with every miss computed on the host (Fiddler-style, never fetched on "
+            "demand; prefetches still copy): the host-compute-only side of the three-way comparison",
         ),
     ]
 }

@@ -29,7 +29,7 @@ SCHEMA_VERSION = 2  # 2: section rows carry batch, budget, prompt_len (report ro
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
-SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost")
+SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost", "miss_handling")
 
 
 class ExperimentError(ValueError):
@@ -124,7 +124,7 @@ class _Ctx:
         kw = dict(layer_map=self.layer_map, pregate_NLHK=self.pregate, batch=batch)
         if library:
             return requests_from_trace(self.ts, self.shape, max_requests=self.library_seqs, **kw)
-        return requests_from_trace(
+        reqs = requests_from_trace(
             self.ts,
             self.shape,
             skip_sequences=self.library_seqs,
@@ -133,6 +133,13 @@ class _Ctx:
             prompt_tokens=prompt_tokens,
             **kw,
         )
+        if len(reqs) <= self.warmup:
+            raise ExperimentError(
+                f"{self.trace_dir}: {len(reqs)} request(s) of batch {batch} from the decoded sequences after the "
+                f"{self.library_seqs} library ones, all taken by {self.warmup} warm-up request(s): collect more "
+                "decoded sequences (traces collect --decode-every) or lower the batch"
+            )
+        return reqs
 
     def run(self, hw: Hardware, policy, requests, **cfg_kw) -> dict:
         spec = get_policy(policy) if isinstance(policy, str) else policy
@@ -225,7 +232,11 @@ def section_batch(ctx: _Ctx, spec: dict) -> dict:
 def section_long_context(ctx: _Ctx, spec: dict) -> dict:
     rows = {}
     for t in spec["prompt_tokens"]:
-        reqs = ctx.requests(batch=1, prompt_tokens=int(t))
+        try:
+            reqs = ctx.requests(batch=1, prompt_tokens=int(t))
+        except ValueError as e:
+            rows[str(t)] = {"skipped": str(e)}
+            continue
         for hw_name, p in spec["runs"]:
             rows.setdefault(str(t), {})[f"{hw_name}/{p}"] = _brief(ctx.run(load_hardware(hw_name), p, reqs))
     return {
@@ -274,6 +285,30 @@ def section_failure(ctx: _Ctx, spec: dict) -> dict:
         "note": "decode steps counted over the measured workload; experts of an offline device are "
         "fetched from the host DRAM master copy (rehomed_fetches)",
     }
+
+
+def section_miss_handling(ctx: _Ctx, spec: dict) -> dict:
+    """Fetch-only, host-compute-only and the three-way decision per batch size and hardware, with
+    energy per token (the issue's 'beyond fetching' comparison)."""
+    variants = spec.get(
+        "policies", {"fetch_only": "moecxl", "host_only": "moecxl_host", "three_way": "moecxl_nd"}
+    )
+    rows: dict = {}
+    for b in spec["batches"]:
+        try:
+            reqs = ctx.requests(batch=int(b))
+        except ValueError as e:
+            rows[str(b)] = {"skipped": str(e)}
+            continue
+        for hw_name in spec["hardware"]:
+            hw = load_hardware(hw_name)
+            for name, pol in variants.items():
+                m = ctx.run(hw, pol, reqs)
+                rows.setdefault(str(b), {})[f"{hw_name}/{name}"] = _brief(m) | {
+                    "policy": pol,
+                    "miss_choices": m.get("miss_choices"),
+                }
+    return {"variants": variants, "rows": rows}
 
 
 def section_cost(ctx: _Ctx, spec: dict) -> dict:
@@ -333,6 +368,7 @@ def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections
         "ablation": section_ablation,
         "failure": section_failure,
         "cost": section_cost,
+        "miss_handling": section_miss_handling,
     }
     for s in todo:
         results["sections"][s] = fns[s](ctx, exp[s])

@@ -370,6 +370,8 @@ class _Replay:
             1, served
         ):
             lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
+        if self.policy.host_only:
+            return "host", host_s
         return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s)), host_s
 
     def _gate(self, key, p, m) -> bool:
@@ -434,8 +436,11 @@ def simulate(
 ) -> SimResult:
     """Replay `requests` (in order, one cache across them) on `hw` for target `shape` under `cfg`;
     with an `energy` model, metrics["energy"] gives joules per token beside the latency."""
-    if not requests:
-        raise SimError("simulate: no requests (is the trace empty, or the batch larger than it?)")
+    if len(requests) <= cfg.warmup_requests:
+        raise SimError(
+            f"simulate: {len(requests)} request(s) and {cfg.warmup_requests} warm-up request(s): nothing to "
+            "measure (is the trace empty, or the batch larger than it?)"
+        )
     known = set(hw.tier_names)
     faults = list(cfg.faults) + [(f.tier, f.offline_at_step, f.online_at_step) for f in hw.faults]
     for tier, *_ in faults:
