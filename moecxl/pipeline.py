@@ -230,6 +230,11 @@ def _write_experiment(out: Path, model: str, quick: bool) -> None:
     exp["decode_tokens"] = 16
     exp["policies"] = ["on_demand", "lru", "pregate", "oracle", "moecxl", "moecxl_nd"]
     exp["headline"]["hardware"] = ["h100-pcie4-dram", "h100-pcie5-dram", "h100-cxl"]
+    exp["batch"] = {"batches": [1, 8, 32], "runs": [["h100-pcie4-dram", "on_demand"], ["h100-cxl", "moecxl"]]}
+    exp["long_context"]["prompt_tokens"] = [16384]
+    exp["long_context"]["runs"] = [["h100-pcie4-dram", "on_demand"], ["h100-cxl", "moecxl"]]
+    exp["failure"]["policies"] = ["moecxl"]
+    exp["miss_handling"]["batches"] = [1, 32]
     dst = out / "simulate" / "experiment.yaml"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")

@@ -189,6 +189,8 @@ def paper_comparison(res: Results, cmp: Comparison = Comparison()) -> list[dict]
 def _why_missing(claim, base_p, ours_p) -> str:
     if claim == "long_context":
         return "no rows with prompt_len >= 16384"
+    if claim == "throughput_gain":
+        return "no rows with batch > 1 on both profiles"
     if claim in ("ppl_increase", "bit_exact"):
         return "no perplexity results"
     if base_p is None or ours_p is None:
@@ -223,6 +225,8 @@ def _claim(claim, rows, res, base_p, ours_p, timing, cmp) -> list:
         metric, better = "ttft_s", "lower"
     elif claim == "throughput_gain":
         big = max(r["batch"] for r in mine)
+        if big == 1:
+            return []  # a batched claim needs batched rows
         mine = [r for r in mine if r["batch"] == big]
         metric, better = "tokens_per_s", "higher"
     elif claim == "miss_penalty":
