@@ -25,7 +25,7 @@ from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate
+from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate, reuse_credit_s
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
@@ -359,14 +359,14 @@ class OffloadEngine:
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
         stall = stall_pre
-        if wait:
+        if wait or self._host_keys:
             t0 = time.perf_counter()
+            if self._host_keys:  # the CPU computes while the copies are on the links
+                self._host_compute(m, co, ids)
             for key in wait:
                 if key in self.inflight:
                     self._complete(key)
             stall += time.perf_counter() - t0
-        if self._host_keys:
-            stall += self._host_compute(m, co, ids)
         self.c.stall_s += stall
         self.c.stall_by_layer[m] += stall
         for key in keys:
@@ -417,7 +417,13 @@ class OffloadEngine:
         served = sum(self.c.miss_choices.values())
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
-        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s))
+        p_reuse = float(self._reuse.p_LE[key]) if self._reuse is not None else 0.0
+        credit = reuse_credit_s(
+            p_reuse,
+            host_s,
+            copy_time_s(tier_name, self.emulated_expert_bytes, self.hardware) * self.time_scale,
+        )
+        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit))
 
     def _host_compute(self, m, co, ids) -> float:
         """Experts computed where they live: activations come to the host, outputs go back."""

@@ -50,11 +50,22 @@ class MissCosts:
     inflight_s: float | None = None
     host_s: float | None = None
     lowp_s: float | None = None
+    reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
+
+
+def reuse_credit_s(p_reuse: float, host_s: float | None, copy_s: float) -> float:
+    """A copy stays cached; host compute leaves nothing behind. If the expert is needed again (chance
+    p_reuse) before it is evicted, the copy saves serving that miss the cheapest way."""
+    return p_reuse * (copy_s if host_s is None else min(host_s, copy_s))
 
 
 def miss_decision(c: MissCosts) -> str:
-    """The fastest option; ties go to the exact ones (in flight, then fetch, then host, then lowp)."""
-    options = {"inflight": c.inflight_s, "fetch": c.fetch_s, "host": c.host_s, "lowp": c.lowp_s}
+    """The option with the least expected time, copies credited with the later miss they save; ties go
+    to the exact ones (in flight, then fetch, then host, then lowp)."""
+    credit = c.reuse_credit_s
+    fetch = c.fetch_s - credit
+    lowp = None if c.lowp_s is None else c.lowp_s - credit
+    options = {"inflight": c.inflight_s, "fetch": fetch, "host": c.host_s, "lowp": lowp}
     best, best_s = "fetch", float("inf")
     for name in MISS_OPTIONS:
         s = options[name]

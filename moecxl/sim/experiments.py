@@ -29,6 +29,7 @@ SCHEMA_VERSION = 2  # 2: section rows carry batch, budget, prompt_len (report ro
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
+MISS_VARIANTS = {"fetch_only": "moecxl", "host_only": "moecxl_host", "three_way": "moecxl_nd"}
 SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost", "miss_handling")
 
 
@@ -94,7 +95,13 @@ class _Ctx:
             self.energy = EnergyModel.load(_path(exp["energy"]) if "energy" in exp else DEFAULT_ENERGY)
         except (EnergyError, OSError, ValueError) as e:
             raise ExperimentError(f"{path}: energy figures: {e}") from e
-        if any(get_policy(p).prefetch == "pregate" for p in self.policies):
+        miss = exp.get("miss_handling")
+        self.used = set(self.policies) | (
+            set((miss.get("policies") or MISS_VARIANTS).values()) if isinstance(miss, dict) else set()
+        )
+        for p in self.used:
+            get_policy(p)
+        if any(get_policy(p).prefetch == "pregate" for p in self.used):
             self._load_pregate(exp.get("predictor_model"))
         lib = self.requests(batch=1, library=True)
         self.library = [activation_matrix(r, self.shape.L, self.shape.E) for r in lib]
@@ -105,7 +112,7 @@ class _Ctx:
             self.skipped.update(
                 {
                     p: "no predictor_model: pre-gating needs the trace's small model"
-                    for p in self.policies
+                    for p in self.used
                     if get_policy(p).prefetch == "pregate"
                 }
             )
@@ -114,11 +121,11 @@ class _Ctx:
         from moecxl.sim.predict import PredictError, pregate_tops_for_trace
 
         model = moecxl.load(_path(model_path))
-        horizon = max(get_policy(p).horizon for p in self.policies if get_policy(p).prefetch == "pregate")
+        horizon = max(get_policy(p).horizon for p in self.used if get_policy(p).prefetch == "pregate")
         try:
             self.pregate = pregate_tops_for_trace(model, self.ts, horizon)
         except PredictError as e:
-            self.skipped.update({p: str(e) for p in self.policies if get_policy(p).prefetch == "pregate"})
+            self.skipped.update({p: str(e) for p in self.used if get_policy(p).prefetch == "pregate"})
 
     def requests(self, batch: int, library: bool = False, prompt_tokens=None):
         kw = dict(layer_map=self.layer_map, pregate_NLHK=self.pregate, batch=batch)
@@ -143,7 +150,12 @@ class _Ctx:
 
     def run(self, hw: Hardware, policy, requests, **cfg_kw) -> dict:
         spec = get_policy(policy) if isinstance(policy, str) else policy
-        if spec.name in self.skipped:
+        note = None
+        if spec.name in self.skipped and spec.name.startswith("moecxl"):
+            # moecxl without a pre-gate: its eviction, gate and miss decision still apply; say so.
+            note = f"no pre-gating ({self.skipped[spec.name]}): moecxl runs without prefetch"
+            spec = dataclasses.replace(spec, prefetch=None, horizon=0)
+        elif spec.name in self.skipped:
             return {"skipped": self.skipped[spec.name]}
         placement = cfg_kw.pop("placement", "frequency" if spec.name == "moecxl" else "uniform")
         homes = None
@@ -167,6 +179,8 @@ class _Ctx:
             energy=self.energy,
         )
         m = res.metrics
+        if note:
+            m["note"] = note
         m["placement_mode"] = placement
         m["step_times_s"] = res.step_times_s
         return m
@@ -188,6 +202,7 @@ def _brief(m: dict) -> dict:
         "utilisation_by_tier",
         "rehomed_fetches",
         "prompt_len",
+        "note",
         "exact",
     )
     out = {k: m[k] for k in keys if k in m}

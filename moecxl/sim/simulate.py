@@ -20,7 +20,7 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import LinkClock
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate
+from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate, reuse_credit_s
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
@@ -284,15 +284,17 @@ class _Replay:
                     self._complete(done)
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
-        for key in wait:
-            if key in self.inflight:
-                self._complete(key)
-        for key, n_tok, host_s in host:  # as the engine: after the copies, one expert after another
-            self.now_s += host_s
+        host_done_s = self.now_s  # as the engine: the CPU computes while the copies are on the links
+        for key, n_tok, host_s in host:
+            host_done_s += host_s
             self.c.host_s += host_s
             self.c.host_tokens += n_tok
             self.c.host_read_bytes_by_tier[self._source(key)] += self.expert_bytes
             self._event("host_compute", layer=m, expert=key[1], tokens=n_tok)
+        for key in wait:
+            if key in self.inflight:
+                self._complete(key)
+        self.now_s = max(self.now_s, host_done_s)
         self.c.stall_s += self.now_s - t_stall0
         for key in keys:
             if key not in self.stats:  # computed on the host, never cached
@@ -372,7 +374,12 @@ class _Replay:
             lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
         if self.policy.host_only:
             return "host", host_s
-        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s)), host_s
+        p_reuse = float(self.reuse.p_LE[key]) if self.reuse is not None else 0.0
+        one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
+        credit = reuse_credit_s(p_reuse, host_s, one)
+        return miss_decision(
+            MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        ), host_s
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
