@@ -94,15 +94,26 @@ def test_bad_quality_budget_and_missing_host_figures_are_clear_errors(model):
         )
 
 
-def test_a_copy_is_credited_with_the_later_miss_it_saves():
-    """Host compute leaves nothing cached: with likely reuses, a slower copy is the better buy."""
+def test_a_copy_is_credited_with_the_reuses_it_serves_while_cached():
+    """Host compute leaves nothing cached: a copy that will be reused is the better buy, the more so the
+    longer the cache keeps it (rounds before it turns over)."""
     from moecxl.runtime.gate import reuse_credit_s
 
     assert miss_decision(MissCosts(fetch_s=1.2, host_s=1.0)) == "host"
-    credit = reuse_credit_s(0.5, host_s=1.0, copy_s=1.2)
-    assert credit == pytest.approx(1.0)  # one expected reuse, served by the host at 1.0 s otherwise
-    assert miss_decision(MissCosts(fetch_s=1.2, host_s=1.0, reuse_credit_s=credit)) == "fetch"
+    one_round = reuse_credit_s(0.8, host_s=1.0, copy_s=1.2)
+    assert one_round == pytest.approx(
+        0.8
+    )  # one round: used again with chance 0.8, served by the host otherwise
+    assert miss_decision(MissCosts(fetch_s=1.2, host_s=1.0, reuse_credit_s=one_round)) == "fetch"
     assert (
         miss_decision(MissCosts(fetch_s=1.2, host_s=1.0, reuse_credit_s=reuse_credit_s(0.1, 1.0, 1.2)))
+        == "host"
+    )
+    # a router that keeps picking the same expert and a cache that keeps it: the copy wins at 6x the cost
+    assert reuse_credit_s(0.9, 0.06, 0.38, rounds=50) == pytest.approx(0.06 * 0.9 * (1 - 0.9**50) / 0.1)
+    many = reuse_credit_s(0.9, 0.06, 0.38, rounds=50)
+    assert miss_decision(MissCosts(fetch_s=0.38, host_s=0.06, reuse_credit_s=many)) == "fetch"
+    assert (
+        miss_decision(MissCosts(fetch_s=0.38, host_s=0.06, reuse_credit_s=reuse_credit_s(0.9, 0.06, 0.38)))
         == "host"
     )

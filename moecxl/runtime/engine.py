@@ -323,6 +323,7 @@ class OffloadEngine:
         protect = set(keys)
         wait = []
         stall_pre = 0.0
+        misses_before = self.c.misses[m]
         for key in keys:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
                 self.c.hits[m] += 1
@@ -369,6 +370,8 @@ class OffloadEngine:
             stall += time.perf_counter() - t0
         self.c.stall_s += stall
         self.c.stall_by_layer[m] += stall
+        if self._reuse is not None:
+            self._reuse.end_visit(self.c.misses[m] - misses_before)
         for key in keys:
             if key not in self.stats:  # computed on the host, never cached
                 continue
@@ -418,10 +421,12 @@ class OffloadEngine:
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
         p_reuse = float(self._reuse.p_LE[key]) if self._reuse is not None else 0.0
+        rounds = self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0
         credit = reuse_credit_s(
             p_reuse,
             host_s,
             copy_time_s(tier_name, self.emulated_expert_bytes, self.hardware) * self.time_scale,
+            rounds,
         )
         return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit))
 

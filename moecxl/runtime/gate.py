@@ -53,15 +53,13 @@ class MissCosts:
     reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
 
 
-MAX_REUSE_P = 0.95  # caps the expected reuses of a cached copy at 19 (eviction ends a run of reuses)
-
-
-def reuse_credit_s(p_reuse: float, host_s: float | None, copy_s: float) -> float:
-    """A copy stays cached; host compute leaves nothing behind. An expert used again at each visit of its
-    layer with chance p is expected to be reused p / (1 - p) times in a row (geometric); each reuse the
-    copy saves serving a miss the cheapest way."""
-    p = min(max(p_reuse, 0.0), MAX_REUSE_P)
-    return p / (1.0 - p) * (copy_s if host_s is None else min(host_s, copy_s))
+def reuse_credit_s(p_reuse: float, host_s: float | None, copy_s: float, rounds: float = 1.0) -> float:
+    """A copy stays cached; host compute leaves nothing behind. An expert used at each visit of its
+    layer with chance p, cached for `rounds` layer rounds before the cache turns over, is expected to be
+    reused p + p^2 + ... + p^R times in a row; each reuse the copy saves serving a miss the cheapest way."""
+    p = min(max(p_reuse, 0.0), 0.999)
+    reuses = p * (1.0 - p ** max(1.0, rounds)) / (1.0 - p)
+    return reuses * (copy_s if host_s is None else min(host_s, copy_s))
 
 
 def miss_decision(c: MissCosts) -> str:

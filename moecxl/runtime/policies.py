@@ -182,6 +182,15 @@ class Reuse:
         row[list(experts)] += self.alpha
         self.layer = layer
 
+    miss_ema: float = 0.0  # misses per layer visit (EMA): how fast the cache turns over
+
+    def end_visit(self, misses: int) -> None:
+        self.miss_ema = (1.0 - self.alpha) * self.miss_ema + self.alpha * misses
+
+    def rounds_cached(self, n_slots: int) -> float:
+        """Layer rounds a new copy survives: the cache's slots over the misses that replace them per round."""
+        return max(1.0, n_slots / max(1e-9, self.miss_ema * self.L))
+
 
 def expected_reuse_distance(key, prob, reuse: Reuse | None) -> float:
     """Expected MoE-layer visits until `key` is used again (evict the largest: Belady in expectation).

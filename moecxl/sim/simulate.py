@@ -250,6 +250,7 @@ class _Replay:
         protect = set(keys)
         wait, host = [], []
         t_stall0 = self.now_s
+        misses_before = self.c.misses[m]
         for key in keys:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
                 self.c.hits[m] += 1
@@ -296,6 +297,8 @@ class _Replay:
                 self._complete(key)
         self.now_s = max(self.now_s, host_done_s)
         self.c.stall_s += self.now_s - t_stall0
+        if self.reuse is not None:
+            self.reuse.end_visit(self.c.misses[m] - misses_before)
         for key in keys:
             if key not in self.stats:  # computed on the host, never cached
                 continue
@@ -376,7 +379,8 @@ class _Replay:
             return "host", host_s
         p_reuse = float(self.reuse.p_LE[key]) if self.reuse is not None else 0.0
         one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
-        credit = reuse_credit_s(p_reuse, host_s, one)
+        rounds = self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0
+        credit = reuse_credit_s(p_reuse, host_s, one, rounds)
         return miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         ), host_s
