@@ -242,3 +242,14 @@ def test_energy_per_token_counts_bytes_and_busy_time(tmp_path):
     )
     with pytest.raises(EnergyError, match="memory_pj_per_bit.dram has no 'source'"):
         EnergyModel.load(bad)
+
+
+def test_reuse_learns_the_layers_a_pass_visits():
+    """A Switch decode visits only the decoder's sparse layers: the encoder's experts are not 'next'."""
+    from moecxl.runtime.policies import Reuse
+
+    r = Reuse(L=4, E=2)
+    for layer in (0, 1, 2, 3, 2, 3, 2):  # prefill passes all four layers, decode only layers 2 and 3
+        r.observe(layer, [0])
+    assert r.layers_until(3) == 1 and r.layers_until(2) == 2
+    assert r.layers_until(0) == r.layers_until(1) == 16  # not in this pass: evicted first

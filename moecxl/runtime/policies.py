@@ -174,13 +174,28 @@ class Reuse:
         self.L, self.alpha = L, alpha
         self.p_LE = np.full((L, E), 1.0 / E)
         self.layer = 0
+        # The layers one pass visits, learned: all L for a decoder, only the decoder's in a Switch decode.
+        self._cycle: list = []
+        self.pos_in_cycle: dict = {m: m for m in range(L)}
 
     def observe(self, layer: int, experts) -> None:
         """A visit of `layer` that used `experts` (call before evicting for it)."""
         row = self.p_LE[layer]
         row *= 1.0 - self.alpha
         row[list(experts)] += self.alpha
+        if self._cycle and layer <= self._cycle[-1]:  # wrapped around: the last pass is complete
+            self.pos_in_cycle = {m: i for i, m in enumerate(self._cycle)}
+            self._cycle = []
+        self._cycle.append(layer)
         self.layer = layer
+
+    def layers_until(self, layer: int) -> int:
+        """Visits until `layer` comes round again in the current pattern; 4L for a layer it skips."""
+        pos = self.pos_in_cycle
+        if layer not in pos or self.layer not in pos:
+            return 4 * self.L if layer not in pos else (layer - self.layer - 1) % self.L + 1
+        n = len(pos)
+        return (pos[layer] - pos[self.layer] - 1) % n + 1
 
     miss_ema: float = 0.0  # misses per layer visit (EMA): how fast the cache turns over
 
@@ -198,7 +213,7 @@ def expected_reuse_distance(key, prob, reuse: Reuse | None) -> float:
     Layers until its layer comes round, plus L visits per expected failed round (geometric, p per round).
     p: the prefetch prediction where there is one, else the reuse estimate of its layer."""
     layer, e = key
-    d = (layer - reuse.layer - 1) % reuse.L + 1
+    d = reuse.layers_until(layer)
     p = (prob or {}).get(key) if d <= PREDICTION_REACH else None
     if p is None:
         p = float(reuse.p_LE[layer, e])
