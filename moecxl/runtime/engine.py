@@ -25,7 +25,13 @@ from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate, reuse_credit_s
+from moecxl.runtime.gate import (
+    MissCosts,
+    host_compute_on_tier_s,
+    miss_decision,
+    prefetch_gate,
+    reuse_credit_s,
+)
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
@@ -399,20 +405,15 @@ class OffloadEngine:
         now = self.transfers.now_s()
         clock = self.transfers.clock
         tier_name = self._source(key)
-        tier = self.hardware.tier(tier_name)
         fetch_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes, now)
-        link = self.hardware.link(tier.link) if tier.link else None
-        host = self.hardware.host
         host_s = (
-            host_compute_s(
+            host_compute_on_tier_s(
+                self.hardware,
+                tier_name,
                 n_tokens,
                 tgt.expert_params,
                 self.emulated_expert_bytes,
-                tier.read_gbps,
-                host.gflops,
-                host.mem_gbps,
                 tgt.hidden_size,
-                link.gbps if link else tier.read_gbps,
             )
             * self.time_scale
         )
@@ -454,18 +455,16 @@ class OffloadEngine:
             self._event("host_compute", layer=m, expert=key[1], tier=tier, tokens=int(rows.sum()))
         self._extra = extra.astype(np.dtype(self.layout.np_dtype))
         if self.emulate:
-            tgt, host = self.target_model, self.hardware.host
+            tgt = self.target_model
             want = (
                 sum(
-                    host_compute_s(
+                    host_compute_on_tier_s(
+                        self.hardware,
+                        self.store.home(k),
                         int((ids == k[1]).sum()),
                         tgt.expert_params,
                         self.emulated_expert_bytes,
-                        self.hardware.tier(self.store.home(k)).read_gbps,
-                        host.gflops,
-                        host.mem_gbps,
                         tgt.hidden_size,
-                        self.hardware.link(self.hardware.tier(self.store.home(k)).link).gbps,
                     )
                     for k in self._host_keys
                 )

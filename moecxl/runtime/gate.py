@@ -101,6 +101,25 @@ def host_compute_s(
     return max(read_s, flops_s) + act_s
 
 
+def host_compute_on_tier_s(
+    hw, tier_name: str, n_tokens: int, expert_params: int, expert_bytes: int, d_model: int
+) -> float:
+    """`host_compute_s` for an expert living on `tier_name` of hardware `hw` (its read rate, the host's
+    compute and memory figures, the GPU link the activations cross)."""
+    tier = hw.tier(tier_name)
+    link = hw.link(tier.link) if tier.link else None
+    return host_compute_s(
+        n_tokens,
+        expert_params,
+        expert_bytes,
+        tier.read_gbps,
+        hw.host.gflops,
+        hw.host.mem_gbps,
+        d_model,
+        link.gbps if link else tier.read_gbps,
+    )
+
+
 def prefetch_gate(
     p_use: float,
     layers_ahead: int,

@@ -231,14 +231,18 @@ def section_headline(ctx: _Ctx, spec: dict) -> dict:
     return {"baseline": spec["baseline"], "rows": rows}
 
 
-def section_batch(ctx: _Ctx, spec: dict) -> dict:
-    rows = {}
-    for b in spec["batches"]:
+def _batches(ctx: _Ctx, batches, rows: dict):
+    """(batch, requests) for each batch size the trace can fill; the others get a 'skipped' row."""
+    for b in batches:
         try:
-            reqs = ctx.requests(batch=int(b))
+            yield b, ctx.requests(batch=int(b))
         except ValueError as e:
             rows[str(b)] = {"skipped": str(e)}
-            continue
+
+
+def section_batch(ctx: _Ctx, spec: dict) -> dict:
+    rows: dict = {}
+    for b, reqs in _batches(ctx, spec["batches"], rows):
         for hw_name, p in spec["runs"]:
             rows.setdefault(str(b), {})[f"{hw_name}/{p}"] = _brief(ctx.run(load_hardware(hw_name), p, reqs))
     return {"rows": rows}
@@ -305,16 +309,9 @@ def section_failure(ctx: _Ctx, spec: dict) -> dict:
 def section_miss_handling(ctx: _Ctx, spec: dict) -> dict:
     """Fetch-only, host-compute-only and the three-way decision per batch size and hardware, with
     energy per token (the issue's 'beyond fetching' comparison)."""
-    variants = spec.get(
-        "policies", {"fetch_only": "moecxl", "host_only": "moecxl_host", "three_way": "moecxl_nd"}
-    )
+    variants = spec.get("policies", MISS_VARIANTS)
     rows: dict = {}
-    for b in spec["batches"]:
-        try:
-            reqs = ctx.requests(batch=int(b))
-        except ValueError as e:
-            rows[str(b)] = {"skipped": str(e)}
-            continue
+    for b, reqs in _batches(ctx, spec["batches"], rows):
         for hw_name in spec["hardware"]:
             hw = load_hardware(hw_name)
             for name, pol in variants.items():

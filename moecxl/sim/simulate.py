@@ -20,7 +20,13 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import LinkClock
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.gate import MissCosts, host_compute_s, miss_decision, prefetch_gate, reuse_credit_s
+from moecxl.runtime.gate import (
+    MissCosts,
+    host_compute_on_tier_s,
+    miss_decision,
+    prefetch_gate,
+    reuse_credit_s,
+)
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
@@ -353,19 +359,10 @@ class _Replay:
     def _miss_choice(self, key, n_tokens: int) -> tuple[str, float]:
         """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s)."""
         tier_name = self._source(key)
-        tier = self.hw.tier(tier_name)
-        link = self.hw.link(tier.link) if tier.link else None
         fetch_s = self.clock.expected_wait_s(tier_name, self.expert_bytes, self.now_s)
         host_s = (
-            host_compute_s(
-                n_tokens,
-                self.shape.expert_params,
-                self.expert_bytes,
-                tier.read_gbps,
-                self.hw.host.gflops,
-                self.hw.host.mem_gbps,
-                self.shape.D,
-                link.gbps if link else tier.read_gbps,
+            host_compute_on_tier_s(
+                self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
             )
             * self.cfg.time_scale
         )
