@@ -223,6 +223,14 @@ class TrainConfig:
     tokenizer: str | None = None  # an existing tokenizer.json; None trains one on the train split
     export_dtype: str = "float32"  # dtype of the exported HF checkpoint: float32 | bfloat16
     dense: bool = False  # train the dense baseline (E=1, K=1, F=K·F) instead of the MoE
+    # "adamw", or "adafactor": T5 / Switch's recipe (updates scaled by each parameter's RMS; Shazeer &
+    # Stern 2018, Raffel et al. 2020, Fedus et al. 2022). T5's tied embedding starts at std 1.0, which
+    # AdamW at lr 3e-3 barely moves in a few hundred steps.
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"train.optimizer: unknown {self.optimizer!r}; known: adamw, adafactor")
 
 
 def dumps_json(obj: Any) -> str:

@@ -174,9 +174,8 @@ def loss_terms(model, rows_BT1):
 
 
 def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with linear warm-up and cosine decay to min_lr_ratio · lr, after global-norm clipping.
-
-    Weight decay applies to matrices only (not norm scales or biases).
+    """AdamW (or Adafactor) with linear warm-up and cosine decay to min_lr_ratio · lr, after global-norm
+    clipping. AdamW's weight decay applies to matrices only (not norm scales or biases).
     """
     warmup = min(tc.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -187,10 +186,13 @@ def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTra
         end_value=tc.learning_rate * tc.min_lr_ratio,
     )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    opt = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask),
-    )
+    if tc.optimizer == "adafactor":
+        # Factored second moments, update clipping at RMS 1, step scaled by the parameter's RMS (T5);
+        # no weight decay, as in T5 / Switch pre-training.
+        inner = optax.adafactor(schedule, multiply_by_parameter_scale=True, clipping_threshold=1.0)
+    else:
+        inner = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask)
+    opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), inner)
     return opt, schedule
 
 

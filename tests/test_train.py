@@ -252,13 +252,21 @@ def test_switch_prefix_lm_trains_and_exports(corpus, tmp_path):
         tie_word_embeddings=True,
         max_position_embeddings=256,
     )
-    tc = dataclasses.replace(tiny_train(corpus), export_dtype="bfloat16")
+    # T5 / Switch's recipe, as configs/models/switch-topology.yaml trains it.
+    tc = dataclasses.replace(
+        tiny_train(corpus), export_dtype="bfloat16", optimizer="adafactor", learning_rate=0.1
+    )
     metrics = train(cfg, tc, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["lm_loss"] < log[0]["lm_loss"]
     loaded = moecxl.load(tmp_path / "final")
     assert loaded.cfg.family == "switch" and loaded.cfg.dtype == "bfloat16"
     assert math.isfinite(metrics["test_ppl"])
+
+
+def test_unknown_optimizer_is_a_config_error():
+    with pytest.raises(ValueError, match="train.optimizer: unknown 'sgd'"):
+        TrainConfig(optimizer="sgd")
 
 
 # ---- configs and shipped checkpoints --------------------------------------------------------------
