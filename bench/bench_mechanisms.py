@@ -1,9 +1,11 @@
-"""The paper's multi-device mechanisms on four emulated CXL devices (CXL-A..D): ablation, tier
-distribution, per-device utilisation, and TPOT during and after a device failure.
+"""The paper's multi-device mechanisms on four emulated CXL devices (CXL-A..D): ablation (placement,
+replication, rebalancing, striping), tier distribution, per-device utilisation, and TPOT during and
+after a device failure.
 
-Copies are real memcpys; link speeds are imposed by configs/hardware/h100-4cxl.yaml for the target
-model's expert (Mixtral-8x7B), time-scaled to this machine's measured layer time (timing: emulated).
-    python bench/bench_mechanisms.py [--model models/mixtral-topology] [--tokens 24] [--out FILE]
+Copies are real memcpys; link speeds are imposed by configs/hardware/h100-4cxl.yaml (or --hardware) for
+the target model's expert (Mixtral-8x7B), time-scaled to this machine's measured layer time (emulated).
+    python bench/bench_mechanisms.py [--model models/mixtral-topology] [--tokens 24] [--hardware YAML]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,16 +25,31 @@ from moecxl.memory import Fault, Hardware  # noqa: E402
 from moecxl.runtime.engine import OffloadEngine, calibrate_time_scale  # noqa: E402
 
 VARIANTS = {
-    # name: (frequency-aware placement, replication of hot experts, background rebalancing)
-    "all mechanisms": (True, True, True),
-    "no placement (uniform homes)": (False, True, True),
-    "no replication / scheduling choice": (True, False, True),
-    "no rebalancing": (True, True, False),
-    "none": (False, False, False),
+    # name: (frequency-aware placement, replication of hot experts, background rebalancing, striping)
+    "all mechanisms": (True, True, True, True),
+    "no placement (uniform homes)": (False, True, True, True),
+    "no replication / scheduling choice": (True, False, True, True),
+    "no rebalancing": (True, True, False, True),
+    "no striping": (True, True, True, False),
+    "none": (False, False, False, False),
 }
 
 
-def run(model, x, hw, scale, policy, budget, tokens, freq, placement_on, replicate_on, rebalance_on, ref):
+def run(
+    model,
+    x,
+    hw,
+    scale,
+    policy,
+    budget,
+    tokens,
+    freq,
+    placement_on,
+    replicate_on,
+    rebalance_on,
+    stripe_on,
+    ref,
+):
     eng = OffloadEngine(
         model,
         hardware=hw,
@@ -46,6 +63,8 @@ def run(model, x, hw, scale, policy, budget, tokens, freq, placement_on, replica
     )
     if replicate_on:
         eng.replicate(max(1, eng.L * eng.E // 8))
+    if stripe_on:
+        eng.stripe()  # every expert whose striped read lands sooner than its home copy
     res = generate(model, x, max_new_tokens=tokens, engine=eng)
     m = res.metrics
     eng.close()
@@ -59,6 +78,7 @@ def run(model, x, hw, scale, policy, budget, tokens, freq, placement_on, replica
         "distribution": m["distribution"],
         "migrations": m["migrations"],
         "faults": m["faults"],
+        "striping": m["striping"],
         "bit_identical": bool(np.array_equal(res.logits, ref.logits)),
         "timing": m["timing"],
         "step_times_s": None,
@@ -71,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--policy", default="moecxl")
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--hardware", default="configs/hardware/h100-4cxl.yaml")
     ap.add_argument("--out", default="bench/results/mechanisms.json")
     args = ap.parse_args(argv)
     model, src = load_model(args.model)
@@ -81,20 +102,21 @@ def main(argv=None):
     warm = generate(model, prompts(model, 2, 16, seed=1), max_new_tokens=args.tokens)
     L, E = len(warm.expert_ids), model.cfg.num_experts
     freq = np.stack([np.bincount(ids.reshape(-1), minlength=E) for ids in warm.expert_ids]).astype(float)
-    hw = Hardware.from_yaml("configs/hardware/h100-4cxl.yaml")
+    hw = Hardware.from_yaml(args.hardware)
     scale = calibrate_time_scale(model, hw, MIXTRAL_8X7B)
     common = (model, x, hw, scale, args.policy, args.budget, args.tokens, freq)
-    run(*common, True, False, False, ref)  # compile
+    run(*common, True, False, False, True, ref)  # compile (striped assembly included)
     ablation = {}
-    for name, (p, r, b) in VARIANTS.items():
-        ablation[name] = run(*common, p, r, b, ref)
+    for name, (p, r, b, s) in VARIANTS.items():
+        ablation[name] = run(*common, p, r, b, s, ref)
         a = ablation[name]
         print(
             f"{name:>36}: TPOT {a['tpot_s'] * 1e3:8.2f} ms  hit {a['hit_rate']:.3f}  exact={a['bit_identical']}  "
+            f"striped {a['striping']['striped_fetches']} (not: {a['striping']['not_striped']})  "
             f"util { ({k: round(v, 3) for k, v in a['utilisation_by_tier'].items()}) }"
         )
     failure = {}
-    for tier in ("cxl-d", "cxl-a"):
+    for tier in [t for t in ("cxl-d", "cxl-a") if t in hw.tier_names]:
         hw_f = dataclasses.replace(hw, faults=(Fault(tier, args.tokens // 3, 2 * args.tokens // 3),))
         eng = OffloadEngine(
             model,
@@ -126,7 +148,7 @@ def main(argv=None):
             f" / after {f['tpot_after_s'] * 1e3:.2f} ms, exact={f['bit_identical']}, restored={f['placement_restored']}"
         )
     out = {
-        "timing": "emulated (copies real, link speeds from h100-4cxl, time-scaled)",
+        "timing": f"emulated (copies real, link speeds from {hw.name}, time-scaled)",
         "machine": machine(),
         "model": src,
         "target_model": MIXTRAL_8X7B.name,

@@ -154,6 +154,8 @@ class HostStore:
         self.home_of: dict[tuple[int, int], str] = {}
         self.node_report: dict[str, dict] = {}
         self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.stripes: dict[tuple[int, int], object] = {}  # key -> runtime.striping.StripeSet
+        self._chunks: dict[tuple[int, int], dict[str, tuple]] = {}  # key -> tier -> (buffer, pinned array)
         self.low_precision = low_precision
         for key, tier in sorted(placement.items()):
             self.add_copy(key, tier)
@@ -217,6 +219,63 @@ class HostStore:
             self._nvme[tier_name].free.append(held)
         self.used_bytes[tier_name] -= self.slot_bytes
 
+    # ---- stripes: an expert as byte-range chunks, one per device ------------------------------------
+    def add_stripe(self, key, stripe, data: np.ndarray | None = None) -> int:
+        """Store `key` as the chunks of `stripe` (each in its own page-aligned buffer on its tier's NUMA
+        node); returns bytes written. Unknown or non-memory tiers and a size mismatch are errors."""
+        if stripe.nbytes != self.layout.nbytes:
+            raise StoreError(
+                f"expert {key}: stripe covers {stripe.nbytes} bytes but the packed expert has {self.layout.nbytes}"
+            )
+        for t in stripe.tiers:
+            if t not in self.hardware.tier_names:
+                raise StoreError(
+                    f"expert {key}: stripe names unknown tier {t!r}; tiers: {', '.join(self.hardware.tier_names)}"
+                )
+            if self.hardware.tier(t).kind not in ("cxl", "dram"):
+                raise StoreError(
+                    f"expert {key}: stripe chunk on {t!r} ({self.hardware.tier(t).kind}); memory tiers only"
+                )
+        pages = [-(-n // ALIGN_BYTES) * ALIGN_BYTES for n in stripe.chunk_bytes]
+        for t, n in zip(stripe.tiers, pages):
+            if self.used_bytes.get(t, 0) + n > self.hardware.tier(t).capacity_bytes:
+                raise StoreError(
+                    f"tier {t!r} is full: {self.used_bytes.get(t, 0)} of {self.hardware.tier(t).capacity_bytes} "
+                    f"bytes used, a chunk of expert {key} needs {n} more"
+                )
+        self.drop_stripe(key)
+        raw = np.ascontiguousarray(self.master(key) if data is None else data).view(np.uint8)
+        chunks = {}
+        for t, lo, hi, n in zip(stripe.tiers, stripe.bounds, stripe.bounds[1:], pages):
+            node = self.hardware.tier(t).numa_node
+            buf = self._alloc_on_tier(t, node, n)
+            view = buf[: hi - lo]
+            view[:] = raw[lo:hi]
+            chunks[t] = (buf, _to_pinned_host(view.view(self.layout.np_dtype)))
+            self.used_bytes[t] = self.used_bytes.get(t, 0) + n
+        self.stripes[key], self._chunks[key] = stripe, chunks
+        return self.layout.nbytes
+
+    def drop_stripe(self, key) -> None:
+        stripe = self.stripes.pop(key, None)
+        if stripe is None:
+            return
+        self._chunks.pop(key)
+        for t, n in zip(stripe.tiers, stripe.chunk_bytes):
+            self.used_bytes[t] -= -(-n // ALIGN_BYTES) * ALIGN_BYTES
+
+    def stripe_of(self, key):
+        return self.stripes.get(key)
+
+    def chunk_source(self, key, tier: str):
+        """What a chunk copy reads: the pinned_host array of `key`'s chunk on `tier`."""
+        chunk = self._chunks.get(key, {}).get(tier)
+        if chunk is None:
+            raise StoreError(
+                f"expert {key} has no stripe chunk on tier {tier!r} (stripe: {self.stripes.get(key)})"
+            )
+        return chunk[1]
+
     def tiers_of(self, key) -> tuple[str, ...]:
         return tuple(self._copies.get(key, {}))
 
@@ -264,10 +323,10 @@ class HostStore:
         return buf.view(self.layout.np_dtype)
 
     # ---- allocation ----------------------------------------------------------------------------------
-    def _alloc_on_tier(self, tier_name: str, node: int | None) -> np.ndarray:
+    def _alloc_on_tier(self, tier_name: str, node: int | None, nbytes: int | None = None) -> np.ndarray:
         present = numa.supported() and node is not None and node in numa.memory_nodes()
         use = node if present else 0
-        buf = numa.alloc_on_node(self.slot_bytes, use)
+        buf = numa.alloc_on_node(self.slot_bytes if nbytes is None else nbytes, use)
         if tier_name not in self.node_report:
             report = {
                 "numa_node_asked": node,

@@ -79,6 +79,33 @@ class LinkClock:
         link_start = max(now_s, self.link_free_s.get(tier.link or tier_name, 0.0))
         return max(start + dev_s, link_start + link_s) + fixed_s - now_s
 
+    def reserve_stripe(self, tier_names, chunk_bytes, now_s: float) -> tuple[float, tuple[float, ...]]:
+        """Book a striped read: one chunk copy per device, submitted together at `now_s`; each holds its
+        device and the shared link for its own bytes. Returns (done_s of the last chunk, each chunk's)."""
+        if len(tier_names) != len(chunk_bytes):
+            raise ValueError(f"stripe over {list(tier_names)} given {len(chunk_bytes)} chunk sizes")
+        dones = tuple(self.reserve(t, b, now_s)[1] for t, b in zip(tier_names, chunk_bytes))
+        return max(dones), dones
+
+    def expected_stripe_wait_s(self, tier_names, chunk_bytes, now_s: float) -> float:
+        """How long a striped read submitted now would take (its last chunk), without booking it."""
+        trial = LinkClock(self.hardware, self.time_scale, dict(self.tier_free_s), dict(self.link_free_s))
+        return trial.reserve_stripe(tier_names, chunk_bytes, now_s)[0] - now_s
+
+    def link_floor_s(self, tier_names, chunk_bytes, now_s: float) -> float:
+        """How long the chunks would take if their devices were idle and unbounded: the shared links'
+        queues and rates alone (the best any striping of these bytes could do now)."""
+        link_free: dict = {}
+        done = now_s
+        for name, nbytes in zip(tier_names, chunk_bytes):
+            tier = self.hardware.tier(name)
+            _, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+            link = tier.link or name
+            start = max(now_s, link_free.get(link, self.link_free_s.get(link, 0.0)))
+            link_free[link] = start + link_s
+            done = max(done, start + link_s + fixed_s)
+        return done - now_s
+
 
 class TransferError(RuntimeError):
     """A copy failed (source offline, corrupted file); the message names the expert and tier."""
@@ -98,6 +125,14 @@ class Transfer:
     value: object = None
     error: BaseException | None = None
     copied_s: float = 0.0  # when the real copy finished
+    chunk: int | None = None  # a striped read's chunk index (bytes of the tier's chunk buffer)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return (self.tier,)
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        return {self.tier: self.nbytes}
 
     def done(self) -> bool:
         return self.done_event.is_set()
@@ -109,6 +144,45 @@ class Transfer:
                 f"copy of expert {self.key} from tier {self.tier!r} failed: {self.error}"
             ) from self.error
         return self.value
+
+
+@dataclass
+class StripedTransfer:
+    """One striped read in flight: a chunk copy per device, running concurrently on each device's queue;
+    `result()` assembles the chunks on the device into the packed expert (bit-identical to one copy)."""
+
+    key: tuple[int, int]
+    parts: tuple[Transfer, ...]
+    submitted_s: float
+    expected_done_s: float
+    low_precision: bool = False
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tuple(p.tier for p in self.parts)
+
+    @property
+    def tier(self) -> str:
+        return "+".join(self.tiers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        return {p.tier: p.nbytes for p in self.parts}
+
+    def done(self) -> bool:
+        return all(p.done() for p in self.parts)
+
+    def result(self):
+        chunks_P = [p.result() for p in self.parts]  # a failed chunk raises, naming its device
+        return _assemble(chunks_P)
+
+
+@jax.jit
+def _assemble(chunks_P):
+    return jnp.concatenate(chunks_P)
 
 
 class TransferEngine:
@@ -149,6 +223,24 @@ class TransferEngine:
         self._queue(tier).put(t)
         return t
 
+    def submit_striped(self, key, stripe) -> StripedTransfer:
+        """Copy `key` as the chunks of `stripe` (a runtime.striping.StripeSet held by the store), one
+        concurrent copy per device; the clock books each chunk on its device and the shared link."""
+        off = [t for t in stripe.tiers if t in self.offline]
+        if off:
+            raise TransferError(f"stripe of expert {key} has chunks on offline tier(s) {off}")
+        clock_bytes = stripe.scaled_bytes(self.emulated_bytes or self.store.layout.nbytes)
+        now = self.now_s()
+        with self._lock:
+            done, dones = self.clock.reserve_stripe(stripe.tiers, clock_bytes, now)
+        parts = tuple(
+            Transfer(key, t, n, False, now, d if self.emulate else now, chunk=i)
+            for i, (t, n, d) in enumerate(zip(stripe.tiers, stripe.chunk_bytes, dones))
+        )
+        for p in parts:
+            self._queue(p.tier).put(p)
+        return StripedTransfer(key, parts, now, done if self.emulate else now)
+
     def _queue(self, tier: str) -> queue.Queue:
         q = self._queues.get(tier)
         if q is None:
@@ -166,7 +258,10 @@ class TransferEngine:
             try:
                 if t.tier in self.offline:
                     raise TransferError(f"tier {t.tier!r} went offline")
-                src = self.store.source(t.key, t.low_precision, tier=t.tier)
+                if t.chunk is not None:
+                    src = self.store.chunk_source(t.key, t.tier)
+                else:
+                    src = self.store.source(t.key, t.low_precision, tier=t.tier)
                 if t.low_precision:
                     value = tuple(jax.device_put(a, self.device_sharding) for a in src)
                 else:

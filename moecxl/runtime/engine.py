@@ -25,6 +25,7 @@ from moecxl.memory.store import ExpertLayout, HostStore, layout_of
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
 from moecxl.runtime import placement as placement_mod
+from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
     host_compute_on_tier_s,
@@ -226,6 +227,8 @@ class OffloadEngine:
         self.freq_ema = np.zeros((self.L, self.E)) if freq is None else freq / max(1e-12, freq.sum()) * self.L
         self._step_counts_py = [[0] * self.E for _ in range(self.L)]  # this step's visits per (layer, expert)
         self.replicate_hot = int(replicate_hot)
+        self.stripe_min_gain = striping.MIN_GAIN  # a striped read must land this much sooner (see `stripe`)
+        self.stripe_report: dict = {"striped": 0, "skipped": {}}
         self.faults = tuple(getattr(self.hardware, "faults", ()) or ())
         self.timeline: list[dict] = []  # per decode step: bytes and busy time per tier (utilisation)
         # The three-way miss decision (policy moecxl_nd): fetch, host compute, or low precision.
@@ -405,7 +408,7 @@ class OffloadEngine:
         now = self.transfers.now_s()
         clock = self.transfers.clock
         tier_name = self._source(key)
-        fetch_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes, now)
+        fetch_s = self._plan(key).expected_s  # the scheduler's choice: best copy or a striped read
         host_s = (
             host_compute_on_tier_s(
                 self.hardware,
@@ -547,12 +550,35 @@ class OffloadEngine:
         self.c.evictions += 1
         self._event("evict", layer=key[0], expert=key[1])
 
+    def _plan(self, key, low_precision: bool = False) -> striping.FetchPlan:
+        """CXL-aware scheduling (`striping.plan_fetch`, shared with the simulator): of the expert's online
+        whole copies the one that would land first, or its striped read where that lands sooner."""
+        if all(t in self.offline for t in self.store.tiers_of(key)):
+            self._rehome(key)
+        return striping.plan_fetch(
+            self.store.tiers_of(key),
+            self.store.stripe_of(key),
+            self.transfers.clock,
+            self.emulated_expert_bytes,
+            self.transfers.now_s(),
+            self.offline,
+            low_precision,
+            self.stripe_min_gain,
+        )
+
     def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
         slot = self._take_slot(protect)
-        tier = self._source(key)
-        tr = self.transfers.submit(key, tier, low_precision=low_precision)
+        plan = self._plan(key, low_precision)
+        tier = plan.label
+        if plan.striped:
+            tr = self.transfers.submit_striped(key, self.store.stripe_of(key))
+            self.c.striped_fetches += 1
+        else:
+            tr = self.transfers.submit(key, tier, low_precision=low_precision)
+            self.c.not_striped[plan.reason] += 1
         self.inflight[key] = (tr, slot, prefetched)
-        self.c.bytes_by_tier[tier] += tr.nbytes
+        for t, nbytes in tr.bytes_by_tier().items():
+            self.c.bytes_by_tier[t] += nbytes
         self.c.max_queue = max(self.c.max_queue, len(self.inflight))
         if prefetched:
             self.c.prefetch_issued += 1
@@ -570,7 +596,7 @@ class OffloadEngine:
         try:
             value = tr.result()
         except TransferError:
-            if tr.tier not in self.offline:
+            if self.offline.isdisjoint(tr.tiers):
                 raise
             # Its source went offline mid-copy: fetch again from another copy (or the master).
             self.c.refetches += 1
@@ -640,8 +666,7 @@ class OffloadEngine:
 
     def _gate(self, key, p, m) -> bool:
         tier = self.store.home(key)
-        now = self.transfers.now_s()
-        wait = self.transfers.clock.expected_wait_s(tier, self.emulated_expert_bytes, now)
+        wait = self._plan(key).expected_s
         one = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
         layer_s = self._layer_s or one / 10
         victim_p = 0.0
@@ -812,6 +837,34 @@ class OffloadEngine:
                 break
         return done
 
+    def stripe(self, n: int | None = None, max_width: int = striping.MAX_WIDTH, kinds=("cxl",)) -> dict:
+        """Stripe the hottest `n` experts (None: every one) across devices chosen by rate and load
+        (`striping.stripe_placement`), where a striped read lands sooner than the home copy; the
+        scheduler then picks per fetch. Returns {"striped": count, "skipped": {reason: count}}."""
+        homes = {k: self.store.home(k) for k in self.store.home_of}
+        stripes, skipped = striping.stripe_placement(
+            self.hardware,
+            homes,
+            self.layout.nbytes,
+            self.freq_ema if self.freq_ema.any() else None,
+            used_bytes=dict(self.store.used_bytes),
+            cost_bytes=self.emulated_expert_bytes,
+            limit=n,
+            kinds=kinds,
+            offline=set(self.offline),
+            max_width=max_width,
+            min_gain=self.stripe_min_gain,
+        )
+        for key, st in stripes.items():
+            self.store.add_stripe(key, st)
+            for t, nbytes in zip(st.tiers, st.chunk_bytes):
+                self.c.migration_bytes[t] += nbytes
+        reasons: dict = defaultdict(int)
+        for r in skipped.values():
+            reasons[r] += 1
+        self.stripe_report = {"striped": len(stripes), "skipped": dict(reasons)}
+        return self.stripe_report
+
     # ---- visibility ------------------------------------------------------------------------------------
     def where(self) -> dict:
         """Where every expert is: its home tier, and whether it is on the device or in flight."""
@@ -826,6 +879,7 @@ class OffloadEngine:
             ],
             "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.store.home_of.items())},
             "copies": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
+            "stripes": {f"{k[0]}:{k[1]}": list(s.tiers) for k, s in sorted(self.store.stripes.items())},
             "tiers": {t: len(self.store.homed_on(t)) for t in self.hardware.tier_names},
             "distribution": self.distribution(),
             "offline": sorted(self.offline),
@@ -861,6 +915,12 @@ class OffloadEngine:
             "miss_choices": dict(c.miss_choices),
             "host_computed_tokens": c.host_tokens,
             "refetches": c.refetches,
+            "striping": {
+                "stripe_sets": len(self.store.stripes),
+                "striped_fetches": c.striped_fetches,
+                "not_striped": dict(c.not_striped),
+                "sets_skipped": dict(self.stripe_report["skipped"]),
+            },
             "faults": list(c.fault_events),
             "distribution": self.distribution(),
             "utilisation_by_tier": self.utilisation(),
@@ -932,6 +992,8 @@ class _Counters:
         self.fault_events: list[dict] = []
         self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
         self.host_tokens = 0
+        self.striped_fetches = 0
+        self.not_striped = defaultdict(int)  # why a fetch read one whole copy (striping.REASONS)
 
 
 def _restricted(hw: Hardware, tier_names) -> Hardware:

@@ -266,23 +266,36 @@ def section_long_context(ctx: _Ctx, spec: dict) -> dict:
 
 
 def section_ablation(ctx: _Ctx, spec: dict) -> dict:
+    """moecxl with one mechanism removed at a time on one profile; `striping_hardware` (optional) adds
+    full / no_striping pairs on other profiles (where devices are slow or fast relative to the link)."""
     hw = load_hardware(spec["hardware"])
     reqs = ctx.requests(batch=int(spec.get("batch", 1)))
     full = get_policy("moecxl")
-    variants = {
-        "full": (full, "frequency"),
-        "no_placement": (full, "uniform"),
+    variants = {  # name: (policy, placement, striping)
+        "full": (full, "frequency", True),
+        "no_placement": (full, "uniform", True),
         "no_prefetch": (
             dataclasses.replace(full, name="moecxl-no-prefetch", prefetch=None, horizon=0),
             "frequency",
+            True,
         ),
-        "no_balancing": (full, "first_fit"),
+        "no_balancing": (full, "first_fit", True),
+        "no_striping": (full, "frequency", False),
     }
-    rows = {}
-    for name, (pol, place) in variants.items():
-        m = ctx.run(hw, pol, reqs, placement=place)
-        rows[name] = _brief(m) | {"placement": m.get("placement")}
-    return {"hardware": spec["hardware"], "rows": rows}
+
+    def row(hw_, pol, place, stripe):
+        m = ctx.run(hw_, pol, reqs, placement=place, striping=stripe)
+        return _brief(m) | {"placement": m.get("placement"), "striping": m.get("striping")}
+
+    rows = {name: row(hw, *v) for name, v in variants.items()}
+    striping_rows = {
+        name: {v: row(load_hardware(name), *variants[v]) for v in ("full", "no_striping")}
+        for name in spec.get("striping_hardware", [])
+    }
+    for pair in [rows] + list(striping_rows.values()):
+        if "tpot_s" in pair["full"] and "tpot_s" in pair["no_striping"]:
+            pair["full"]["tpot_gain_from_striping"] = pair["no_striping"]["tpot_s"] / pair["full"]["tpot_s"]
+    return {"hardware": spec["hardware"], "rows": rows, "striping_rows": striping_rows}
 
 
 def section_failure(ctx: _Ctx, spec: dict) -> dict:
@@ -414,6 +427,7 @@ def _profiles_used(exp: dict) -> list[str]:
         )
         if isinstance(spec.get("hardware"), str):
             names.add(spec["hardware"])
+        names.update(spec.get("striping_hardware", []))
         names.update(h for h, _ in spec.get("runs", []))
         if "baseline" in spec:
             names.add(spec["baseline"]["hardware"])

@@ -19,7 +19,8 @@ def _save(fig, out: Path, name: str, paths: list):
 
 
 def plot_results(results: dict, out: str | Path) -> list[Path]:
-    """Headline TPOT/TTFT bars, batch throughput, long-context TPOT, failure timeline (those present)."""
+    """Headline TPOT/TTFT bars, batch throughput, long-context TPOT, ablation, failure timeline (those
+    present)."""
     out, paths = Path(out), []
     target = results["target"]["name"]
     secs = results["sections"]
@@ -62,6 +63,8 @@ def plot_results(results: dict, out: str | Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.set_title(f"{target}: long context (simulated)")
         _save(fig, out, "long_context", paths)
+    if "ablation" in secs:
+        _plot_ablation(secs["ablation"], target, out, paths)
     if "failure" in secs:
         fig, ax = plt.subplots(figsize=(7, 4))
         for p, v in secs["failure"]["rows"].items():
@@ -75,3 +78,32 @@ def plot_results(results: dict, out: str | Path) -> list[Path]:
         ax.set_title(f"{target}: device failure (shaded: offline) (simulated)")
         _save(fig, out, "failure", paths)
     return paths
+
+
+def _plot_ablation(abl: dict, target: str, out: Path, paths: list) -> None:
+    """TPOT of each variant (and the striping pairs on other profiles), and per-device utilisation with
+    and without striping."""
+    bars = {f"{abl['hardware']}/{k}": v for k, v in abl["rows"].items() if "tpot_s" in v}
+    pairs = {abl["hardware"]: abl["rows"], **abl.get("striping_rows", {})}
+    for hw, pair in abl.get("striping_rows", {}).items():
+        bars.update({f"{hw}/{k}": v for k, v in pair.items() if "tpot_s" in v})
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4, 0.3 * len(bars))))
+    axes[0].barh(list(bars), [v["tpot_s"] * 1e3 for v in bars.values()])
+    axes[0].set_xlabel("TPOT (ms)")
+    axes[0].tick_params(axis="y", labelsize=7)
+    labels, width = [], 0.4
+    for i, (hw, pair) in enumerate(pairs.items()):
+        variants = ("full", "no_striping")
+        tiers = sorted({t for v in variants for t in pair.get(v, {}).get("utilisation_by_tier", {})})
+        for j, variant in enumerate(variants):
+            util = pair.get(variant, {}).get("utilisation_by_tier", {})
+            xs = [len(labels) + k + (j - 0.5) * width for k in range(len(tiers))]
+            ys = [util.get(t, 0.0) for t in tiers]
+            axes[1].bar(xs, ys, width, color=f"C{j}", label=variant if i == 0 else None)
+        labels += [f"{hw}\n{t}" for t in tiers]
+    axes[1].set_xticks(range(len(labels)), labels, fontsize=6, rotation=60)
+    axes[1].set_ylabel("device busy fraction")
+    axes[1].legend(fontsize=7, title="striping", title_fontsize=7)
+    fig.suptitle(f"{target}: ablation (moecxl minus one mechanism) and striping by profile (simulated)")
+    fig.tight_layout()
+    _save(fig, out, "ablation", paths)

@@ -20,6 +20,7 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, copy_time_s
 from moecxl.memory.transfer import LinkClock
 from moecxl.runtime import placement as placement_mod
+from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
     host_compute_on_tier_s,
@@ -38,6 +39,7 @@ from moecxl.runtime.policies import (
     pregate_vote_probs,
     topk_candidates,
 )
+from moecxl.runtime.striping import MAX_WIDTH, MIN_GAIN
 from moecxl.sim.costmodel import ModelShape, head_s, visit_s
 from moecxl.sim.energy import EnergyModel, run_energy
 from moecxl.sim.workload import Request, Visit, oracle_future
@@ -76,6 +78,9 @@ class SimConfig:
     fallback_tier: str = "dram"
     quality_budget: float = 0.0  # fraction of misses a policy with host_compute may serve in int8
     record_events: bool = False
+    striping: bool = False  # stripe experts across CXL devices where that lands sooner (runtime.striping)
+    stripe_max_width: int = MAX_WIDTH
+    stripe_min_gain: float = MIN_GAIN
 
 
 @dataclass
@@ -107,6 +112,8 @@ class _Counters:
         self.host_s = 0.0
         self.busy_s = 0.0  # GPU compute (roofline) time
         self.host_read_bytes_by_tier: dict = defaultdict(int)
+        self.striped_fetches = 0
+        self.not_striped: dict = defaultdict(int)
 
 
 class _Replay:
@@ -136,8 +143,10 @@ class _Replay:
                 "'host:' block (gflops, mem_gbps) in its profile"
             )
         self.placement = placement
+        self.stripes: dict = {}  # key -> striping.StripeSet (simulate() fills it when cfg.striping)
         self.library = library
-        self.future = oracle_future(requests) if self.policy.prefetch == "oracle" else []
+        knows_future = self.policy.prefetch == "oracle" or self.policy.evict == "belady"
+        self.future = oracle_future(requests) if knows_future else []
         self.belady = NextUse(self.future, 4 * self.L)
         self.reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
         self.clock = LinkClock(hw, cfg.time_scale)
@@ -210,13 +219,36 @@ class _Replay:
         self.c.evictions += 1
         self._event("evict", layer=key[0], expert=key[1])
 
+    def _plan(self, key, low_precision: bool = False, source: str | None = None) -> striping.FetchPlan:
+        """The engine's scheduling (`striping.plan_fetch`): the home copy (or the fallback while its tier
+        is offline; `source` when the caller has it) or the striped read, whichever lands sooner."""
+        return striping.plan_fetch(
+            (source or self._source(key),),
+            self.stripes.get(key),
+            self.clock,
+            self._copy_bytes(low_precision),
+            self.now_s,
+            self.offline,
+            low_precision,
+            self.cfg.stripe_min_gain,
+        )
+
     def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
         self._take_slot(protect)
-        tier = self._source(key)
+        plan = self._plan(key, low_precision)
         nbytes = self._copy_bytes(low_precision)
-        _, done = self.clock.reserve(tier, nbytes, self.now_s)
+        if plan.striped:
+            chunks = self.stripes[key].scaled_bytes(nbytes)
+            done, _ = self.clock.reserve_stripe(plan.tiers, chunks, self.now_s)
+            self.c.striped_fetches += 1
+        else:
+            chunks = (nbytes,)
+            _, done = self.clock.reserve(plan.tiers[0], nbytes, self.now_s)
+            self.c.not_striped[plan.reason] += 1
+        tier = plan.label
         self.inflight[key] = _Copy(tier, done, prefetched, low_precision)
-        self.c.bytes_by_tier[tier] += nbytes
+        for t, b in zip(plan.tiers, chunks):
+            self.c.bytes_by_tier[t] += b
         self.c.max_queue = max(self.c.max_queue, len(self.inflight))
         if prefetched:
             self.c.prefetch_issued += 1
@@ -359,7 +391,7 @@ class _Replay:
     def _miss_choice(self, key, n_tokens: int) -> tuple[str, float]:
         """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s)."""
         tier_name = self._source(key)
-        fetch_s = self.clock.expected_wait_s(tier_name, self.expert_bytes, self.now_s)
+        fetch_s = self._plan(key, source=tier_name).expected_s
         host_s = (
             host_compute_on_tier_s(
                 self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
@@ -384,7 +416,7 @@ class _Replay:
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
-        wait = self.clock.expected_wait_s(tier, self.expert_bytes, self.now_s)
+        wait = self._plan(key, source=tier).expected_s
         one = copy_time_s(tier, self.expert_bytes, self.hw) * self.cfg.time_scale
         layer_s = one / 10  # as the engine: its measured layer time (`_layer_s`) is not set yet
         victim_p = 0.0
@@ -456,6 +488,18 @@ def simulate(
             raise SimError(f"fault names unknown tier {tier!r}; tiers of {hw.name!r}: {sorted(known)}")
     homes = placement or make_placement(hw, shape, cfg.placement, freq_LE)
     r = _Replay(shape, hw, cfg, requests, homes, list(eam_library))
+    stripe_skipped: dict = {}
+    if cfg.striping:
+        r.stripes, skipped = striping.stripe_placement(
+            hw,
+            homes,
+            shape.expert_bytes,
+            freq_LE if cfg.placement == "frequency" else None,
+            max_width=cfg.stripe_max_width,
+            min_gain=cfg.stripe_min_gain,
+        )
+        for reason in skipped.values():
+            stripe_skipped[reason] = stripe_skipped.get(reason, 0) + 1
     step_times, ttfts, tpots, tokens = [], [], [], 0
     decode_step = 0
     t_begin = None
@@ -500,6 +544,12 @@ def simulate(
             tokens += req.batch * len(out_s)
     wall_s = r.now_s - (t_begin if t_begin is not None else 0.0)
     metrics = _metrics(r, ttfts, tpots, tokens, wall_s, requests, cfg)
+    metrics["striping"] = {
+        "stripe_sets": len(r.stripes),
+        "sets_skipped": stripe_skipped,
+        "striped_fetches": r.c.striped_fetches,
+        "not_striped": dict(r.c.not_striped),
+    }
     if energy is not None and tokens:
         metrics["energy"] = run_energy(metrics, hw, energy, tokens)
     return SimResult(metrics, step_times, r.events)
