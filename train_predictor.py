@@ -1,7 +1,7 @@
 """Train the learned expert predictor on router traces and evaluate it against every baseline.
 
 python train_predictor.py --traces DIR [--out DIR] [--config configs/predictor/default.yaml]
-    [--model DIR] [--test-traces DIR] [--max-steps N]
+    [--model DIR] [--test-traces DIR] [--max-steps N] [--data-parallel N]
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--test-traces", default=None, help="evaluate on these traces instead of the test split")
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each training batch over N devices, gradients of the whole batch (0: all devices; "
+        "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from pathlib import Path
@@ -39,6 +47,7 @@ def main(argv=None) -> None:
             model=args.model,
             test_traces=args.test_traces,
             progress=not args.no_progress,
+            data_parallel=args.data_parallel,
         )
     except (PredictorError, PredictorDataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

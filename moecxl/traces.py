@@ -18,7 +18,11 @@ layers a token does not pass through hold expert id -1, weight 0 and logits NaN.
 Shard i holds sequences [i*S, (i+1)*S). A shard is written to a temp name and renamed, so a rerun keeps
 the complete shards and computes only the missing ones: no row is duplicated or lost.
 
+`--data-parallel N` splits each prefill batch over N devices (a `data` mesh axis, one SPMD program);
+the rows are those of a single-device collection. Decode (`generate`) stays on one device.
+
     python -m moecxl.traces collect --model DIR --corpus mixed --split test --tokens 100000 --out DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m moecxl.traces collect ... --data-parallel 8
     python -m moecxl.traces stats DIR --out DIR
 """
 
@@ -33,7 +37,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import datasets
@@ -67,6 +71,9 @@ REQUIRED_METADATA = (
     "num_sequences",
     "complete",
 )
+
+
+RUN_ONLY_ARGS = ("batch", "data_parallel")  # how a collection ran, not what it holds: may change on resume
 
 
 class TraceError(ValueError):
@@ -319,8 +326,7 @@ def plan_sequences(
 # ------------------------------------------------------------------------------------------- forwards
 
 
-@partial(jax.jit, static_argnums=0)
-def _decoder_routing(graphdef, state, ids_BT, mask_BT, proj_DP):
+def _decoder_routing_fn(graphdef, state, ids_BT, mask_BT, proj_DP):
     """Routing of every MoE layer of a decoder-only model, stacked: logits, ids, weights, sketch."""
     out = nnx.merge(graphdef, state)(ids_BT, mask_BT)
     st = partial(jnp.stack, axis=2)
@@ -333,11 +339,24 @@ def _decoder_routing(graphdef, state, ids_BT, mask_BT, proj_DP):
     )
 
 
-@partial(jax.jit, static_argnums=0)
-def _switch_encoder_routing(graphdef, state, ids_BS, mask_BS):
+def _switch_encoder_routing_fn(graphdef, state, ids_BS, mask_BS):
     r = nnx.merge(graphdef, state).encode(ids_BS, mask_BS).routing
     st = partial(jnp.stack, axis=2)
     return st(r.router_logits).astype(jnp.float32), st(r.expert_ids), st(r.expert_weights).astype(jnp.float32)
+
+
+_decoder_routing = jax.jit(_decoder_routing_fn, static_argnums=0)
+_switch_encoder_routing = jax.jit(_switch_encoder_routing_fn, static_argnums=0)
+
+
+@lru_cache(maxsize=8)
+def _dp_routing(graphdef, mesh, switch: bool):
+    """The prefill routing with the batch split over `mesh`'s `data` axis; cached, so a resumed or
+    repeated collection on the same devices compiles it once."""
+    from moecxl.distributed import data_parallel
+
+    fn = _switch_encoder_routing_fn if switch else _decoder_routing_fn
+    return data_parallel(partial(fn, graphdef), mesh, batch_args=(1, 2))
 
 
 def _padded_batch(seqs: Sequence[TraceSeq], T: int, B: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +402,13 @@ def _sort_rows(rows: dict) -> dict:
 
 
 class _Collector:
-    """Routing rows of a batch of sequences, for one model (decoder-only or Switch)."""
+    """Routing rows of a batch of sequences, for one model (decoder-only or Switch).
+
+    With a `mesh`, each prefill batch is split over its `data` axis (one SPMD program, every device
+    routes its rows; the batch is padded to a multiple of the axis size like a short last batch).
+    Decode stays on one device: `generate` is the engine's per-layer loop with host hand-offs, and its
+    batch (batch / decode_every sequences) is smaller than the device count at the defaults.
+    """
 
     def __init__(
         self,
@@ -394,13 +419,24 @@ class _Collector:
         decode_batch: int,
         proj_DP: np.ndarray,
         router_logits: bool,
+        mesh=None,
     ):
         self.model, self.cfg = model, model.cfg
         self.T, self.M, self.B, self.Bd = prompt_len, decode_tokens, batch, decode_batch
-        self.proj_DP = jnp.asarray(proj_DP, jnp.float32)
+        self.proj_DP = np.asarray(proj_DP, np.float32)
         self.want_logits, self.want_sketch = router_logits, proj_DP.shape[1] > 0
         self.graphdef, self.state = nnx.split(model)
         self.is_switch = self.cfg.family == "switch"
+        if mesh is None:
+            route = _switch_encoder_routing if self.is_switch else _decoder_routing
+            self._route, self._route_state = partial(route, self.graphdef), self.state
+        else:
+            from moecxl.distributed import DATA, replicate_tree
+
+            n = mesh.shape[DATA]
+            self.B = -(-batch // n) * n
+            self._route = _dp_routing(self.graphdef, mesh, self.is_switch)
+            self._route_state = replicate_tree(self.state, mesh)
 
     def rows(self, seqs: Sequence[TraceSeq]) -> dict:
         """Prefill rows of every sequence and decode rows of those marked `decode`."""
@@ -425,7 +461,7 @@ class _Collector:
         ids, mask = _padded_batch(seqs, self.T, self.B, self.cfg.pad_token_id)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         if self.is_switch:
-            lg, e, w = (np.asarray(a) for a in _switch_encoder_routing(self.graphdef, self.state, ids, mask))
+            lg, e, w = (np.asarray(a) for a in self._route(self._route_state, ids, mask))
             lg, e, w = (
                 self._pad_layers(lg, np.nan, True),
                 self._pad_layers(e, -1, True),
@@ -433,9 +469,7 @@ class _Collector:
             )
             sk = None
         else:
-            lg, e, w, sk = (
-                np.asarray(a) for a in _decoder_routing(self.graphdef, self.state, ids, mask, self.proj_DP)
-            )
+            lg, e, w, sk = (np.asarray(a) for a in self._route(self._route_state, ids, mask, self.proj_DP))
         return _rows(
             seqs,
             "prefill",
@@ -556,7 +590,7 @@ def _check_append(meta_path: Path, old: dict, new: dict) -> None:
         ("model.hash", old["model"].get("hash"), new["model"]["hash"]),
         ("tokenizer.hash", old["tokenizer"].get("hash"), new["tokenizer"]["hash"]),
     ]
-    pairs += [(f"args.{k}", old["args"].get(k), v) for k, v in new["args"].items() if k != "batch"]
+    pairs += [(f"args.{k}", old["args"].get(k), v) for k, v in new["args"].items() if k not in RUN_ONLY_ARGS]
     for field, a, b in pairs:
         if a != b:
             raise TraceError(
@@ -584,13 +618,17 @@ def collect(
     fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
     holdout_domain: str | None = None,
     max_shards: int | None = None,
+    data_parallel: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Collect router traces of `model` (a checkpoint path or a model object) on a corpus split into `out`.
 
     Resumes automatically: complete shards already in `out` are kept and their sequences skipped; an
     existing directory of another model shape, model or arguments is an error. `max_shards` stops after
-    writing that many new shards (an interruption, for tests). Returns `out`.
+    writing that many new shards (an interruption, for tests). `data_parallel` > 1 splits each prefill
+    batch over that many of this process's devices (0: all), padding `batch` up to a multiple of it; the
+    traces equal a single-device collection's (floats up to rounding), so either may resume the other.
+    Returns `out`.
     """
     import moecxl
     from moecxl.data import SplitSpec, load_tokenizer, trace_documents
@@ -619,6 +657,15 @@ def collect(
     ):
         if v < 1:
             raise TraceError(f"collect: {name} must be >= 1, got {v}")
+    mesh = None
+    if data_parallel != 1:
+        from moecxl.distributed import DATA, MeshError, data_mesh
+
+        try:
+            mesh = data_mesh(data_parallel)
+        except MeshError as e:
+            raise TraceError(f"collect: --data-parallel {data_parallel}: {e}") from e
+        data_parallel = mesh.shape[DATA]
     if cfg.family != "switch" and prompt_len + decode_tokens + 1 > cfg.max_position_embeddings:
         raise TraceError(
             f"collect: prompt_len + decode_tokens + 1 = {prompt_len + decode_tokens + 1} exceeds "
@@ -646,6 +693,7 @@ def collect(
         "fractions": list(fractions),
         "holdout_domain": holdout_domain,
         "batch": batch,
+        "data_parallel": data_parallel,
     }
     feats = features(L, E, K, sketch, router_logits)
     meta = {
@@ -694,7 +742,7 @@ def collect(
         )
     shards = [seqs[i : i + shard_seqs] for i in range(0, len(seqs), shard_seqs)]
     decode_batch = max(1, -(-batch // decode_every)) if decode_tokens else 1
-    col = _Collector(model, prompt_len, decode_tokens, batch, decode_batch, proj_DP, router_logits)
+    col = _Collector(model, prompt_len, decode_tokens, batch, decode_batch, proj_DP, router_logits, mesh)
     say = progress or (lambda msg: print(msg, file=sys.stderr))
 
     manifest, written = [], 0
@@ -1070,6 +1118,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     c.add_argument("--decode-every", type=int, default=4, help="continue every n-th sequence with generate")
     c.add_argument("--batch", type=int, default=8)
+    c.add_argument(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each prefill batch over N devices (0: all; batch padded to a multiple of N). "
+        "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N",
+    )
     c.add_argument("--router-logits", action="store_true", help="store raw router logits [L][E]")
     c.add_argument(
         "--sketch", type=int, default=0, metavar="P", help="store hidden sketches [L][P] (e.g. 16)"
@@ -1099,6 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 decode_tokens=args.decode_tokens,
                 decode_every=args.decode_every,
                 batch=args.batch,
+                data_parallel=args.data_parallel,
                 router_logits=args.router_logits,
                 sketch=args.sketch,
                 sketch_seed=args.sketch_seed,

@@ -166,11 +166,18 @@ def _init_params(cfg: PredictorConfig, seed: int):
     return nnx.split(ExpertPredictor(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1]
 
 
-def bce_loss(logits_WHE, target_WHE, valid_WH):
-    """Mean binary cross-entropy over valid (window, horizon, expert)."""
+def bce_sum_count(logits_WHE, target_WHE, valid_WH):
+    """(sum over valid (window, horizon) of the mean BCE over experts, number of valid pairs): the two
+    halves of `bce_loss`, so data-parallel shards can add them before dividing."""
     l_WHE = jnp.maximum(logits_WHE, 0) - logits_WHE * target_WHE + jnp.log1p(jnp.exp(-jnp.abs(logits_WHE)))
     m_WH = valid_WH.astype(jnp.float32)
-    return (l_WHE.mean(-1) * m_WH).sum() / jnp.maximum(m_WH.sum(), 1.0)
+    return (l_WHE.mean(-1) * m_WH).sum(), m_WH.sum()
+
+
+def bce_loss(logits_WHE, target_WHE, valid_WH):
+    """Mean binary cross-entropy over valid (window, horizon, expert)."""
+    total, count = bce_sum_count(logits_WHE, target_WHE, valid_WH)
+    return total / jnp.maximum(count, 1.0)
 
 
 def flops_per_window(cfg: PredictorConfig) -> int:

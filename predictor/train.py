@@ -26,8 +26,11 @@ import optax
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from moecxl.distributed import DATA, MeshError, data_mesh, dp_value_and_grad, replicate_tree, shard_batch
+from moecxl.distributed.expert_parallel import to_local
 from predictor import metrics as M
 from predictor.baselines import fit_baselines
 from predictor.checkpoint import PredictorError, save_predictor
@@ -42,7 +45,7 @@ from predictor.data import (
     split_rows,
     windows,
 )
-from predictor.model import PredictorConfig, bce_loss, encode, flops_per_window, init
+from predictor.model import PredictorConfig, bce_loss, bce_sum_count, encode, flops_per_window, init
 
 # Mixtral-8x7B MoE layer, batch-1 decode on an H100 (FACTS: "The arithmetic of a miss"), and H100 bf16 dense.
 TARGET_LAYER_S = 0.21e-3
@@ -130,15 +133,19 @@ def _raw(b: Batch) -> tuple:
     )
 
 
-def _loss(graphdef, params, raw, E: int, use_pregate: bool):
+def _logits_targets(graphdef, params, raw, E: int, use_pregate: bool):
+    """(logits [W, H, E], multi-hot targets [W, H, E], valid [W, H]) of raw batch arrays."""
     *inputs, target_ids_WHK = raw
     logits = nnx.merge(graphdef, params)(encode(*inputs, E=E, use_pregate=use_pregate))
-    target = multi_hot(target_ids_WHK, E, xp=jnp)
-    return bce_loss(logits, target, (target_ids_WHK >= 0).all(-1))
+    return logits, multi_hot(target_ids_WHK, E, xp=jnp), (target_ids_WHK >= 0).all(-1)
+
+
+def _loss(graphdef, params, raw, E: int, use_pregate: bool):
+    return bce_loss(*_logits_targets(graphdef, params, raw, E, use_pregate))
 
 
 @functools.lru_cache
-def _optimizer(weight_decay: float) -> optax.GradientTransformation:
+def optimizer(weight_decay: float) -> optax.GradientTransformation:
     """AdamW without its learning rate (passed per step), one object per setting: the jitted step
     then compiles once per predictor shape, whatever the schedule."""
     return optax.chain(
@@ -146,12 +153,54 @@ def _optimizer(weight_decay: float) -> optax.GradientTransformation:
     )
 
 
+def _apply(opt, params, opt_state, grads, lr):
+    updates, opt_state = opt.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
+    return optax.apply_updates(params, updates), opt_state
+
+
 @partial(jax.jit, static_argnums=(0, 1, 6, 7))
 def _train_step(graphdef, opt, params, opt_state, raw, lr, E: int, use_pregate: bool):
     loss, grads = jax.value_and_grad(lambda p: _loss(graphdef, p, raw, E, use_pregate))(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: -lr * u, updates)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (*_apply(opt, params, opt_state, grads, lr), loss)
+
+
+@functools.lru_cache(maxsize=8)
+def _dp_train_step(graphdef, opt, mesh, E: int, use_pregate: bool):
+    """`_train_step` as one SPMD program with the windows split over `mesh`'s `data` axis: params and
+    optimizer state replicated, loss and gradients those of the whole batch (sum and count over shards)."""
+    loss_grad = dp_value_and_grad(
+        lambda p, raw: bce_sum_count(*_logits_targets(graphdef, p, raw, E, use_pregate))
+    )
+
+    def local(params, opt_state, raw, lr):
+        loss, grads = loss_grad(params, raw)
+        return (*_apply(opt, params, opt_state, grads, lr), loss)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA), P()), out_specs=P()))
+
+
+def _pad_windows(raw: tuple, n: int) -> tuple:
+    """Raw batch arrays padded to a multiple of `n` windows with copies of window 0 whose targets are all
+    -1: such windows are outside the loss's sum and count, so loss and gradients stay the batch's."""
+    *inputs, target_ids_WHK = raw
+    W = len(target_ids_WHK)
+    pad = -W % n
+    if not pad:
+        return raw
+    idx = np.r_[np.arange(W), np.zeros(pad, np.int64)]
+    no_target = np.full((pad, *target_ids_WHK.shape[1:]), -1, target_ids_WHK.dtype)
+    return (*(x[idx] for x in inputs), np.concatenate([target_ids_WHK, no_target]))
+
+
+def make_train_step(graphdef, opt, E: int, use_pregate: bool, mesh=None):
+    """`step(params, opt_state, batch: Batch, lr) -> (params, opt_state, loss)` on one device, or
+    data-parallel over `mesh`'s `data` axis: params and optimizer state replicated there (`replicate_tree`),
+    the batch padded to a multiple of the axis size (`_pad_windows`) and split over it."""
+    if mesh is None:
+        return lambda p, s, b, lr: _train_step(graphdef, opt, p, s, _raw(b), lr, E, use_pregate)
+    dp, n = _dp_train_step(graphdef, opt, mesh, E, use_pregate), mesh.shape[DATA]
+    return lambda p, s, b, lr: dp(p, s, tuple(shard_batch(x, mesh) for x in _pad_windows(_raw(b), n)), lr)
 
 
 @partial(jax.jit, static_argnums=(0, 3, 4))
@@ -309,13 +358,25 @@ def train(
     model=None,
     test_traces: str | os.PathLike | None = None,
     progress: bool = True,
+    data_parallel: int = 1,
 ) -> dict:
     """Train (resuming from `out/checkpoints`), export the best predictor, write metrics.json. Returns it.
 
     `model`: the traced model (object or path) for pre-gate features; default the traces' metadata path.
     `test_traces`: evaluate on this trace directory (same model) instead of the test split of `traces`.
+    `data_parallel` > 1: each training batch split over that many of this process's devices (0: all),
+    padded to a multiple of it with masked windows; the losses equal one device's up to float rounding,
+    and a run may resume with another device count. Evaluation stays on one device.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    mesh = None
+    if data_parallel != 1:
+        try:
+            mesh = data_mesh(data_parallel)
+        except MeshError as e:
+            raise PredictorError(f"data_parallel={data_parallel}: {e}") from e
+    on_mesh = partial(replicate_tree, mesh=mesh) if mesh is not None else (lambda t: t)
+    one_device = partial(jax.tree.map, to_local) if mesh is not None else (lambda t: t)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     H, C = cfg.horizon, cfg.current_layers
@@ -377,7 +438,7 @@ def train(
     sched = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.max_steps, cfg.warmup_steps + 1)
     )
-    opt = _optimizer(cfg.weight_decay)
+    opt = optimizer(cfg.weight_decay)
     opt_state = jax.jit(opt.init)(params)
     best = params
     progress_rec = {"step": 0, "best_val": None, "bad_evals": 0, "history": [], "stopped": None}
@@ -395,6 +456,8 @@ def train(
             ),
         )
         params, opt_state, best, progress_rec = r.params, r.opt, r.best, dict(r.progress)
+    params, opt_state = on_mesh(params), on_mesh(opt_state)
+    train_step = make_train_step(graphdef, opt, tr.E, use_pg, mesh)
 
     train_n, train_l = win["train"]
     step = progress_rec["step"]
@@ -407,7 +470,7 @@ def train(
             drop = rng.random(cfg.batch_size) < cfg.history_dropout
             b = dataclasses.replace(b, prev_ids_WHK=np.where(drop[:, None, None], -1, b.prev_ids_WHK))
             lr = np.float32(sched(step))
-            params, opt_state, loss = _train_step(graphdef, opt, params, opt_state, _raw(b), lr, tr.E, use_pg)
+            params, opt_state, loss = train_step(params, opt_state, b, lr)
             loss = float(loss)
             if not np.isfinite(loss):
                 raise TrainingDiverged(
@@ -418,7 +481,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val = _mean_loss(graphdef, params, tr, val_wins, pcfg)
+                val = _mean_loss(graphdef, one_device(params), tr, val_wins, pcfg)
                 if not np.isfinite(val) or not _finite(params):
                     raise TrainingDiverged(
                         f"validation loss is {val} at step {step}; stopped. Last good checkpoint: "
@@ -426,7 +489,7 @@ def train(
                     )
                 progress_rec["history"].append({"step": step, "train_loss": loss, "val_loss": val})
                 if progress_rec["best_val"] is None or val < progress_rec["best_val"]:
-                    progress_rec["best_val"], progress_rec["bad_evals"], best = val, 0, params
+                    progress_rec["best_val"], progress_rec["bad_evals"], best = val, 0, one_device(params)
                 else:
                     progress_rec["bad_evals"] += 1
                     if progress_rec["bad_evals"] >= cfg.patience:
@@ -494,7 +557,8 @@ def train(
             "train_domain": cfg.train_domain,
             "windows": {k: int(len(v[0])) for k, v in win.items()} | {"test_evaluated": int(len(n_W))},
         },
-        "training": {k: progress_rec[k] for k in ("step", "best_val", "stopped", "history")},
+        "training": {k: progress_rec[k] for k in ("step", "best_val", "stopped", "history")}
+        | {"data_parallel": 1 if mesh is None else mesh.shape[DATA]},
         "cost": cost_report(graphdef, best, pcfg, cfg.latency_repeats),
         "summary": summary_table(results),
         "results": results,

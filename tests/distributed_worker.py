@@ -3,6 +3,8 @@
 `python -m tests.distributed_worker devices OUT.json`: 8 forced devices, every single-process check.
 `python -m tests.distributed_worker host PORT PID NPROC OUT.json [--timeout S]`: one process of a
 multi-process run on 127.0.0.1:PORT, 2 forced CPU devices each; writes OUT.json.ready once initialised.
+`python -m tests.distributed_worker dp OUT.json WORKDIR`: 8 forced devices, data-parallel trace
+collection and predictor training against their single-device runs (files under WORKDIR).
 """
 
 from __future__ import annotations
@@ -191,6 +193,129 @@ def devices_checks(out_path: str) -> None:
         json.dump(report, f, indent=1)
 
 
+def _trace_diff(a_dir, b_dir) -> dict:
+    """How two trace directories differ: row columns and ids exactly, floats as relative error."""
+    from moecxl.traces import RUN_ONLY_ARGS, read_traces
+
+    a, b = read_traces(a_dir, require_complete=True), read_traces(b_dir, require_complete=True)
+    keys = ("seq_id", "pos", "token_id", "phase", "domain", "doc_id")
+    same_rows = len(a) == len(b) and all(a.table.column(k).equals(b.table.column(k)) for k in keys)
+    args_a, args_b = ({k: v for k, v in t.metadata["args"].items() if k not in RUN_ONLY_ARGS} for t in (a, b))
+    out = {
+        "rows": [len(a), len(b)],
+        "decode_rows": int(a.is_decode.sum()),
+        "same_rows": bool(same_rows),
+        "ids_equal": bool(same_rows and (a.expert_ids == b.expert_ids).all()),
+        "args_equal": args_a == args_b,
+        "data_parallel": [a.metadata["args"]["data_parallel"], b.metadata["args"]["data_parallel"]],
+    }
+    if same_rows:
+        out |= {
+            "weights_rel": rel_err(b.expert_weights, a.expert_weights),
+            "logits_rel": rel_err(b.router_logits, a.router_logits),
+            "sketch_rel": rel_err(b.hidden_sketch, a.hidden_sketch),
+        }
+    return out
+
+
+def dp_checks(out_path: str, work: str) -> None:
+    """Data-parallel trace collection and predictor training on 8 forced devices == one device."""
+    from pathlib import Path
+
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["MOECXL_CACHE"] = str(Path(work) / "cache")
+    import jax
+
+    from moecxl.data import SplitSpec, train_tokenizer
+    from moecxl.traces import TraceError, collect
+    from predictor.checkpoint import PredictorError
+    from predictor.train import TrainConfig, train
+    from tests.conftest import tiny_config
+    from tests.test_predictor import synthetic, write_traces
+    from tests.test_traces import WORDS, _random_model
+
+    work = Path(work)
+    report: dict = {"devices": jax.device_count(), "timings_s": {}}
+    t0 = time.perf_counter()
+    corpus_dir = work / "corpus"
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (corpus_dir / f"prose{i}.txt").write_text(" ".join(rng.choice(WORDS, 90)) + "\n")
+    (corpus_dir / "code0.py").write_text(Path(os.__file__).read_text()[:1500])
+    corpus = f"file:{corpus_dir}"
+    tok = train_tokenizer(corpus, vocab_size=300, splits=SplitSpec((1.0, 0.0, 0.0)))
+    model = _random_model(tiny_config(vocab_size=300, num_experts=6, top_k=2))
+    # batch 5 is padded to 8 rows for 8 devices; 3 sequences per shard make several shards to resume.
+    kw = dict(
+        split="train",
+        tokens=140,
+        prompt_len=16,
+        decode_tokens=3,
+        decode_every=2,
+        batch=5,
+        shard_seqs=6,
+        fractions=(1.0, 0.0, 0.0),
+        router_logits=True,
+        sketch=4,
+        progress=lambda msg: None,
+        tokenizer=tok,
+    )
+    single = collect(model, work / "single", corpus, **kw)
+    report["timings_s"]["collect_single"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    dp = collect(model, work / "dp8", corpus, data_parallel=8, **kw)
+    report["timings_s"]["collect_dp8"] = time.perf_counter() - t
+    # Interrupted after one shard on one device, resumed on 8: still the single-device rows.
+    t = time.perf_counter()
+    collect(model, work / "resumed", corpus, max_shards=1, **kw)
+    resumed = collect(model, work / "resumed", corpus, data_parallel=8, **kw)
+    report["timings_s"]["collect_resume"] = time.perf_counter() - t
+    report["traces"] = {"dp8": _trace_diff(single, dp), "resumed_dp8": _trace_diff(single, resumed)}
+    try:
+        collect(model, work / "too_many", corpus, data_parallel=9, **kw)
+    except TraceError as e:
+        report["traces"]["too_many_devices"] = str(e)
+
+    # Predictor training: synthetic chain traces, 4 layers (windows hold 1 to 3 valid horizons, so shards
+    # differ in count); batch 12 is padded to 16 windows for 8 devices. Losses logged at steps 2 and 4.
+    t = time.perf_counter()
+    ids, seq, pos, dec, dom = synthetic("chain", seqs=24, T_=10)
+    traces_dir = write_traces(work / "chain", ids, seq, pos, decode_N=dec, domain_N=dom)
+    cfg = TrainConfig(
+        features=("current",),
+        d_model=32,
+        num_heads=2,
+        num_blocks=0,  # no attention block: the same step, half the compile time
+        batch_size=12,
+        max_steps=4,
+        eval_every=2,
+        warmup_steps=2,
+        learning_rate=1e-2,
+        val_windows=200,
+        test_windows=200,
+        library_size=8,
+        latency_repeats=0,
+    )
+    runs = {n: train(traces_dir, work / f"pred{n}", cfg, progress=False, data_parallel=n) for n in (1, 8)}
+    report["predictor"] = {
+        str(n): {
+            "train_loss": [h["train_loss"] for h in r["training"]["history"]],
+            "val_loss": [h["val_loss"] for h in r["training"]["history"]],
+            "data_parallel": r["training"]["data_parallel"],
+        }
+        for n, r in runs.items()
+    }
+    try:
+        train(traces_dir, work / "pred9", cfg, progress=False, data_parallel=9)
+    except PredictorError as e:
+        report["predictor"]["too_many_devices"] = str(e)
+    report["timings_s"]["predictor"] = time.perf_counter() - t
+    report["timings_s"]["total"] = time.perf_counter() - t0
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def host(port: int, pid: int, nproc: int, out_path: str, timeout_s: int) -> None:
     from moecxl import distributed as dist
 
@@ -251,5 +376,7 @@ if __name__ == "__main__":
         port, pid, nproc, out = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
         timeout = int(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 30
         host(port, pid, nproc, out, timeout)
+    elif sys.argv[1] == "dp":
+        dp_checks(sys.argv[2], sys.argv[3])
     else:
-        raise SystemExit(f"unknown mode {sys.argv[1]!r}: use 'devices' or 'host'")
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}: use 'devices', 'host' or 'dp'")

@@ -1,4 +1,5 @@
-"""Scale-out: expert parallelism on 8 forced CPU devices and across 2 processes, bounded failures.
+"""Scale-out: expert parallelism on 8 forced CPU devices and across 2 processes, bounded failures;
+data-parallel trace collection and predictor training on 8 forced devices against one device.
 
 Every run is a subprocess (tests/distributed_worker.py) with a hard timeout, so forced device counts
 and `jax.distributed` state never leak into other tests; they start together and the tests wait.
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moecxl.distributed import rollup
@@ -74,6 +76,7 @@ def runs(tmp_path_factory):
     port_ok, port_kill, port_dead = free_port(), free_port(), free_port()
     started = {
         "devices": Run(["devices", d / "devices.json"], d / "devices.json"),
+        "dp": Run(["dp", d / "dp.json", d / "dp"], d / "dp.json"),
         "host0": Run(["host", port_ok, 0, 2, d / "h0.json", "--timeout", 120], d / "h0.json"),
         "host1": Run(["host", port_ok, 1, 2, d / "h1.json", "--timeout", 120], d / "h1.json"),
         "kill0": Run(["host", port_kill, 0, 2, d / "k0.json", "--timeout", 60, "--barriers"], d / "k0.json"),
@@ -89,6 +92,11 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def devices(runs):
     return runs["devices"].result()
+
+
+@pytest.fixture(scope="module")
+def dp(runs):
+    return runs["dp"].result()
 
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "4x2"])
@@ -122,6 +130,30 @@ def test_data_parallel_trace_forward_and_train_step(devices):
     t = devices["dp_train"]
     assert abs(t["loss_dp"] - t["loss_single"]) <= 1e-5 * abs(t["loss_single"])
     assert t["params_max_abs"] < 1e-5
+
+
+@pytest.mark.parametrize("run", ["dp8", "resumed_dp8"])
+def test_data_parallel_trace_collection_equals_single_device(dp, run):
+    # dp8: the whole collection on 8 devices (batch 5 padded to 8); resumed_dp8: one shard written on one
+    # device, the rest on 8 after an interruption.
+    r = dp["traces"][run]
+    assert r["same_rows"] and r["ids_equal"] and r["args_equal"], r
+    assert r["data_parallel"] == [1, 8] and r["decode_rows"] > 0, r
+    assert max(r["weights_rel"], r["logits_rel"], r["sketch_rel"]) < TOL, r
+
+
+def test_data_parallel_predictor_training_matches_single_device_losses(dp):
+    # Batch 12 split over 8 devices (padded to 16 with masked windows), shards of unequal valid counts.
+    one, eight = dp["predictor"]["1"], dp["predictor"]["8"]
+    assert (one["data_parallel"], eight["data_parallel"]) == (1, 8) and len(one["train_loss"]) == 2
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(eight[key], one[key], rtol=TOL, err_msg=key)
+
+
+def test_data_parallel_beyond_the_devices_is_a_clear_error(dp):
+    for msg in (dp["traces"]["too_many_devices"], dp["predictor"]["too_many_devices"]):
+        assert "data parallelism over 9 devices: this process has 8 cpu device(s)" in msg, msg
+        assert "xla_force_host_platform_device_count=9" in msg, msg
 
 
 def test_mesh_not_dividing_experts_is_a_clear_error(devices):

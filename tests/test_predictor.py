@@ -16,9 +16,10 @@ from moecxl import traces as T
 from predictor import metrics as M
 from predictor.baselines import fit_baselines
 from predictor.checkpoint import PredictorError
-from predictor.data import PredictorDataError, SplitSpec, gather, load_arrays, split_rows, windows
+from predictor.data import PredictorDataError, SplitSpec, gather, load_arrays, multi_hot, split_rows, windows
 from predictor.live import LivePredictor
-from predictor.train import TrainConfig, TrainingDiverged, load_config, train
+from predictor.model import bce_sum_count
+from predictor.train import TrainConfig, TrainingDiverged, _pad_windows, _raw, load_config, train
 from tests.test_traces import _random_model
 
 L, E, K = 4, 8, 2
@@ -161,6 +162,24 @@ def test_windows_and_targets(chain_dir):
     live = gather(tr, n, l, 4, 2, ("current", "history"), history="decode")
     assert (live.prev_ids_WHK[~tr.decode_N[n]] == -1).all()
     np.testing.assert_array_equal(b.sketch_WP, tr.sketch_NLP[n, l])
+
+
+def test_padded_windows_leave_the_loss_sum_and_count_unchanged(chain_dir):
+    # Data-parallel training pads a batch to a multiple of the devices (tests/test_distributed.py runs it).
+    tr = load_arrays(chain_dir, ("current",))
+    n, l = windows(tr, np.arange(tr.N))
+    raw = _raw(gather(tr, n[:5], l[:5], 4, 2, ("current",)))
+    padded = _pad_windows(raw, 8)
+    assert all(len(x) == 8 for x in padded) and (padded[-1][5:] == -1).all()
+    assert _pad_windows(padded, 4) is padded
+    logits_WHE = np.random.default_rng(0).normal(size=(8, 4, E)).astype(np.float32)
+
+    def sum_count(ids_WHK, logits):
+        return np.asarray(bce_sum_count(logits, multi_hot(ids_WHK, E), (ids_WHK >= 0).all(-1)))
+
+    np.testing.assert_allclose(
+        sum_count(padded[-1], logits_WHE), sum_count(raw[-1], logits_WHE[:5]), rtol=1e-6
+    )
 
 
 def test_splits_by_sequence_and_domain(chain_dir):

@@ -2,7 +2,15 @@
 (`jax.sharding` + `shard_map` + all-to-all), a tier runtime per host with rolled-up metrics,
 multi-process start-up with bounded failure, and data-parallel helpers for traces and training."""
 
-from moecxl.distributed.data_parallel import dp_routing, make_dp_train_step, replicate_tree, shard_batch
+from moecxl.distributed.data_parallel import (
+    data_mesh,
+    data_parallel,
+    dp_routing,
+    dp_value_and_grad,
+    make_dp_train_step,
+    replicate_tree,
+    shard_batch,
+)
 from moecxl.distributed.expert_parallel import (
     DATA,
     EXPERT,
@@ -37,7 +45,10 @@ __all__ = [
     "Watchdog",
     "allgather_json",
     "check_mesh",
+    "data_mesh",
+    "data_parallel",
     "dp_routing",
+    "dp_value_and_grad",
     "ep_expert_step",
     "ep_forward",
     "free_port",

@@ -1,5 +1,5 @@
-"""Data parallelism over the mesh's `data` axis: batch sharding, a routing forward for traces, and a
-training step whose gradients are averaged across `data` (explicit `pmean` inside `shard_map`)."""
+"""Data parallelism over the mesh's `data` axis: batch sharding, a per-device map for trace collection,
+and training steps whose gradients are the global batch's (explicit `pmean` / `psum` inside `shard_map`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moecxl.distributed.expert_parallel import DATA, MeshError, to_global
+from moecxl.distributed.expert_parallel import DATA, MeshError, make_mesh, to_global
+
+
+def data_mesh(n: int = 0) -> Mesh:
+    """A `(data=n, expert=1)` mesh over this process's first `n` devices (0: all of them)."""
+    devs = jax.local_devices()
+    n = n or len(devs)
+    if not 1 <= n <= len(devs):
+        raise MeshError(
+            f"data parallelism over {n} devices: this process has {len(devs)} {jax.default_backend()} "
+            f"device(s) (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts)"
+        )
+    return make_mesh(n, 1, devices=devs[:n])
 
 
 def shard_batch(x, mesh: Mesh, axis: str = DATA) -> jax.Array:
@@ -41,6 +53,27 @@ def _routing_jit(graphdef, mesh: Mesh):
 
     batch = NamedSharding(mesh, P(DATA))
     return jax.jit(routing, out_shardings=(batch, batch, batch))
+
+
+def data_parallel(fn, mesh: Mesh, batch_args: tuple[int, ...], axis: str = DATA):
+    """`fn(*args)` jitted as one SPMD program in which every device of `axis` runs `fn` on its share.
+
+    Arguments at positions `batch_args` are split over `axis` along dim 0 (numpy goes straight to its
+    shards; B must divide evenly); the others (parameter pytrees) must be replicated on `mesh`
+    (`replicate_tree`, once). Every output is split like the batch. No collective: each device computes
+    what one device computes on its rows, so outputs equal the single-device call up to float rounding.
+    """
+
+    def body(*args):
+        specs = tuple(P(axis) if i in batch_args else P() for i in range(len(args)))
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(axis))(*args)
+
+    step = jax.jit(body)
+
+    def call(*args):
+        return step(*(shard_batch(a, mesh, axis) if i in batch_args else a for i, a in enumerate(args)))
+
+    return call
 
 
 def dp_routing(model, ids_BT, mask_BT, mesh: Mesh):
@@ -74,3 +107,22 @@ def make_dp_train_step(loss_fn, opt, mesh: Mesh, axis: str = DATA):
 
     step = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P(), P()))
     return jax.jit(step)
+
+
+def dp_value_and_grad(sum_count_fn, axis: str = DATA):
+    """For use inside `shard_map`: `f(params, *batch) -> (loss, grads)` of the global-batch mean.
+
+    `sum_count_fn(params, *batch) -> (sum, count)` over the local shard (a masked loss: count = valid
+    items, independent of params). Averaging per-shard means (`make_dp_train_step`) is exact only when
+    every shard holds as many valid items; here loss = psum(sum) / psum(count) and grads = psum(grad of
+    sum) / psum(count), which equal the single-device sum / max(count, 1) on the whole batch.
+    """
+
+    def f(params, *batch):
+        # Per-device copies, as in make_dp_train_step: the psum below is the one sum over shards.
+        local = jax.tree.map(lambda p: jax.lax.pcast(p, axis, to="varying"), params)
+        (s, n), g = jax.value_and_grad(sum_count_fn, has_aux=True)(local, *batch)
+        n = jnp.maximum(jax.lax.psum(n, axis), 1.0)
+        return jax.lax.psum(s, axis) / n, jax.tree.map(lambda x: jax.lax.psum(x, axis) / n, g)
+
+    return f
