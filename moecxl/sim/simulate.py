@@ -145,6 +145,7 @@ class _Replay:
         self.placement = placement
         self.stripes: dict = {}  # key -> striping.StripeSet (simulate() fills it when cfg.striping)
         self.library = library
+        # Belady eviction needs the future as much as oracle prefetch does.
         knows_future = self.policy.prefetch == "oracle" or self.policy.evict == "belady"
         self.future = oracle_future(requests) if knows_future else []
         self.belady = NextUse(self.future, 4 * self.L)
@@ -342,6 +343,8 @@ class _Replay:
                 continue
             st = self.stats[key]
             self.stats[key] = replace(st, last_use=self.tick, uses=st.uses + 1)
+        if self.future:
+            self.pos += 1  # this visit is done: Belady's look-ahead starts at the next one
         self._prefetch(v, protect)
 
     def _prefetch(self, v: Visit, protect):
@@ -350,7 +353,6 @@ class _Replay:
             return
         layers = [m + h for h in range(1, self.policy.horizon + 1) if m + h < self.L]
         if pf == "oracle":
-            self.pos += 1
             nxt = self.future[self.pos : self.pos + self.policy.horizon]
             cands = [((layer, int(e)), 1.0) for layer, experts in nxt for e in experts]
         elif v.phase == "prefill" and layers and v.n_tokens * self.K >= self.E:
