@@ -164,16 +164,31 @@ def test_emulated_links_slow_misses_to_the_profile(model):
 
 
 def test_fast_eviction_path_picks_what_the_pure_rule_picks():
-    from moecxl.runtime.policies import EntryStats, choose_victims
+    from types import SimpleNamespace
+
+    from moecxl.runtime.policies import EntryStats, NextUse, Reuse, choose_victims
 
     rng = np.random.default_rng(0)
-    for rule in ("fifo", "lru", "lfu"):
-        fast = OffloadEngine._FAST_EVICT[rule]
-        for _ in range(200):
-            stats = {
-                (0, i): [int(rng.integers(0, 20)), int(rng.integers(0, 5)), int(rng.integers(0, 20)), False]
-                for i in range(12)
+    L, E = 4, 6
+    future = [(int(rng.integers(0, L)), rng.choice(E, 2, replace=False)) for _ in range(40)]
+    for rule in ("fifo", "lru", "lfu", "predicted", "belady"):
+        for _ in range(100):
+            eng = object.__new__(OffloadEngine)  # only the state `_victim` reads
+            eng.policy = SimpleNamespace(evict=rule)
+            keys = [(int(rng.integers(0, L)), int(rng.integers(0, E))) for _ in range(14)]
+            eng.slot_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            eng.stats = {
+                k: [int(rng.integers(0, 20)), int(rng.integers(0, 5)), int(rng.integers(0, 20)), False]
+                for k in eng.slot_of
             }
-            protect = {(0, int(j)) for j in rng.integers(0, 12, 3)}
-            pure = choose_victims(rule, {k: EntryStats(*v) for k, v in stats.items()}, 1, protect)[0]
-            assert min((k for k in stats if k not in protect), key=lambda k: fast(stats[k])) == pure
+            eng._reuse = Reuse(L, E)
+            for m in rng.integers(0, L, 7):
+                eng._reuse.observe(int(m), rng.choice(E, 2, replace=False))
+            eng._probs = {k: float(rng.choice([0.0, 0.5, 1.0])) for k in keys[:5]}
+            next_use = NextUse(future, 12).at(int(rng.integers(0, 30))) if rule == "belady" else None
+            protect = {keys[int(j)] for j in rng.integers(0, len(keys), 3)}
+            cached = {k: EntryStats(*v) for k, v in eng.stats.items()}
+            pure = choose_victims(
+                rule, cached, 1, protect, next_use=next_use, prob=eng._probs, reuse=eng._reuse
+            )
+            assert eng._victim(protect, next_use) == pure[0]

@@ -10,6 +10,7 @@ of an expert's matrices into one buffer makes a transfer one copy.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import zlib
@@ -36,7 +37,8 @@ class ExpertLayout:
     shapes: tuple[tuple[int, ...], ...]
     dtype: str
 
-    @property
+    # Cached: the transfer path reads these per copy, and np.prod/np.dtype cost microseconds each.
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(np.prod(s)) for s in self.shapes)
 
@@ -44,7 +46,7 @@ class ExpertLayout:
     def numel(self) -> int:
         return sum(self.sizes)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * np.dtype(self.np_dtype).itemsize
 

@@ -39,6 +39,8 @@ from moecxl.runtime.policies import (
     Reuse,
     choose_victims,
     eam_probs,
+    eviction_score,
+    farthest_reuse,
     get_policy,
     pregate_probs,
     topk_candidates,
@@ -51,8 +53,7 @@ class EngineError(ValueError):
     """Bad engine configuration (budget, policy, profile); the message names the value at fault."""
 
 
-@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
-def _install(arrays, packed_P, slot, layout: ExpertLayout):
+def _write_slot(arrays, packed_P, slot, layout: ExpertLayout):
     mats = layout.unpack(packed_P)
     return tuple(
         jax.lax.dynamic_update_slice(a, m[None].astype(a.dtype), (slot,) + (0,) * m.ndim)
@@ -61,8 +62,17 @@ def _install(arrays, packed_P, slot, layout: ExpertLayout):
 
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _install(arrays, packed_GP, slots_G, layout: ExpertLayout):
+    """Write G landed experts into their slots, in order: one dispatch per layer, not one per copy.
+    G is fixed per engine (its staging size); a short group repeats its last pair (same bytes again)."""
+    for g, packed_P in enumerate(packed_GP):
+        arrays = _write_slot(arrays, packed_P, slots_G[g], layout)
+    return arrays
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
 def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
-    return _install.__wrapped__(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
+    return _write_slot(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
 
 
 @jax.jit
@@ -194,9 +204,13 @@ class OffloadEngine:
             self.transfers.device_sharding = jax.sharding.SingleDeviceSharding(device)
         # Device cache: fixed slot arrays.
         dev_dtype = self.layout.np_dtype
-        self.cache = tuple(
+        self._cache = tuple(
             jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes
         )
+        # Landed copies not yet written into the slot arrays: (value, slot), installed in one jitted
+        # call per layer (`_flush`). They still occupy staging, so they count against the budget.
+        self._landed: list = []
+        self._wait_s = 0.0  # time blocked on copies in flight (stall), accumulated by `_complete`
         self.n_ins = len(self.layout.shapes) - 1
         self.slot_key: list = [None] * self.n_slots
         self.slot_of: dict = {}
@@ -211,10 +225,12 @@ class OffloadEngine:
         self.events: list[dict] = []
         self.lowp_threshold = lowp_threshold
         self.offline: set[str] = set()
-        # Pre-gate: later layers' routers, stacked once on the device.
-        self._routers = None
+        # Pre-gate: each layer's next `horizon` routers, stacked and sliced once on the device.
+        self._routers_ahead, self._scores = None, None
         if self.policy.prefetch == "pregate":
-            self._routers = jnp.stack([model.layers[i].core.router_DE[...] for i in self.moe_layers])
+            routers = jnp.stack([model.layers[i].core.router_DE[...] for i in self.moe_layers])
+            H = self.policy.horizon
+            self._routers_ahead = [routers[m + 1 : m + 1 + H] for m in range(self.L)]
         self._eam_library = list(eam_library or [])
         self._eam_current = np.zeros((self.L, self.E))
         self._pos = 0  # index into trace visits (oracle)
@@ -268,8 +284,16 @@ class OffloadEngine:
             )
 
     def device_expert_bytes(self) -> int:
-        """Expert bytes the engine holds on the device now: the slot arrays plus copies in flight."""
-        return (self.n_slots + len(self.inflight)) * self.expert_bytes
+        """Expert bytes the engine holds on the device now: the slot arrays plus copies in flight or
+        landed and not yet installed (both in staging)."""
+        return (self.n_slots + len(self.inflight) + len(self._landed)) * self.expert_bytes
+
+    @property
+    def cache(self) -> tuple:
+        """The slot arrays (ins..., out) with every landed copy installed."""
+        if self._landed:
+            self._flush()
+        return self._cache
 
     # ---- the provider protocol -----------------------------------------------------------------------
     def begin(self, phase: str, step: int) -> None:
@@ -301,9 +325,20 @@ class OffloadEngine:
             self.rebalance()
 
     def experts(self, m: int, co):
+        # Control-plane time: all of this call but the host sync (it waits for the layer's compute) and
+        # the stall (blocked on copies in flight, or computing experts on the host).
+        t_enter = time.perf_counter()
         self.tick += 1
-        ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
-        t_enter = time.perf_counter()  # control-plane time starts once the ids are here
+        if self._routers_ahead is not None and m + 1 < self.L:
+            # Pre-gate: later routers on this layer's input, read back with the ids (one sync, not two).
+            scores = _router_scores(co.xn_BTD, self._routers_ahead[m])
+            t_sync = time.perf_counter()
+            ids, self._scores = jax.device_get((co.ids_BTK, scores))
+        else:
+            t_sync = time.perf_counter()
+            ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
+        sync_s = time.perf_counter() - t_sync
+        wait_s0 = self._wait_s
         # Plain Python on a few dozen ints beats numpy's per-call overhead on the hot path.
         flat = ids.ravel().tolist()
         needed = sorted(set(flat))
@@ -328,28 +363,30 @@ class OffloadEngine:
             for e in needed:
                 if float(w[ids == e].max()) < self.lowp_threshold:
                     lowp_ok.add((m, int(e)))
-        self._poll()
+        if self.inflight:
+            self._poll()
         protect = set(keys)
         wait = []
-        stall_pre = 0.0
-        misses_before = self.c.misses[m]
+        c, slot_of, lowp, rec = self.c, self.slot_of, self.lowp, self.record_events
+        misses_before = c.misses[m]
         for key in keys:
-            if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
-                self.c.hits[m] += 1
+            if key in slot_of and (not lowp or key not in lowp or key in lowp_ok):
+                c.hits[m] += 1
                 st = self.stats[key]
                 if st[3] and st[1] == 0:
-                    self.c.prefetch_used += 1
-                self._event("hit", layer=m, expert=key[1])
+                    c.prefetch_used += 1
+                if rec:
+                    self._event("hit", layer=m, expert=key[1])
             elif key in self.inflight:
-                self.c.inflight_hits[m] += 1
+                c.inflight_hits[m] += 1
                 tr, _, pref = self.inflight[key]
                 if pref:
-                    self.c.prefetch_used += 1  # used, if late: it lands before a demand fetch would
+                    c.prefetch_used += 1  # used, if late: it lands before a demand fetch would
                     if not tr.done():
-                        self.c.late_prefetch += 1
+                        c.late_prefetch += 1
                 wait.append(key)
             else:
-                self.c.misses[m] += 1
+                c.misses[m] += 1
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
@@ -362,43 +399,45 @@ class OffloadEngine:
                     if choice == "lowp":
                         lowp_ok.add(key)
                 if len(self.inflight) >= self.max_inflight:  # staging is full: land a copy first
-                    t0 = time.perf_counter()
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
                     self._complete(done)
-                    stall_pre += time.perf_counter() - t0
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
-        stall = stall_pre
-        if wait or self._host_keys:
+        host_s = 0.0
+        if self._host_keys:  # the CPU computes while the copies are on the links
             t0 = time.perf_counter()
-            if self._host_keys:  # the CPU computes while the copies are on the links
-                self._host_compute(m, co, ids)
-            for key in wait:
-                if key in self.inflight:
-                    self._complete(key)
-            stall += time.perf_counter() - t0
-        self.c.stall_s += stall
-        self.c.stall_by_layer[m] += stall
+            self._host_compute(m, co, ids)
+            host_s = time.perf_counter() - t0
+        for key in wait:
+            if key in self.inflight:
+                self._complete(key)
+        stall = self._wait_s - wait_s0 + host_s
+        c.stall_s += stall
+        c.stall_by_layer[m] += stall
         if self._reuse is not None:
-            self._reuse.end_visit(self.c.misses[m] - misses_before)
+            self._reuse.end_visit(c.misses[m] - misses_before)
+        stats, tick = self.stats, self.tick
         for key in keys:
-            if key not in self.stats:  # computed on the host, never cached
-                continue
-            st = self.stats[key]
-            st[0] = self.tick
-            st[1] += 1
-        self._prefetch(m, co, protect)
-        control = time.perf_counter() - t_enter - stall
-        self.c.control_s += control
-        if self.phase == "decode" and len(self.c.control_samples_us) < 100_000:
-            self.c.control_samples_us.append(control * 1e6)
+            st = stats.get(key)
+            if st is not None:  # None: computed on the host, never cached
+                st[0] = tick
+                st[1] += 1
+        if self._landed:  # this layer's landed copies (demand and prefetched): one install
+            self._flush()
+        if self.policy.prefetch is not None:
+            self._prefetch(m, co, protect)
         slot_E = self.slot_E[m]
         if self._host_keys:
             slot_E = slot_E.copy()
             for key in self._host_keys:
                 slot_E[key[1]] = -1
             self._host_keys = []
-        return self.cache[: self.n_ins], self.cache[self.n_ins], slot_E
+        cache = self.cache
+        control = time.perf_counter() - t_enter - sync_s - stall
+        c.control_s += control
+        if self.phase == "decode" and len(c.control_samples_us) < 100_000:
+            c.control_samples_us.append(control * 1e6)
+        return cache[: self.n_ins], cache[self.n_ins], slot_E
 
     # ---- the three-way miss decision --------------------------------------------------------------------
     def _miss_choice(self, key, n_tokens: int) -> str:
@@ -501,38 +540,40 @@ class OffloadEngine:
         return min(tiers, key=lambda t: clock.expected_wait_s(t, self.emulated_expert_bytes, now))
 
     # Recency/frequency rules read the mutable stats directly: building frozen views of every cached
-    # entry per miss costs more than the control-plane budget. Same order as `eviction_score`.
-    _FAST_EVICT = {"fifo": lambda st: (st[2],), "lru": lambda st: (st[0],), "lfu": lambda st: (st[1], st[0])}
+    # entry per miss costs more than the control-plane budget. Same order as `eviction_score`: the
+    # stats field fifo and lru compare (loaded_at, last_use); lfu compares (uses, last_use).
+    _FAST_EVICT = {"fifo": 2, "lru": 0, "lfu": None}
 
     def _take_slot(self, protect) -> int:
-        if not self.free_slots and self.policy.evict in self._FAST_EVICT:
-            rule, stats, skip = (
-                self._FAST_EVICT[self.policy.evict],
-                self.stats,
-                protect | self.inflight.keys(),
-            )
-            cands = [k for k in self.slot_of if k not in skip]
-            if not cands:
-                raise EngineError(
-                    f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
-                )
-            self._evict(min(cands, key=lambda k: rule(stats[k])))
         if not self.free_slots:
-            victims = choose_victims(
-                self.policy.evict,
-                self.stats_cached(),
-                1,
-                protect | set(self.inflight),
-                next_use=self._next_use() if self.policy.evict == "belady" else None,
-                prob=self._probs,
-                reuse=self._reuse,
-            )
-            if not victims:
+            next_use = self._next_use() if self.policy.evict == "belady" else None
+            victim = self._victim(protect | self.inflight.keys(), next_use)
+            if victim is None:
                 raise EngineError(
                     f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
                 )
-            self._evict(victims[0])
+            self._evict(victim)
         return self.free_slots.pop()
+
+    def _victim(self, skip, next_use=None):
+        """The cached expert `choose_victims` would evict, never one in `skip` (None: nothing evictable).
+        Rules whose score reads no frozen stats are scored here without building them (same choice)."""
+        evict, cands = self.policy.evict, (k for k in self.slot_of if k not in skip)
+        if evict in self._FAST_EVICT:
+            field, stats = self._FAST_EVICT[evict], self.stats
+            if field is None:
+                return min(cands, key=lambda k: (stats[k][1], stats[k][0]), default=None)
+            return min(cands, key=lambda k: stats[k][field], default=None)
+        if evict == "predicted" and self._reuse is not None:
+            return farthest_reuse(cands, self._probs, self._reuse)
+        if evict == "belady":
+            return min(
+                cands, key=lambda k: eviction_score("belady", k, None, next_use=next_use), default=None
+            )
+        victims = choose_victims(
+            evict, self.stats_cached(), 1, skip, next_use=next_use, prob=self._probs, reuse=self._reuse
+        )
+        return victims[0] if victims else None
 
     def stats_cached(self):
         """Frozen views of the cached experts' statistics, for the pure eviction functions."""
@@ -548,7 +589,8 @@ class OffloadEngine:
         self.lowp.discard(key)
         self.free_slots.append(slot)
         self.c.evictions += 1
-        self._event("evict", layer=key[0], expert=key[1])
+        if self.record_events:
+            self._event("evict", layer=key[0], expert=key[1])
 
     def _plan(self, key, low_precision: bool = False) -> striping.FetchPlan:
         """CXL-aware scheduling (`striping.plan_fetch`, shared with the simulator): of the expert's online
@@ -567,6 +609,8 @@ class OffloadEngine:
         )
 
     def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
+        if self._landed and len(self.inflight) + len(self._landed) >= self.max_inflight:
+            self._flush()  # staging holds landed copies: install them to make room
         slot = self._take_slot(protect)
         plan = self._plan(key, low_precision)
         tier = plan.label
@@ -582,20 +626,25 @@ class OffloadEngine:
         self.c.max_queue = max(self.c.max_queue, len(self.inflight))
         if prefetched:
             self.c.prefetch_issued += 1
-        self._event(
-            "prefetch" if prefetched else "fetch",
-            layer=key[0],
-            expert=key[1],
-            tier=tier,
-            nbytes=tr.nbytes,
-            low_precision=low_precision,
-        )
+        if self.record_events:
+            self._event(
+                "prefetch" if prefetched else "fetch",
+                layer=key[0],
+                expert=key[1],
+                tier=tier,
+                nbytes=tr.nbytes,
+                low_precision=low_precision,
+            )
 
     def _complete(self, key):
+        """Land a copy (blocking until it is there: stall) and map its slot; the write into the slot
+        arrays waits for `_flush`, batched with the layer's other landed copies."""
         tr, slot, prefetched = self.inflight.pop(key)
+        t0 = time.perf_counter()
         try:
             value = tr.result()
         except TransferError:
+            self._wait_s += time.perf_counter() - t0
             if self.offline.isdisjoint(tr.tiers):
                 raise
             # Its source went offline mid-copy: fetch again from another copy (or the master).
@@ -603,16 +652,29 @@ class OffloadEngine:
             self.free_slots.append(slot)
             self._fetch(key, {key}, prefetched=prefetched, low_precision=tr.low_precision)
             return self._complete(key)
+        self._wait_s += time.perf_counter() - t0
         if tr.low_precision:
-            self.cache = _install_int8(self.cache, value, np.int32(slot), self.layout)
+            self._cache = _install_int8(self.cache, value, np.int32(slot), self.layout)
             self.lowp.add(key)
         else:
-            self.cache = _install(self.cache, value, np.int32(slot), self.layout)
+            self._landed.append((value, slot))
         self.slot_of[key] = slot
         self.slot_key[slot] = key
         self.slot_E[key[0]][key[1]] = slot
         # Mutable on the hot path: [last_use, uses, loaded_at, prefetched] (the EntryStats fields).
         self.stats[key] = [self.tick, 0, self.tick, prefetched]
+
+    def _flush(self):
+        """Write the landed copies into the slot arrays, `max_inflight` per jitted call (a fixed group
+        size, so one compile); their staging is then free."""
+        landed, self._landed = self._landed, []
+        G = self.max_inflight
+        for i in range(0, len(landed), G):
+            group = landed[i : i + G]
+            group += group[-1:] * (G - len(group))
+            values = tuple(v for v, _ in group)
+            slots_G = np.array([slot for _, slot in group], np.int32)
+            self._cache = _install(self._cache, values, slots_G, self.layout)
 
     def _poll(self):
         if not self.inflight:
@@ -638,7 +700,7 @@ class OffloadEngine:
         elif not layers:
             return
         elif pf == "pregate":
-            scores = np.asarray(_router_scores(co.xn_BTD, self._routers[layers[0] : layers[-1] + 1]))
+            scores = self._scores  # [H, B, T, E], read back with this layer's ids
             H = len(layers)
             probs = pregate_probs(scores.reshape(H, -1, self.E), self.K)
             cands = topk_candidates(probs, layers, min(self.E, max(self.K, int((probs > 0).sum(1).max()))))
@@ -671,15 +733,8 @@ class OffloadEngine:
         layer_s = self._layer_s or one / 10
         victim_p = 0.0
         if not self.free_slots:
-            victims = choose_victims(
-                self.policy.evict,
-                self.stats_cached(),
-                1,
-                set(self.inflight),
-                prob=self._probs,
-                reuse=self._reuse,
-            )
-            victim_p = self._probs.get(victims[0], 0.0) if victims else 0.0
+            victim = self._victim(self.inflight.keys())
+            victim_p = self._probs.get(victim, 0.0) if victim is not None else 0.0
         return prefetch_gate(
             p, key[0] - m, layer_s, wait, one, sum(self.c.misses), sum(self.c.hits), victim_p
         )

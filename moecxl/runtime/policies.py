@@ -221,6 +221,28 @@ def expected_reuse_distance(key, prob, reuse: Reuse | None) -> float:
     return d + reuse.L * (1.0 - p) / p
 
 
+def farthest_reuse(keys, prob, reuse: Reuse):
+    """`choose_victims("predicted", ..., n=1)` in one pass, for the engine's hot path: the key with the
+    largest `expected_reuse_distance` (the first on ties), with the same arithmetic, reading each layer's
+    distance once and building no frozen stats. None when `keys` is empty."""
+    prob = prob or {}
+    L, p_LE, d_of = reuse.L, reuse.p_LE, {}
+    best, best_dist = None, 0.0
+    for key in keys:
+        layer, e = key
+        d = d_of.get(layer)
+        if d is None:
+            d = d_of[layer] = reuse.layers_until(layer)
+        p = prob.get(key) if d <= PREDICTION_REACH else None
+        if p is None:
+            p = float(p_LE[layer, e])
+        p = min(max(p, 1e-6), 1.0)
+        dist = d + L * (1.0 - p) / p
+        if best is None or dist > best_dist:
+            best, best_dist = key, dist
+    return best
+
+
 def choose_victims(
     evict: str,
     cached: Mapping[tuple[int, int], EntryStats],

@@ -239,7 +239,7 @@ def plan_fetch(
     if not online:
         raise StripeError(f"no online whole copy among {list(copies)} (offline: {sorted(offline)})")
     waits = [clock.expected_wait_s(t, nbytes, now_s) for t in online]
-    i = int(np.argmin(waits))
+    i = min(range(len(waits)), key=waits.__getitem__)  # np.argmin's first minimum, minus numpy's overhead
     single_s = waits[i]
 
     def single(reason: str) -> FetchPlan:
