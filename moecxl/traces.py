@@ -13,7 +13,7 @@ Layers are the model's MoE layers in order. A sequence is a chunk of `prompt_len
 decode rows follow (pos T..T+M-1). Switch (encoder-decoder): layers are the encoder's sparse layers, then the
 decoder's; prefill rows are encoder tokens, decode rows decoder tokens (token_id is the decoder input, the
 start token first; pos continues after the S encoder tokens, so the decoder position is pos - S), and the
-layers a token does not pass through hold expert id -1, weight 0 and logits NaN.
+layers a token does not pass through hold expert id -1, weight 0, logits and sketch NaN.
 
 Shard i holds sequences [i*S, (i+1)*S). A shard is written to a temp name and renamed, so a rerun keeps
 the complete shards and computes only the missing ones: no row is duplicated or lost.
@@ -326,23 +326,37 @@ def plan_sequences(
 # ------------------------------------------------------------------------------------------- forwards
 
 
-def _decoder_routing_fn(graphdef, state, ids_BT, mask_BT, proj_DP):
-    """Routing of every MoE layer of a decoder-only model, stacked: logits, ids, weights, sketch."""
-    out = nnx.merge(graphdef, state)(ids_BT, mask_BT)
+def _stacked_routing(r, proj_DP):
+    """Per-layer routing lists (a decoder output or a Switch `Routing`) stacked on axis 2: logits [B, T, L, E],
+    ids and weights [B, T, L, K], sketch [B, T, L, P] (each MoE input times the projection)."""
     st = partial(jnp.stack, axis=2)
-    sketch = [jnp.einsum("BTD,DP->BTP", x.astype(jnp.float32), proj_DP) for x in out.moe_inputs]
+    sketch = [jnp.einsum("BTD,DP->BTP", x.astype(jnp.float32), proj_DP) for x in r.moe_inputs]
     return (
-        st(out.router_logits).astype(jnp.float32),
-        st(out.expert_ids),
-        st(out.expert_weights).astype(jnp.float32),
+        st(r.router_logits).astype(jnp.float32),
+        st(r.expert_ids),
+        st(r.expert_weights).astype(jnp.float32),
         st(sketch),
     )
 
 
-def _switch_encoder_routing_fn(graphdef, state, ids_BS, mask_BS):
-    r = nnx.merge(graphdef, state).encode(ids_BS, mask_BS).routing
-    st = partial(jnp.stack, axis=2)
-    return st(r.router_logits).astype(jnp.float32), st(r.expert_ids), st(r.expert_weights).astype(jnp.float32)
+def _decoder_routing_fn(graphdef, state, ids_BT, mask_BT, proj_DP):
+    """Routing of every MoE layer of a decoder-only model, stacked: logits, ids, weights, sketch."""
+    return _stacked_routing(nnx.merge(graphdef, state)(ids_BT, mask_BT), proj_DP)
+
+
+def _switch_encoder_routing_fn(graphdef, state, ids_BS, mask_BS, proj_DP):
+    """Routing of the encoder's sparse blocks of a Switch model, stacked as `_decoder_routing_fn`."""
+    return _stacked_routing(nnx.merge(graphdef, state).encode(ids_BS, mask_BS).routing, proj_DP)
+
+
+@partial(jax.jit, static_argnums=0)
+def _switch_decoder_routing(graphdef, state, ids_BS, mask_BS, dec_in_BT, proj_DP):
+    """Teacher-forced routing of the decoder's sparse blocks over `dec_in_BT`, stacked (the LM head is
+    computed and dropped by XLA: only routing leaves the jit)."""
+    model = nnx.merge(graphdef, state)
+    enc = model.encode(ids_BS, mask_BS)
+    _, routing = model.decode(dec_in_BT, enc.hidden_BSD, mask_BS)
+    return _stacked_routing(routing, proj_DP)
 
 
 _decoder_routing = jax.jit(_decoder_routing_fn, static_argnums=0)
@@ -460,16 +474,14 @@ class _Collector:
     def _prefill(self, seqs):
         ids, mask = _padded_batch(seqs, self.T, self.B, self.cfg.pad_token_id)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        if self.is_switch:
-            lg, e, w = (np.asarray(a) for a in self._route(self._route_state, ids, mask))
-            lg, e, w = (
+        lg, e, w, sk = (np.asarray(a) for a in self._route(self._route_state, ids, mask, self.proj_DP))
+        if self.is_switch:  # encoder rows: the encoder's layers come first, the decoder's are not passed
+            lg, e, w, sk = (
                 self._pad_layers(lg, np.nan, True),
                 self._pad_layers(e, -1, True),
                 self._pad_layers(w, 0, True),
+                self._pad_layers(sk, np.nan, True),
             )
-            sk = None
-        else:
-            lg, e, w, sk = (np.asarray(a) for a in self._route(self._route_state, ids, mask, self.proj_DP))
         return _rows(
             seqs,
             "prefill",
@@ -517,7 +529,7 @@ class _Collector:
         )
 
     def _decode_switch(self, seqs):
-        from moecxl.model.switch import switch_forward, switch_generate
+        from moecxl.model.switch import switch_generate
 
         cfg, M = self.cfg, self.M
         ids, mask = _padded_batch(seqs, self.T, self.Bd, cfg.pad_token_id)
@@ -528,8 +540,11 @@ class _Collector:
             [np.full((len(toks), 1), cfg.decoder_start_token_id, np.int32), toks[:, :-1]], axis=1
         )
         e = np.stack([np.asarray(a) for a in gen.decoder_expert_ids], axis=2)
-        out = switch_forward(self.model, ids, dec_in, mask)
-        lg = np.stack([np.asarray(a, np.float32) for a in out.decoder_router_logits], axis=2)
+        # Logits and sketches: a teacher-forced decoder over the generated tokens (as the decoder-only path).
+        lg, _, _, sk = (
+            np.asarray(a)
+            for a in _switch_decoder_routing(self.graphdef, self.state, ids, mask, dec_in, self.proj_DP)
+        )
         # The cached decoder routes one token at a time, so capacity never drops it: weight = top-1 prob.
         prob = np.exp(lg - lg.max(-1, keepdims=True))
         prob /= prob.sum(-1, keepdims=True)
@@ -539,12 +554,23 @@ class _Collector:
             alive[:, 1:] = np.cumsum(toks[:, :-1] == cfg.eos_token_id, axis=1) == 0
         # Positions continue after the encoder tokens, so (seq_id, pos) stays a key; decoder position = pos - S.
         pos = mask.sum(axis=1, keepdims=True) + np.arange(Mg)[None, :]
-        e, w, lg = (
+        e, w, lg, sk = (
             self._pad_layers(e, -1, False),
             self._pad_layers(w, 0, False),
             self._pad_layers(lg, np.nan, False),
+            self._pad_layers(sk, np.nan, False),
         )
-        return _rows(seqs, "decode", dec_in, pos, alive, e, w, lg if self.want_logits else None, None)
+        return _rows(
+            seqs,
+            "decode",
+            dec_in,
+            pos,
+            alive,
+            e,
+            w,
+            lg if self.want_logits else None,
+            sk if self.want_sketch else None,
+        )
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -644,10 +670,6 @@ def collect(
     tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
     tok = load_tokenizer(tokenizer) if tok_path else tokenizer
     cfg = model.cfg
-    if cfg.family == "switch" and sketch:
-        raise TraceError(
-            "collect: --sketch is not available for Switch (its routing output has no MoE inputs)"
-        )
     for name, v in (
         ("prompt_len", prompt_len),
         ("batch", batch),

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moecxl.sim.predict import stack_pregate_logits, switch_pregate_logits
 from moecxl.traces import TraceSet, previous_token, read_traces
 
 FEATURES = ("current", "history", "sketch", "pregate")
@@ -142,14 +143,7 @@ def _decoder_pregate(graphdef, state, ids_BT, routers_LDE, G: int):
     """Raw logits of router l+g on layer l's MoE input: [B, T, L, G, E] (0 where l + g >= L)."""
     out = nnx.merge(graphdef, state)(ids_BT)
     x_BTLD = jnp.stack(out.moe_inputs, axis=2).astype(jnp.float32)
-    return _pregate_from_inputs(x_BTLD, routers_LDE, G), jnp.stack(out.expert_ids, axis=2)
-
-
-def _pregate_from_inputs(x_BTLD, routers_LDE, G: int):
-    L, D, E = routers_LDE.shape
-    padded = jnp.concatenate([routers_LDE, jnp.zeros((G, D, E), routers_LDE.dtype)])  # [L + G, D, E]
-    idx_LG = jnp.arange(L)[:, None] + jnp.arange(G)[None, :]
-    return jnp.einsum("BTLD,LGDE->BTLGE", x_BTLD, padded[idx_LG].astype(jnp.float32))
+    return stack_pregate_logits(x_BTLD, routers_LDE, G), jnp.stack(out.expert_ids, axis=2)
 
 
 def routers_of(model) -> jax.Array:
@@ -186,7 +180,7 @@ def pregate_logits(ts: TraceSet, horizon: int, model=None, batch: int = 8) -> np
     ids_ref = ts.expert_ids
     agree = total = 0
     if model.cfg.family == "switch":
-        return _switch_pregate(ts, model, routers, G, out)
+        return _switch_pregate(ts, model, G, batch, out)
     graphdef, state = nnx.split(model)
     T = int(np.diff(bounds).max())
     seqs = list(range(len(bounds) - 1))
@@ -216,43 +210,20 @@ def _check_agreement(ts: TraceSet, agree: int, total: int, least: float = 0.98) 
         )
 
 
-def _switch_pregate(ts: TraceSet, model, routers, G: int, out: np.ndarray) -> np.ndarray:
+def _switch_pregate(ts: TraceSet, model, G: int, batch: int, out: np.ndarray) -> np.ndarray:
     """Switch: encoder rows route through the encoder's sparse blocks, decoder rows the decoder's; a
-    router is applied only within the stack the row passes (0 elsewhere)."""
-    from moecxl.model.switch import switch_forward
-
-    Le = sum(1 for b in model.encoder.layers if getattr(b.core, "router_DE", None) is not None)
-    bounds, tok, dec, ids_ref = ts.seq_bounds(), ts.column("token_id"), ts.is_decode, ts.expert_ids
+    router is applied only within the stack the row passes (0 across the boundary and in the other
+    stack's layers, which the row never visits). The MoE inputs are recomputed as the collection computed
+    the routing (`moecxl.sim.predict.switch_pregate_logits`); the traced decode routing comes from the
+    cached decoder, the recomputed one from a teacher-forced decoder (equal up to rounding)."""
+    ids_ref = ts.expert_ids
     agree = total = 0
-    for s in range(len(bounds) - 1):
-        a, z = bounds[s], bounds[s + 1]
-        enc_rows = np.arange(a, z)[~dec[a:z]]
-        dec_rows = np.arange(a, z)[dec[a:z]]
-        enc_in = tok[enc_rows][None].astype(np.int32)
-        dec_in = (
-            tok[dec_rows][None].astype(np.int32)
-            if len(dec_rows)
-            else np.full((1, 1), model.cfg.decoder_start_token_id, np.int32)
-        )
-        r = switch_forward(model, enc_in, dec_in)
-        for rows, xs, lo in ((enc_rows, r.encoder_moe_inputs, 0), (dec_rows, r.decoder_moe_inputs, Le)):
-            if not len(rows):
-                continue
-            x_TLD = np.stack([np.asarray(x[0], np.float32) for x in xs], axis=1)
-            n = len(xs)
-            for g in range(G):
-                hi = lo + n - g  # layers l with l + g still in this stack
-                if hi <= lo:
-                    break
-                out[rows, lo:hi, g] = np.einsum(
-                    "TLD,LDE->TLE", x_TLD[:, : n - g], np.asarray(routers[lo + g : lo + n])
-                )
-            top = np.argmax(out[rows, lo : lo + n, 0], axis=-1)
-            agree += int((top == ids_ref[rows, lo : lo + n, 0]).sum())
-            total += top.size
-    # Switch: the traced decode routing comes from the cached decoder and encoder capacity depends on
-    # the batch it was collected in, so a per-sequence forward agrees less than exactly.
-    _check_agreement(ts, agree, total, least=0.85)
+    for rows, lo, lg_RnGE, ids_Rn in switch_pregate_logits(model, ts, G, batch):
+        n = lg_RnGE.shape[1]
+        out[rows, lo : lo + n] = lg_RnGE
+        agree += int((ids_Rn == ids_ref[rows, lo : lo + n, 0]).sum())
+        total += ids_Rn.size
+    _check_agreement(ts, agree, total)
     return out
 
 

@@ -375,3 +375,144 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
     tpot = next(r for r in cmp if r["claim"].startswith("TPOT"))
     want = head["h100-pcie4-dram/on_demand"]["tpot_s"] / head["h100-cxl/moecxl"]["tpot_s"]
     assert tpot["label"] == "simulated" and tpot["ours"] == f"{want:.2f}x"
+
+
+# ---- Switch: sketches of both stacks, pre-gating within a stack ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def switch_setup(setup):
+    """A tiny Switch (3 + 3 sparse blocks, E=32 > the 16-token prompt, so prefill prefetch pre-gates rather
+    than streaming whole layers) and its traces with sketches and router logits."""
+    from moecxl.config import ModelConfig
+    from moecxl.model.switch import SwitchModel
+
+    cfg = ModelConfig(
+        family="switch",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=4,
+        d_kv=8,
+        num_experts=32,
+        top_k=1,
+        eos_token_id=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
+    model = SwitchModel(cfg, rngs=nnx.Rngs(1))
+    kw = dict(KW, tokens=100)
+    out = collect(
+        model,
+        setup["root"] / "switch",
+        setup["corpus"],
+        tokenizer=setup["tok"],
+        router_logits=True,
+        sketch=4,
+        **kw,
+    )
+    return dict(model=model, ts=read_traces(out, require_complete=True), Le=3)
+
+
+def _switch_reference(model, ts, seq: int):
+    """Rows and MoE inputs of one full-length sequence from the model's own forward pass (no trace code)."""
+    from moecxl.model.switch import switch_forward
+
+    sid, dec, tok = ts.seq_id, ts.is_decode, ts.column("token_id")
+    enc_rows, dec_rows = np.flatnonzero((sid == seq) & ~dec), np.flatnonzero((sid == seq) & dec)
+    assert len(enc_rows) == KW["prompt_len"] and len(dec_rows)  # no padding: the forward is the collection's
+    out = switch_forward(model, tok[enc_rows][None], tok[dec_rows][None])
+    x_enc = np.stack([np.asarray(x[0], np.float32) for x in out.encoder_moe_inputs])  # [Le, S, D]
+    x_dec = np.stack([np.asarray(x[0], np.float32) for x in out.decoder_moe_inputs])  # [Ld, T, D]
+    routers = [
+        np.asarray(b.core.router_DE[...], np.float32)
+        for stack in (model.encoder, model.decoder)
+        for b in stack.layers
+        if b.core.router_DE is not None
+    ]
+    return (enc_rows, x_enc), (dec_rows, x_dec), routers, out
+
+
+def test_switch_traces_carry_sketches_of_both_stacks(switch_setup):
+    ts, model, Le = switch_setup["ts"], switch_setup["model"], switch_setup["Le"]
+    meta, N = ts.metadata, len(ts)
+    assert meta["layers"] == [f"{s}.{i}" for s in ("encoder", "decoder") for i in (1, 3, 5)]
+    assert (meta["L"], meta["E"], meta["K"], meta["P"]) == (6, 32, 1, 4)
+    sk, ids, dec = ts.hidden_sketch, ts.expert_ids, ts.is_decode
+    assert sk.shape == (N, 6, 4) and ts.router_logits.shape == (N, 6, 32) and dec.any()
+    passed = ids[..., 0] >= 0
+    assert (passed[~dec, :Le]).all() and (passed[dec, Le:]).all() and not passed[~dec, Le:].any()
+    assert np.isfinite(sk[passed]).all() and np.isnan(sk[~passed]).all()
+    proj = ts.sketch_projection
+    (enc_rows, x_enc), (dec_rows, x_dec), _, out = _switch_reference(model, ts, 0)
+    np.testing.assert_allclose(sk[enc_rows, :Le], np.einsum("LSD,DP->SLP", x_enc, proj), atol=1e-4)
+    np.testing.assert_allclose(sk[dec_rows, Le:], np.einsum("LTD,DP->TLP", x_dec, proj), atol=1e-4)
+    lg_dec = np.stack([np.asarray(a[0]) for a in out.decoder_router_logits], axis=1)
+    np.testing.assert_allclose(ts.router_logits[dec_rows, Le:], lg_dec, atol=1e-4)
+
+
+def test_switch_pregate_is_the_later_router_on_the_earlier_input_within_a_stack(switch_setup):
+    from moecxl.sim.predict import pregate_tops_for_trace
+    from predictor.data import gather, load_arrays, windows
+
+    ts, model, Le = switch_setup["ts"], switch_setup["model"], switch_setup["Le"]
+    H = 2
+    tops = pregate_tops_for_trace(model, ts, H)  # [N, L, H, 1]
+    tr = load_arrays(ts, ("current", "history", "sketch", "pregate"), horizon=H, model=model)
+    assert tops.shape == (len(ts), 6, H, 1) and tr.pregate_NLGE.shape == (len(ts), 6, H + 1, 32)
+    (enc_rows, x_enc), (dec_rows, x_dec), routers, _ = _switch_reference(model, ts, 0)
+    for rows, x_nTD, lo in ((enc_rows, x_enc, 0), (dec_rows, x_dec, Le)):
+        for j in range(3):
+            for g in range(H + 1):
+                pg = tr.pregate_NLGE[rows, lo + j, g].astype(np.float32)
+                if j + g < 3:  # router of layer lo+j+g (same stack) on layer lo+j's MoE input
+                    want = x_nTD[j] @ routers[lo + j + g]
+                    np.testing.assert_allclose(pg, want, atol=2e-2, rtol=1e-2)
+                    if g:
+                        np.testing.assert_array_equal(tops[rows, lo + j, g - 1, 0], want.argmax(-1))
+                else:  # across the encoder/decoder boundary, or past the last layer: none
+                    assert (pg == 0).all()
+                    if g:
+                        assert (tops[rows, lo + j, g - 1] == -1).all()
+    dec = ts.is_decode
+    assert (tops[~dec, Le:] == -1).all() and (tops[dec, :Le] == -1).all()  # a stack the rows never pass
+    n_W, l_W = windows(tr, np.arange(tr.N))  # the predictor's windows: sketch and pre-gate inputs, finite
+    b = gather(tr, n_W, l_W, H, 2, ("current", "history", "sketch", "pregate"))
+    assert b.sketch_WP.shape == (len(n_W), 4) and np.isfinite(b.sketch_WP).all()
+    assert np.isfinite(b.pregate_WGE).all() and set(np.unique(l_W)) == {0, 1, 3, 4}
+
+
+def test_simulator_prefetches_on_a_switch_trace_within_stacks(switch_setup):
+    """Pre-gate replay on a Switch trace: `pregate` issues prefetches, and a prefill (encoder) visit never
+    prefetches a decoder layer (no pre-gate across the boundary: -1 ids cast no votes), a decode visit
+    never an encoder layer. moecxl runs on the same predictions: its candidates reach the cost-benefit
+    gate (which, with the simulator's layer time of a tenth of a copy, passes few on a cold short trace)."""
+    from moecxl.memory import Hardware
+    from moecxl.sim.costmodel import shape_of
+    from moecxl.sim.predict import pregate_tops_for_trace
+    from moecxl.sim.simulate import SimConfig, simulate
+    from moecxl.sim.workload import requests_from_trace
+
+    ts, model, Le = switch_setup["ts"], switch_setup["model"], switch_setup["Le"]
+    tops = pregate_tops_for_trace(model, ts, 2)
+    # Switch-Base widths (9.4 MB bfloat16 experts) on the tiny trace's routing.
+    shape = shape_of(model.cfg.replace(hidden_size=768, intermediate_size=3072, dtype="bfloat16"))
+    reqs = requests_from_trace(ts, shape, pregate_NLHK=tops)
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    m, phases = {}, {}
+    for policy in ("pregate", "moecxl"):
+        res = simulate(reqs, shape, hw, SimConfig(policy=policy, device_budget=0.5, record_events=True))
+        pre = [e for e in res.events if e["kind"] == "prefetch"]
+        assert all(e["layer"] < Le for e in pre if e["phase"] == "prefill"), policy
+        assert all(e["layer"] >= Le for e in pre if e["phase"] == "decode"), policy
+        m[policy], phases[policy] = res.metrics, {e["phase"] for e in pre}
+    assert phases["pregate"] == {"prefill", "decode"}  # both stacks pre-gated, so the checks above bite
+    assert m["pregate"]["prefetch_issued"] > 0 and m["pregate"]["prefetch_used"] > 0
+    assert m["moecxl"]["prefetch_issued"] + m["moecxl"]["gated_prefetches"] > 0
+    # Warm (the same requests again after a warm-up pass): moecxl's gate lets prefetches through.
+    warm = simulate(
+        reqs * 4, shape, hw, SimConfig(policy="moecxl", device_budget=0.5, warmup_requests=len(reqs))
+    )
+    assert warm.metrics["prefetch_issued"] > 0

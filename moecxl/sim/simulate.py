@@ -367,7 +367,13 @@ class _Replay:
                     f"carries no (or too short) pregate predictions; build it with pregate_NLHK "
                     f"(moecxl.sim.predict) of horizon >= {self.policy.horizon}"
                 )
-            probs = pregate_vote_probs(v.pregate_top_HNK[: len(layers)].astype(np.int64), self.E)
+            top_HNK = v.pregate_top_HNK[: len(layers)].astype(np.int64)
+            # -1: no pre-gate for layer m+h (past a Switch stack, or a tiled trace's last layer): no votes.
+            have = (top_HNK >= 0).all(axis=(1, 2))
+            if not have.any():
+                return
+            layers = [layer for layer, ok in zip(layers, have) if ok]
+            probs = pregate_vote_probs(top_HNK[have], self.E)
             cands = topk_candidates(probs, layers, min(self.E, max(self.K, int((probs > 0).sum(1).max()))))
             cands = [c for c in cands if c[1] > 0]
         elif pf == "eam":
