@@ -308,3 +308,19 @@ def test_reuse_learns_the_layers_a_pass_visits():
         r.observe(layer, [0])
     assert r.layers_until(3) == 1 and r.layers_until(2) == 2
     assert r.layers_until(0) == r.layers_until(1) == 1000 * 4  # not in this pass: evicted first
+
+
+def test_reuse_remembers_popular_experts_and_recent_ones():
+    """Two memories: a burst of another expert does not erase a long-popular one (a top-1-of-128 router
+    re-uses experts over tens of tokens), and a fresh expert still counts as likely (temporal locality)."""
+    from moecxl.runtime.policies import Reuse
+
+    both, short = Reuse(L=1, E=4), Reuse(L=1, E=4, alpha=0.2)
+    for r in (both, short):
+        for t in range(200):
+            r.observe(0, [0] if t % 4 else [2])  # expert 0 three visits in four
+        for _ in range(12):
+            r.observe(0, [1])  # then a burst of expert 1
+    assert short.p_LE[0, 0] < 0.1 < 0.4 < both.p_LE[0, 0]  # recency alone has forgotten expert 0
+    assert both.p_LE[0, 1] >= short.p_LE[0, 1] > 0.9  # the burst is still recent
+    assert both.p_LE[0, 3] < 0.01  # never used
