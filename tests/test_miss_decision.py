@@ -117,3 +117,24 @@ def test_a_copy_is_credited_with_the_reuses_it_serves_while_cached():
         miss_decision(MissCosts(fetch_s=0.38, host_s=0.06, reuse_credit_s=reuse_credit_s(0.9, 0.06, 0.38)))
         == "host"
     )
+
+
+def test_reuse_calibration_scales_the_credit_by_what_copies_really_served():
+    """Copies fetched on a miss promise `expected_reuses`; what they served when evicted corrects it."""
+    from moecxl.runtime.gate import ReuseCalibration, expected_reuses, reuse_credit_s
+
+    cal = ReuseCalibration()
+    assert cal.factor == 1.0  # the prior: the model is trusted until copies come back
+    for i in range(20):
+        cal.fetched(("a", i), expected_reuses(0.5, 4))  # 0.9375 promised each
+        cal.evicted(("a", i), 3)  # each served three reuses
+    assert 3.0 < cal.factor <= 3.2
+    cal.evicted(("never", 0), 50)  # a copy the decision did not fetch is not counted
+    assert cal.factor <= 3.2
+    base = reuse_credit_s(0.5, 1e-3, 2e-3, 4)
+    assert reuse_credit_s(0.5, 1e-3, 2e-3, 4, cal.factor) == pytest.approx(base * cal.factor)
+    stingy = ReuseCalibration()
+    for i in range(100):
+        stingy.fetched(i, 5.0)
+        stingy.evicted(i, 0)
+    assert stingy.factor == 0.125  # clipped: never below an eighth of the model

@@ -28,6 +28,8 @@ from moecxl.runtime import placement as placement_mod
 from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
+    ReuseCalibration,
+    expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
     prefetch_gate,
@@ -156,6 +158,8 @@ class OffloadEngine:
         self.trace = _future_from(trace, self.L) if trace is not None else None
         self._belady = NextUse(self.trace, 4 * self.L) if self.trace is not None else None
         self._reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
+        self._calibration = ReuseCalibration()  # promised vs served reuses of copies fetched on a miss
+        self._last_host_s = 0.0
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
         if isinstance(predictor, (str, os.PathLike)):
@@ -368,7 +372,8 @@ class OffloadEngine:
         protect = set(keys)
         wait = []
         c, slot_of, lowp, rec = self.c, self.slot_of, self.lowp, self.record_events
-        misses_before = c.misses[m]
+        misses_before, host_before = c.misses[m], c.miss_choices["host"]
+        host_queue_s = 0.0
         for key in keys:
             if key in slot_of and (not lowp or key not in lowp or key in lowp_ok):
                 c.hits[m] += 1
@@ -390,9 +395,10 @@ class OffloadEngine:
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
-                    choice = self._miss_choice(key, flat.count(key[1]))
+                    choice = self._miss_choice(key, flat.count(key[1]), host_queue_s)
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
+                        host_queue_s += self._last_host_s
                         self._host_keys.append(key)
                         protect.discard(key)
                         continue
@@ -415,7 +421,8 @@ class OffloadEngine:
         c.stall_s += stall
         c.stall_by_layer[m] += stall
         if self._reuse is not None:
-            self._reuse.end_visit(c.misses[m] - misses_before)
+            # cache turnover: copies installed, not misses (a host-computed miss replaces no slot)
+            self._reuse.end_visit(c.misses[m] - misses_before - (c.miss_choices["host"] - host_before))
         stats, tick = self.stats, self.tick
         for key in keys:
             st = stats.get(key)
@@ -440,7 +447,9 @@ class OffloadEngine:
         return cache[: self.n_ins], cache[self.n_ins], slot_E
 
     # ---- the three-way miss decision --------------------------------------------------------------------
-    def _miss_choice(self, key, n_tokens: int) -> str:
+    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> str:
+        """`gate.miss_decision` for one miss; `host_queue_s` is the host compute already chosen in this
+        visit, which the CPU does first (as the link queue is in the fetch's expected time)."""
         if self.policy.host_only:
             return "host"
         tgt = self.target_model
@@ -470,8 +479,15 @@ class OffloadEngine:
             host_s,
             copy_time_s(tier_name, self.emulated_expert_bytes, self.hardware) * self.time_scale,
             rounds,
+            self._calibration.factor,
         )
-        return miss_decision(MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit))
+        self._last_host_s = host_s
+        choice = miss_decision(
+            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        )
+        if choice in ("fetch", "lowp"):
+            self._calibration.fetched(key, expected_reuses(p_reuse, rounds))
+        return choice
 
     def _host_compute(self, m, co, ids) -> float:
         """Experts computed where they live: activations come to the host, outputs go back."""
@@ -586,6 +602,8 @@ class OffloadEngine:
         st = self.stats.get(key)
         if st is not None and st[3] and st[1] == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
+        if st is not None and self._calibration.pending:
+            self._calibration.evicted(key, st[1] - 1)  # the miss that fetched it was its first use
         self.lowp.discard(key)
         self.free_slots.append(slot)
         self.c.evictions += 1

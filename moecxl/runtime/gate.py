@@ -53,13 +53,47 @@ class MissCosts:
     reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
 
 
-def reuse_credit_s(p_reuse: float, host_s: float | None, copy_s: float, rounds: float = 1.0) -> float:
-    """A copy stays cached; host compute leaves nothing behind. An expert used at each visit of its
-    layer with chance p, cached for `rounds` layer rounds before the cache turns over, is expected to be
-    reused p + p^2 + ... + p^R times in a row; each reuse the copy saves serving a miss the cheapest way."""
+def expected_reuses(p_reuse: float, rounds: float = 1.0) -> float:
+    """An expert used at each visit of its layer with chance p, cached for `rounds` layer rounds before
+    the cache turns over, is expected to be reused p + p^2 + ... + p^R times in a row."""
     p = min(max(p_reuse, 0.0), 0.999)
-    reuses = p * (1.0 - p ** max(1.0, rounds)) / (1.0 - p)
+    return p * (1.0 - p ** max(1.0, rounds)) / (1.0 - p)
+
+
+def reuse_credit_s(
+    p_reuse: float, host_s: float | None, copy_s: float, rounds: float = 1.0, calibration: float = 1.0
+) -> float:
+    """A copy stays cached; host compute leaves nothing behind. Each expected reuse (`expected_reuses`,
+    times the `calibration` the run has measured) saves serving a miss the cheapest way."""
+    reuses = expected_reuses(p_reuse, rounds) * calibration
     return reuses * (copy_s if host_s is None else min(host_s, copy_s))
+
+
+class ReuseCalibration:
+    """Reuses that copies fetched on a miss really served, against what `expected_reuses` promised when
+    they were fetched, summed over the copies evicted so far: their ratio scales the credit.
+
+    The reuse model is a geometric guess from a per-expert chance and a turnover estimate; how far off it
+    is depends on the trace (a good eviction rule keeps copies longer than the turnover suggests). The
+    engine and the simulator record each evicted copy, so the credit corrects itself within a run. One
+    pseudo-copy that met its promise is the prior; the ratio is kept within [1/8, 8]."""
+
+    def __init__(self):
+        self.promised, self.served = 1.0, 1.0
+        self.pending: dict = {}  # key -> reuses promised when it was fetched
+
+    def fetched(self, key, promised: float) -> None:
+        self.pending[key] = promised
+
+    def evicted(self, key, reuses: int) -> None:
+        promised = self.pending.pop(key, None)
+        if promised is not None:
+            self.promised += promised
+            self.served += max(0, reuses)
+
+    @property
+    def factor(self) -> float:
+        return min(8.0, max(0.125, self.served / max(self.promised, 1e-9)))
 
 
 def miss_decision(c: MissCosts) -> str:

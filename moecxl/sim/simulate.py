@@ -23,6 +23,8 @@ from moecxl.runtime import placement as placement_mod
 from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
+    ReuseCalibration,
+    expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
     prefetch_gate,
@@ -150,6 +152,7 @@ class _Replay:
         self.future = oracle_future(requests) if knows_future else []
         self.belady = NextUse(self.future, 4 * self.L)
         self.reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
+        self.calibration = ReuseCalibration()
         self.clock = LinkClock(hw, cfg.time_scale)
         self.now_s = 0.0
         self.tick = 0
@@ -215,6 +218,8 @@ class _Replay:
         st = self.stats.pop(key, None)
         if st is not None and st.prefetched and st.uses == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
+        if st is not None:
+            self.calibration.evicted(key, st.uses - 1)  # the miss that fetched it was its first use
         self.lowp.discard(key)
         self.free += 1
         self.c.evictions += 1
@@ -289,7 +294,7 @@ class _Replay:
         protect = set(keys)
         wait, host = [], []
         t_stall0 = self.now_s
-        misses_before = self.c.misses[m]
+        misses_before, host_before = self.c.misses[m], self.c.miss_choices["host"]
         for key in keys:
             if key in self.slot_of and (key not in self.lowp or key in lowp_ok):
                 self.c.hits[m] += 1
@@ -311,7 +316,7 @@ class _Replay:
                     self._evict(key)
                 if self.policy.host_compute:
                     n_tok = v.tokens_per_expert[v.experts.index(key[1])]
-                    choice, host_s = self._miss_choice(key, n_tok)
+                    choice, host_s = self._miss_choice(key, n_tok, sum(h[2] for h in host))
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
                         host.append((key, n_tok, host_s))
@@ -337,7 +342,10 @@ class _Replay:
         self.now_s = max(self.now_s, host_done_s)
         self.c.stall_s += self.now_s - t_stall0
         if self.reuse is not None:
-            self.reuse.end_visit(self.c.misses[m] - misses_before)
+            # cache turnover: copies installed, not misses (a host-computed miss replaces no slot)
+            self.reuse.end_visit(
+                self.c.misses[m] - misses_before - (self.c.miss_choices["host"] - host_before)
+            )
         for key in keys:
             if key not in self.stats:  # computed on the host, never cached
                 continue
@@ -396,8 +404,10 @@ class _Replay:
             except SimError:
                 break
 
-    def _miss_choice(self, key, n_tokens: int) -> tuple[str, float]:
-        """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s)."""
+    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
+        """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s).
+        `host_queue_s`: host compute already chosen in this visit, which the CPU does first (as the link
+        queue is in the fetch's expected time)."""
         tier_name = self._source(key)
         fetch_s = self._plan(key, source=tier_name).expected_s
         host_s = (
@@ -417,10 +427,13 @@ class _Replay:
         p_reuse = float(self.reuse.p_LE[key]) if self.reuse is not None else 0.0
         one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
         rounds = self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0
-        credit = reuse_credit_s(p_reuse, host_s, one, rounds)
-        return miss_decision(
-            MissCosts(fetch_s=fetch_s, host_s=host_s, lowp_s=lowp_s, reuse_credit_s=credit)
-        ), host_s
+        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor)
+        choice = miss_decision(
+            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        )
+        if choice in ("fetch", "lowp"):
+            self.calibration.fetched(key, expected_reuses(p_reuse, rounds))
+        return choice, host_s
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
