@@ -159,7 +159,6 @@ class OffloadEngine:
         self._belady = NextUse(self.trace, 4 * self.L) if self.trace is not None else None
         self._reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
         self._calibration = ReuseCalibration()  # promised vs served reuses of copies fetched on a miss
-        self._last_host_s = 0.0
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
         if isinstance(predictor, (str, os.PathLike)):
@@ -395,10 +394,10 @@ class OffloadEngine:
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
-                    choice = self._miss_choice(key, flat.count(key[1]), host_queue_s)
+                    choice, host_s = self._miss_choice(key, flat.count(key[1]), host_queue_s)
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
-                        host_queue_s += self._last_host_s
+                        host_queue_s += host_s
                         self._host_keys.append(key)
                         protect.discard(key)
                         continue
@@ -447,11 +446,12 @@ class OffloadEngine:
         return cache[: self.n_ins], cache[self.n_ins], slot_E
 
     # ---- the three-way miss decision --------------------------------------------------------------------
-    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> str:
+    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
         """`gate.miss_decision` for one miss; `host_queue_s` is the host compute already chosen in this
-        visit, which the CPU does first (as the link queue is in the fetch's expected time)."""
+        visit, which the CPU does first (as the link queue is in the fetch's expected time). Returns
+        (choice, this expert's host seconds), as the simulator's."""
         if self.policy.host_only:
-            return "host"
+            return "host", 0.0
         tgt = self.target_model
         now = self.transfers.now_s()
         clock = self.transfers.clock
@@ -481,13 +481,12 @@ class OffloadEngine:
             rounds,
             self._calibration.factor,
         )
-        self._last_host_s = host_s
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
         if choice in ("fetch", "lowp"):
             self._calibration.fetched(key, expected_reuses(p_reuse, rounds))
-        return choice
+        return choice, host_s
 
     def _host_compute(self, m, co, ids) -> float:
         """Experts computed where they live: activations come to the host, outputs go back."""
