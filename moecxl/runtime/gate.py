@@ -53,19 +53,32 @@ class MissCosts:
     reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
 
 
-def expected_reuses(p_reuse: float, rounds: float = 1.0) -> float:
+def expected_reuses(p_reuse: float, rounds: float = 1.0, rounds_until: float = 1.0) -> float:
     """An expert used at each visit of its layer with chance p, cached for `rounds` layer rounds before
-    the cache turns over, is expected to be reused p + p^2 + ... + p^R times in a row."""
+    the cache turns over, is expected to be reused p + p^2 + ... + p^R times in a row.
+
+    `rounds_until`: layer rounds until its layer is next visited (`Reuse.layers_until` / L; at most 1
+    for a layer of the current pass). Rounds spent waiting beyond the first are rounds of the copy's
+    life it cannot be used in: a layer the pass skips (a Switch encoder's, during decode) is promised
+    nothing, so its copies neither earn a credit nor skew the calibration."""
     p = min(max(p_reuse, 0.0), 0.999)
-    return p * (1.0 - p ** max(1.0, rounds)) / (1.0 - p)
+    R = max(1.0, rounds) - max(0.0, rounds_until - 1.0)
+    if R <= 0.0:
+        return 0.0
+    return p * (1.0 - p**R) / (1.0 - p)
 
 
 def reuse_credit_s(
-    p_reuse: float, host_s: float | None, copy_s: float, rounds: float = 1.0, calibration: float = 1.0
+    p_reuse: float,
+    host_s: float | None,
+    copy_s: float,
+    rounds: float = 1.0,
+    calibration: float = 1.0,
+    rounds_until: float = 1.0,
 ) -> float:
     """A copy stays cached; host compute leaves nothing behind. Each expected reuse (`expected_reuses`,
     times the `calibration` the run has measured) saves serving a miss the cheapest way."""
-    reuses = expected_reuses(p_reuse, rounds) * calibration
+    reuses = expected_reuses(p_reuse, rounds, rounds_until) * calibration
     return reuses * (copy_s if host_s is None else min(host_s, copy_s))
 
 
@@ -154,6 +167,26 @@ def host_compute_on_tier_s(
     )
 
 
+def demand_pressure(
+    misses: int, hits: int, window_s: float, layer_s: float, uses_per_visit: float = 1.0
+) -> float:
+    """Chance that a demand fetch is issued while a copy holds the link for `window_s`: each visit
+    (one every `layer_s` of compute, stalls only adding demand) looks up `uses_per_visit` experts, each
+    a miss with the run's miss rate (smoothed by one of each). One lookup when the copy is shorter
+    than a layer; on a link-bound run (a copy spans many layers) close to 1."""
+    miss_rate = (misses + 1) / (misses + 1 + hits + 1)
+    lookups = max(1.0, uses_per_visit * window_s / max(layer_s, 1e-12))
+    return 1.0 - (1.0 - miss_rate) ** lookups
+
+
+def copy_alone_s(clock, tiers, chunk_bytes) -> float:
+    """Seconds a copy takes on idle devices and links: one whole copy (`tiers` of one), or a striped
+    read's chunks (`striping.FetchPlan.tiers` with their bytes). The gate's stall and link occupancy:
+    the same path its expected completion (`wait_s`) is planned on, without the queues."""
+    idle = type(clock)(clock.hardware, clock.time_scale)
+    return idle.reserve_stripe(tuple(tiers), tuple(chunk_bytes), 0.0)[0]
+
+
 def prefetch_gate(
     p_use: float,
     layers_ahead: int,
@@ -163,17 +196,23 @@ def prefetch_gate(
     misses: int,
     hits: int,
     victim_p: float,
+    uses_per_visit: float = 1.0,
 ) -> bool:
     """The gate as the engine and the simulator both apply it: a candidate `layers_ahead` layers away,
-    a copy of `copy_s` that would land in `wait_s`, demand pressure from the run's misses and hits."""
-    pressure = (misses + 1) / (misses + 1 + hits + 1)
+    a copy of `copy_s` (`copy_alone_s` of the planned path) that would land in `wait_s`, `layer_s` of
+    compute per layer visit, demand pressure (`demand_pressure`) from the run's misses and hits over
+    the layers the copy spans.
+
+    Where a copy spans many layers of compute (a link-bound run: Mixtral experts over PCIe 5 take ~30
+    decode layers' time), a prefetch can only gain the compute it overlaps and any demand fetch queues
+    behind it, so the gate declines; where copies are short against compute it prefetches."""
     g = GateInputs(
         p_use=p_use,
         lead_s=layers_ahead * layer_s,
         wait_s=wait_s,
         miss_s=copy_s,
         link_busy_s=copy_s,
-        demand_pressure=pressure,
+        demand_pressure=demand_pressure(misses, hits, copy_s, layer_s, uses_per_visit),
         victim_p=victim_p,
         victim_miss_s=copy_s,
     )

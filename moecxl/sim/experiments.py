@@ -267,7 +267,8 @@ def section_long_context(ctx: _Ctx, spec: dict) -> dict:
 
 def section_ablation(ctx: _Ctx, spec: dict) -> dict:
     """moecxl with one mechanism removed at a time on one profile; `striping_hardware` (optional) adds
-    full / no_striping pairs on other profiles (where devices are slow or fast relative to the link)."""
+    full / no_striping pairs on other profiles (where devices are slow or fast relative to the link);
+    `without_striping: true` adds the removals with striping off too (rows `no_striping/<variant>`)."""
     hw = load_hardware(spec["hardware"])
     reqs = ctx.requests(batch=int(spec.get("batch", 1)))
     full = get_policy("moecxl")
@@ -288,6 +289,12 @@ def section_ablation(ctx: _Ctx, spec: dict) -> dict:
         return _brief(m) | {"placement": m.get("placement"), "striping": m.get("striping")}
 
     rows = {name: row(hw, *v) for name, v in variants.items()}
+    if spec.get("without_striping"):  # the same removals where striping is not available
+        for name in ("full", "no_placement", "no_prefetch", "no_balancing"):
+            pol, place, _ = variants[name]
+            rows[f"no_striping/{name}"] = (
+                rows["no_striping"] if name == "full" else row(hw, pol, place, False)
+            )
     striping_rows = {
         name: {v: row(load_hardware(name), *variants[v]) for v in ("full", "no_striping")}
         for name in spec.get("striping_hardware", [])

@@ -24,6 +24,7 @@ from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
     ReuseCalibration,
+    copy_alone_s,
     expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
@@ -115,6 +116,7 @@ class _Counters:
         self.busy_s = 0.0  # GPU compute (roofline) time
         self.host_read_bytes_by_tier: dict = defaultdict(int)
         self.striped_fetches = 0
+        self.visits = 0  # MoE layer visits (the gate's lookups per visit)
         self.not_striped: dict = defaultdict(int)
 
 
@@ -155,6 +157,7 @@ class _Replay:
         self.calibration = ReuseCalibration()
         self.clock = LinkClock(hw, cfg.time_scale)
         self.now_s = 0.0
+        self.layer_s = 0.0  # compute of the visit being replayed: the gate's time per layer
         self.tick = 0
         self.pos = 0
         self.free = self.n_slots
@@ -278,6 +281,7 @@ class _Replay:
     def visit(self, v: Visit):
         m = v.layer
         self.tick += 1
+        self.c.visits += 1
         if len(v.experts) > self.n_slots:
             raise SimError(
                 f"layer {m} needs {len(v.experts)} distinct experts at once but the device cache holds "
@@ -427,19 +431,21 @@ class _Replay:
         p_reuse = float(self.reuse.p_LE[key]) if self.reuse is not None else 0.0
         one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
         rounds = self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0
-        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor)
+        until = self.reuse.layers_until(key[0]) / self.L if self.reuse is not None else 1.0
+        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor, until)
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
         if choice in ("fetch", "lowp"):
-            self.calibration.fetched(key, expected_reuses(p_reuse, rounds))
+            self.calibration.fetched(key, expected_reuses(p_reuse, rounds, until))
         return choice, host_s
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
-        wait = self._plan(key, source=tier).expected_s
-        one = copy_time_s(tier, self.expert_bytes, self.hw) * self.cfg.time_scale
-        layer_s = one / 10  # as the engine: its measured layer time (`_layer_s`) is not set yet
+        plan = self._plan(key, source=tier)
+        nbytes = self.expert_bytes
+        chunks = self.stripes[key].scaled_bytes(nbytes) if plan.striped else (nbytes,)
+        one = copy_alone_s(self.clock, plan.tiers, chunks)  # the planned path, as wait_s
         victim_p = 0.0
         if self.free == 0:
             victims = choose_victims(
@@ -451,8 +457,18 @@ class _Replay:
                 reuse=self.reuse,
             )
             victim_p = self.probs.get(victims[0], 0.0) if victims else 0.0
+        hits = sum(self.c.hits) + sum(self.c.inflight_hits)
+        misses = sum(self.c.misses)
         return prefetch_gate(
-            p, key[0] - m, layer_s, wait, one, sum(self.c.misses), sum(self.c.hits), victim_p
+            p,
+            key[0] - m,
+            self.layer_s,
+            plan.expected_s,
+            one,
+            misses,
+            hits,
+            victim_p,
+            uses_per_visit=(hits + misses) / max(1, self.c.visits),
         )
 
 
@@ -549,8 +565,9 @@ def simulate(
                         r._event("online", tier=tier)
                 decode_step += 1
             for v in steps[step]:
-                r.visit(v)
                 dt = cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
+                r.layer_s = dt  # the engine measures its layer time; the replay knows it beforehand
+                r.visit(v)
                 r.now_s += dt
                 r.c.busy_s += dt
             dt = cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
