@@ -2,7 +2,10 @@
 
 Control time is what `OffloadEngine.experts` spends after the layer's top-k ids reach the host, less the
 time blocked on copies in flight and on host-computed experts (`stall_s`): policy, bookkeeping, dispatch
-of installs and copies. Cases: every expert resident in the cache (hits only), and lru / moecxl / oracle /
+of installs and copies. That is the critical path: the layer's expert step cannot launch before it. The
+policy's prefetch decisions run after the launch (`after_experts`), overlapping the device's compute;
+their time is reported apart. The end-to-end figure is what the engine adds to a decode step beyond the
+resident model's step and the stalls: (engine TPOT - its decode stall per token - resident TPOT) / layers. Cases: every expert resident in the cache (hits only), and lru / moecxl / oracle /
 pregate at a 25% budget with emulated links. Each case runs `--repeats` generations after a warm-up one;
 the figure is the median over all decode-layer samples, also split by whether the layer had a miss.
 Usage (figures in bench/results/control.json were made with):
@@ -43,19 +46,23 @@ def _samples(engine, model, x, tokens):
     own work, robust to the machine's load (it includes the few us of the ids read-back itself)."""
     out, inner = [], engine.experts
 
+    decode_stall = [0.0]
+
     def experts(m, co):
         misses = sum(engine.c.misses)
         n = len(engine.c.control_samples_us)
+        stall0 = engine.c.stall_s
         t0 = time.thread_time_ns()
         r = inner(m, co)
         cpu_us = (time.thread_time_ns() - t0) / 1e3
         if len(engine.c.control_samples_us) > n:
             out.append((engine.c.control_samples_us[-1], cpu_us, sum(engine.c.misses) > misses))
+            decode_stall[0] += engine.c.stall_s - stall0
         return r
 
     engine.experts = experts
     res = generate(model, x, max_new_tokens=tokens, engine=engine)
-    return out, res
+    return out, res, decode_stall[0]
 
 
 def main(argv=None):
@@ -72,6 +79,12 @@ def main(argv=None):
     model, model_src = load_model(args.model)
     x = prompts(model, 1, args.prompt_len)
     ref = generate(model, x, max_new_tokens=args.tokens)
+    n_layers = len(ref.expert_ids)
+    resident_tpot_s = float(
+        np.median(
+            [generate(model, x, max_new_tokens=args.tokens).metrics["tpot_s"] for _ in range(args.repeats)]
+        )
+    )
     hw = Hardware.from_yaml(args.profile)
     scale = calibrate_time_scale(model, hw, MIXTRAL_8X7B)
     rows = []
@@ -109,10 +122,14 @@ def main(argv=None):
         warm = engine()
         generate(model, x, max_new_tokens=4, engine=warm)  # compile this policy's steps
         warm.close()
-        samples, loads, exact, hit_rates = [], [], True, []
+        samples, loads, exact, hit_rates, added_us, after_us = [], [], True, [], [], []
         for _ in range(args.repeats):
             eng = engine()
-            s, res = _samples(eng, model, x, args.tokens)
+            s, res, stall_s = _samples(eng, model, x, args.tokens)
+            steps = res.metrics["new_tokens"] - 1
+            tpot_less_stall = res.metrics["tpot_s"] - stall_s / steps
+            added_us.append((tpot_less_stall - resident_tpot_s) / n_layers * 1e6)
+            after_us += eng.c.control_after_samples_us
             loads.append(os.getloadavg()[0])
             exact &= bool(np.array_equal(res.logits, ref.logits))
             hit_rates.append(res.metrics["hit_rate"])
@@ -132,6 +149,9 @@ def main(argv=None):
                 "budget": budget,
                 "control_us_median_decode": med(us),
                 "control_us_p90_decode": float(np.percentile(us, 90)),
+                "after_dispatch_us_median_decode": med(np.array(after_us)),
+                "added_us_per_layer_end_to_end": float(np.median(added_us)),
+                "added_us_per_layer_by_repeat": added_us,
                 "control_us_median_hit_layers": med(us[~miss]),
                 "control_cpu_us_median_decode": med(cpu_us),
                 "control_cpu_us_median_hit_layers": med(cpu_us[~miss]),
@@ -149,6 +169,7 @@ def main(argv=None):
             f"{name:>11}: control median {r['control_us_median_decode']:7.1f} us (hit layers "
             f"{r['control_us_median_hit_layers'] or 0:6.1f}, miss layers {r['control_us_median_miss_layers'] or 0:7.1f}, "
             f"{r['miss_layer_fraction']:.2f} missed)  p90 {r['control_us_p90_decode']:7.1f}  "
+            f"after {r['after_dispatch_us_median_decode'] or 0:6.1f}  added e2e {r['added_us_per_layer_end_to_end']:7.1f}  "
             f"cpu {r['control_cpu_us_median_decode']:7.1f} us  "
             f"hit {r['hit_rate']:.3f}  exact={exact}  load {np.median(loads):.2f}",
             flush=True,
@@ -163,6 +184,7 @@ def main(argv=None):
         "profile": hw.name,
         "time_scale": scale,
         "tokens": args.tokens,
+        "resident_tpot_s": resident_tpot_s,
         "prompt_len": args.prompt_len,
         "repeats": args.repeats,
         "rows": rows,

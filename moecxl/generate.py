@@ -41,7 +41,8 @@ class ExpertProvider(Protocol):
         """Called after each forward step."""
 
     # Optional: `experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E) -> x_BTD` replaces
-    # the single-device expert step (moecxl.distributed.ExpertParallel runs it across devices).
+    # the single-device expert step (moecxl.distributed.ExpertParallel runs it across devices), and
+    # `after_experts(moe_index)`, called once that step is dispatched, runs work that may overlap it.
 
 
 class ResidentExperts:
@@ -252,6 +253,7 @@ def generate(
         )
     provider = engine if engine is not None else ResidentExperts(model)
     experts_step = getattr(provider, "experts_fn", None) or _experts_jit
+    after = getattr(provider, "after_experts", None)
     dt = model.embed_VD[...].dtype
     G, Dh = cfg.num_kv_heads, cfg.dim_head
     kvs = [(jnp.zeros((B, S, G, Dh), dt), jnp.zeros((B, S, G, Dh), dt)) for _ in model.layers]
@@ -290,6 +292,8 @@ def generate(
                 continue
             ins, out, slot_E = provider.experts(m, co)
             x = experts_step(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+            if after is not None:
+                after(m)  # the step is dispatched: the provider's overlappable work (prefetch)
             ids_step.append(co.ids_BTK)
             w_step.append(co.weights_BTK)
             m += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -176,7 +177,17 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
             eng = object.__new__(OffloadEngine)  # only the state `_victim` reads
             eng.policy = SimpleNamespace(evict=rule)
             keys = [(int(rng.integers(0, L)), int(rng.integers(0, E))) for _ in range(14)]
-            eng.slot_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            cached_keys = list(dict.fromkeys(keys))
+            slots = rng.permutation(20)[: len(cached_keys)]  # slot numbers unrelated to caching order
+            eng.slot_of = {k: int(s) for k, s in zip(cached_keys, slots)}
+            eng.slot_key = [None] * 20
+            eng._slot_layer_S = np.full(20, -1, np.int64)
+            eng._slot_expert_S = np.full(20, -1, np.int64)
+            eng._slot_seq_S = np.zeros(20, np.int64)
+            for seq, (k, s) in enumerate(eng.slot_of.items()):
+                eng.slot_key[s] = k
+                eng._slot_layer_S[s], eng._slot_expert_S[s] = k
+                eng._slot_seq_S[s] = seq
             eng.stats = {
                 k: [int(rng.integers(0, 20)), int(rng.integers(0, 5)), int(rng.integers(0, 20)), False]
                 for k in eng.slot_of
@@ -192,3 +203,50 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
                 rule, cached, 1, protect, next_use=next_use, prob=eng._probs, reuse=eng._reuse
             )
             assert eng._victim(protect, next_use) == pure[0]
+
+
+@pytest.fixture(scope="module")
+def model_bf16():
+    return MoEDecoder(tiny_config(num_layers=3, num_experts=6, top_k=2, dtype="bfloat16"), rngs=nnx.Rngs(8))
+
+
+@pytest.mark.parametrize("policy", ["lru", "moecxl", "pregate"])
+def test_bfloat16_experts_are_stored_as_their_bits_and_stay_bit_identical(model_bf16, policy):
+    """16-bit float slot arrays are kept as uint16 bit patterns (XLA:CPU updates those in place); the
+    step bitcasts them back, so logits stay bit-identical, and `cache` shows the experts' dtype."""
+    prompt = np.random.default_rng(3).integers(0, model_bf16.cfg.vocab_size, (2, 5))
+    ref = generate(model_bf16, prompt, max_new_tokens=6)
+    eng = _engine(model_bf16, policy, 0.5)
+    try:
+        res = generate(model_bf16, prompt, max_new_tokens=6, engine=eng)
+        assert all(a.dtype == np.uint16 for a in eng._cache)
+        assert all(a.dtype == jnp.bfloat16 for a in eng.cache)
+        slot = next(iter(eng.slot_of.values()))
+        key = next(iter(eng.slot_of))
+        got = np.concatenate([np.asarray(a[slot]).reshape(-1) for a in eng.cache])
+        want = np.asarray(eng.store.source(key)).reshape(-1)[: got.size]
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    finally:
+        eng.close()
+    assert res.metrics["hit_rate"] < 1.0  # copies were installed during the run
+    assert np.array_equal(res.logits, ref.logits)
+
+
+def test_prefetch_runs_after_the_step_is_dispatched(model):
+    """`generate` calls `after_experts` once a layer's expert step is launched: the policy's prefetch
+    (and installs this layer does not read) run there, timed apart from the critical path."""
+    prompt = np.random.default_rng(4).integers(0, model.cfg.vocab_size, (1, 4))
+    ref = generate(model, prompt, max_new_tokens=8)
+    eng = _engine(model, "pregate", 0.5)
+    calls = []
+    inner = eng.after_experts
+    eng.after_experts = lambda m: (calls.append((m, eng._after is not None)), inner(m))[1]
+    try:
+        res = generate(model, prompt, max_new_tokens=8, engine=eng)
+    finally:
+        eng.close()
+    assert np.array_equal(res.logits, ref.logits)
+    assert len(calls) == 8 * eng.L  # once per MoE layer and step
+    assert any(pending for _, pending in calls) and eng._after is None
+    assert res.metrics["prefetch_issued"] > 0
+    assert res.metrics["control_after_us_median_decode"] is not None

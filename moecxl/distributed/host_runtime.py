@@ -149,6 +149,9 @@ class OffloadedExpertParallel(ExpertParallel):
     def end(self, phase: str, step: int) -> None:
         self.engine.end(phase, step)
 
+    def after_experts(self, moe_index: int) -> None:
+        self.engine.after_experts(moe_index)
+
     def experts(self, moe_index: int, core):
         ids = np.asarray(core.ids_BTK)
         w = np.asarray(core.weights_BTK)
@@ -158,14 +161,15 @@ class OffloadedExpertParallel(ExpertParallel):
             sub = _Routing(core.xn_BTD, self.local_of[ids[mine]][None, :, None], w[mine][None, :, None])
             ins, out, slot_E = eng.experts(moe_index, sub)
         else:
-            ins, out, slot_E = eng.cache[: eng.n_ins], eng.cache[eng.n_ins], eng.slot_E[moe_index]
+            eng.after_experts(moe_index)  # install what landed; `_cache` holds the stored arrays
+            ins, out, slot_E = eng._cache[: eng.n_ins], eng._cache[eng.n_ins], eng.slot_E[moe_index]
         arrays = (*ins, out)
         bufs = [[] for _ in arrays]
         for dev, j in self._mine:
             local = self.local_of[j * self.E_loc : (j + 1) * self.E_loc]
             # Slots of experts not resident (-1) are never read: only padding rows route to them.
             slots = np.maximum(np.asarray(slot_E)[local], 0).astype(np.int32)
-            for b, a in zip(bufs, _gather_slots(arrays, slots)):
+            for b, a in zip(bufs, eng.view(_gather_slots(arrays, slots))):
                 b.append(jax.device_put(a, dev))
         DP, X = self.mesh.shape[DATA], self.mesh.shape[EXPERT]
         glob = [

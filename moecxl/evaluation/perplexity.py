@@ -67,6 +67,9 @@ def teacher_forced(model, ids_BT: np.ndarray, provider=None, mode: str = "decode
     key_valid = np.zeros((B, S), bool)
     routing = []
 
+    experts_step = getattr(provider, "experts_fn", None) or _experts_jit  # host compute, expert parallel
+    after = getattr(provider, "after_experts", None)
+
     def forward(start, stop, phase, step):
         key_valid[:, start:stop] = True
         q = np.broadcast_to(np.arange(start, stop, dtype=np.int32), (B, stop - start))
@@ -80,7 +83,9 @@ def teacher_forced(model, ids_BT: np.ndarray, provider=None, mode: str = "decode
                 x = co.h_BTD
                 continue
             ins, out, slot_E = provider.experts(m, co)
-            x = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+            x = experts_step(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+            if after is not None:
+                after(m)
             ids_step.append(np.asarray(co.ids_BTK))
             m += 1
         provider.end(phase, step)

@@ -29,6 +29,7 @@ from moecxl.runtime import striping
 from moecxl.runtime.gate import (
     MissCosts,
     ReuseCalibration,
+    copy_alone_s,
     expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
@@ -42,7 +43,7 @@ from moecxl.runtime.policies import (
     choose_victims,
     eam_probs,
     eviction_score,
-    farthest_reuse,
+    farthest_reuse_slot,
     get_policy,
     pregate_probs,
     topk_candidates,
@@ -55,12 +56,48 @@ class EngineError(ValueError):
     """Bad engine configuration (budget, policy, profile); the message names the value at fault."""
 
 
+def storage_dtype(dtype) -> np.dtype:
+    """The slot arrays' dtype for experts of `dtype`: 16-bit floats are kept as their uint16 bit patterns.
+    XLA:CPU rewrites a whole bf16 array on each in-place slot update (~0.4 ms for a small cache, growing
+    with its size) but updates uint16 in place; the bitcasts back are exact and free inside the step."""
+    dt = np.dtype(dtype)
+    return np.dtype(np.uint16) if jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 2 else dt
+
+
+def _stored(x, stored_dtype, compute_dtype):
+    """`x` as the slot arrays store it (see `storage_dtype`)."""
+    if x.dtype == stored_dtype:
+        return x
+    if stored_dtype == np.uint16 and np.dtype(compute_dtype) != np.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(compute_dtype), jnp.uint16)
+    return x.astype(stored_dtype)
+
+
+def _computed(a, compute_dtype):
+    """A slot array read back in the experts' dtype (a bitcast of the stored bits)."""
+    return a if a.dtype == compute_dtype else jax.lax.bitcast_convert_type(a, compute_dtype)
+
+
 def _write_slot(arrays, packed_P, slot, layout: ExpertLayout):
     mats = layout.unpack(packed_P)
     return tuple(
-        jax.lax.dynamic_update_slice(a, m[None].astype(a.dtype), (slot,) + (0,) * m.ndim)
+        jax.lax.dynamic_update_slice(a, _stored(m[None], a.dtype, layout.np_dtype), (slot,) + (0,) * m.ndim)
         for a, m in zip(arrays, mats)
     )
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _stored_step_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype):
+    """`generate`'s expert step over the engine's stored slot arrays (bit-identical: only bitcasts)."""
+    from moecxl.model.moe import expert_step
+
+    ins = tuple(_computed(w, dtype) for w in ins)
+    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, _computed(out, dtype), slot_E)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _view_jit(arrays, dtype):
+    return tuple(_computed(a, dtype) for a in arrays)
 
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
@@ -77,10 +114,11 @@ def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
     return _write_slot(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
 
 
-@jax.jit
-def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD):
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD, dtype):
     from moecxl.model.moe import expert_step
 
+    ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
     on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
     return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
 
@@ -206,7 +244,8 @@ class OffloadEngine:
         if device is not None:  # a host's engine in a multi-device run: copies land on this device
             self.transfers.device_sharding = jax.sharding.SingleDeviceSharding(device)
         # Device cache: fixed slot arrays.
-        dev_dtype = self.layout.np_dtype
+        self.compute_dtype = np.dtype(self.layout.np_dtype)
+        dev_dtype = storage_dtype(self.compute_dtype)
         self._cache = tuple(
             jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes
         )
@@ -214,9 +253,18 @@ class OffloadEngine:
         # call per layer (`_flush`). They still occupy staging, so they count against the budget.
         self._landed: list = []
         self._wait_s = 0.0  # time blocked on copies in flight (stall), accumulated by `_complete`
+        self._install_wait_s = 0.0  # time an install waited for expert steps still reading the slots
+        self._last_step = None  # the last expert step's output (what an install must wait for)
+        self._inline_installs = jax.default_backend() == "cpu"
         self.n_ins = len(self.layout.shapes) - 1
         self.slot_key: list = [None] * self.n_slots
         self.slot_of: dict = {}
+        # The same map as arrays, for the vectorised victim scan: layer and expert per slot (-1: free) and
+        # when it was cached (the order `slot_of` iterates in, which breaks ties as the simulator does).
+        self._slot_layer_S = np.full(self.n_slots, -1, np.int64)
+        self._slot_expert_S = np.full(self.n_slots, -1, np.int64)
+        self._slot_seq_S = np.zeros(self.n_slots, np.int64)
+        self._seq = 0
         self.slot_E = [np.full(self.E, -1, np.int32) for _ in range(self.L)]
         self.stats: dict = {}
         self.lowp: set = set()
@@ -238,7 +286,9 @@ class OffloadEngine:
         self._eam_current = np.zeros((self.L, self.E))
         self._pos = 0  # index into trace visits (oracle)
         self.c = _Counters(self.L)
-        self._layer_s = None
+        # Measured compute per layer visit, by phase (an EMA of the time between visits less stalls).
+        self._layer_s: dict = {}
+        self._prev_visit = None  # (entry time, stall, phase) of the last visit
         # Paper mechanisms: EMA activation frequencies, migration, replication, faults.
         self.original_home = dict(self.store.home_of)
         self.rebalance_every = int(rebalance_every)
@@ -258,14 +308,12 @@ class OffloadEngine:
         self.quality_budget = float(quality_budget)
         self._host_keys: list = []
         self._extra = None
-        if self.policy.host_compute:
-            if self.hardware.host is None:
-                raise EngineError(
-                    f"policy {self.policy.name!r} computes misses on the host, but profile {self.hardware.name!r} "
-                    "has no `host:` block (gflops, mem_gbps with sources); add one, or measure this machine's "
-                    "with moecxl.memory.measure_host_matmul_tflops / measure_host_memcpy_gbps"
-                )
-            self.experts_fn = self._mixed_step
+        if self.policy.host_compute and self.hardware.host is None:
+            raise EngineError(
+                f"policy {self.policy.name!r} computes misses on the host, but profile {self.hardware.name!r} "
+                "has no `host:` block (gflops, mem_gbps with sources); add one, or measure this machine's "
+                "with moecxl.memory.measure_host_matmul_tflops / measure_host_memcpy_gbps"
+            )
         if warm_start:
             self._warm_start()
 
@@ -293,10 +341,10 @@ class OffloadEngine:
 
     @property
     def cache(self) -> tuple:
-        """The slot arrays (ins..., out) with every landed copy installed."""
+        """The slot arrays (ins..., out) with every landed copy installed, in the experts' dtype."""
         if self._landed:
             self._flush()
-        return self._cache
+        return self.view(self._cache)
 
     # ---- the provider protocol -----------------------------------------------------------------------
     def begin(self, phase: str, step: int) -> None:
@@ -311,6 +359,8 @@ class OffloadEngine:
                     self.set_online(f.tier)
 
     def end(self, phase: str, step: int) -> None:
+        if self._after is not None or self._landed:
+            self.after_experts(-1)
         a = self.ema_alpha
         self.freq_ema = (1 - a) * self.freq_ema + a * np.asarray(self._step_counts_py, float)
         self._step_counts_py = [[0] * self.E for _ in range(self.L)]
@@ -327,10 +377,35 @@ class OffloadEngine:
         if phase == "decode" and self.rebalance_every and step % self.rebalance_every == 0:
             self.rebalance()
 
+    _after = None  # (layer, core output, protected keys): the prefetch `after_experts` owes
+
+    def after_experts(self, m: int) -> None:
+        """Called once layer `m`'s expert step is dispatched: installs of landed copies this layer did not
+        read and the policy's prefetch for the layers ahead, off the critical path (their time is kept
+        apart, as `control_after_samples_us`)."""
+        args, self._after = self._after, None
+        if args is None and not self._landed:
+            return
+        t0, install_wait_s0 = time.perf_counter(), self._install_wait_s
+        if args is not None:
+            self._prefetch(*args)
+        if self._landed:
+            self._flush()
+        if self.phase == "decode" and len(self.c.control_after_samples_us) < 100_000:
+            busy = time.perf_counter() - t0 - (self._install_wait_s - install_wait_s0)
+            self.c.control_after_samples_us.append(busy * 1e6)
+
     def experts(self, m: int, co):
         # Control-plane time: all of this call but the host sync (it waits for the layer's compute) and
         # the stall (blocked on copies in flight, or computing experts on the host).
+        if self._after is not None or self._landed:  # a caller that skips `after_experts`: do it now
+            self.after_experts(m)
         t_enter = time.perf_counter()
+        prev, self._prev_visit = self._prev_visit, None
+        if prev is not None and m > 0 and prev[2] == self.phase:  # the last visit, within this step
+            dt = max(0.0, t_enter - prev[0] - prev[1])
+            old = self._layer_s.get(self.phase)
+            self._layer_s[self.phase] = dt if old is None else 0.8 * old + 0.2 * dt
         self.tick += 1
         if self._routers_ahead is not None and m + 1 < self.L:
             # Pre-gate: later routers on this layer's input, read back with the ids (one sync, not two).
@@ -341,7 +416,7 @@ class OffloadEngine:
             t_sync = time.perf_counter()
             ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
         sync_s = time.perf_counter() - t_sync
-        wait_s0 = self._wait_s
+        wait_s0, install_wait_s0 = self._wait_s, self._install_wait_s
         # Plain Python on a few dozen ints beats numpy's per-call overhead on the hot path.
         flat = ids.ravel().tolist()
         needed = sorted(set(flat))
@@ -419,6 +494,7 @@ class OffloadEngine:
         stall = self._wait_s - wait_s0 + host_s
         c.stall_s += stall
         c.stall_by_layer[m] += stall
+        self._prev_visit = (t_enter, stall, self.phase)
         if self._reuse is not None:
             # cache turnover: copies installed, not misses (a host-computed miss replaces no slot)
             self._reuse.end_visit(c.misses[m] - misses_before - (c.miss_choices["host"] - host_before))
@@ -428,18 +504,20 @@ class OffloadEngine:
             if st is not None:  # None: computed on the host, never cached
                 st[0] = tick
                 st[1] += 1
-        if self._landed:  # this layer's landed copies (demand and prefetched): one install
-            self._flush()
+        if self._landed:  # one install, now if this layer reads a landed copy, else after its dispatch
+            pending = {slot for _, slot in self._landed}
+            if any(slot_of.get(k) in pending for k in keys):
+                self._flush()
         if self.policy.prefetch is not None:
-            self._prefetch(m, co, protect)
-        slot_E = self.slot_E[m]
-        if self._host_keys:
-            slot_E = slot_E.copy()
-            for key in self._host_keys:
-                slot_E[key[1]] = -1
-            self._host_keys = []
-        cache = self.cache
-        control = time.perf_counter() - t_enter - sync_s - stall
+            # Prefetch decisions wait for `after_experts`, once the caller has dispatched this layer's
+            # expert step: they then overlap the device's compute instead of delaying its launch.
+            self._after = (m, co, protect)
+        slot_E = self.slot_E[m].copy()  # a snapshot: prefetch may evict other experts of this layer
+        for key in self._host_keys:
+            slot_E[key[1]] = -1
+        self._host_keys = []
+        cache = self._cache  # landed copies not installed yet are for other layers (`after_experts`)
+        control = time.perf_counter() - t_enter - sync_s - stall - (self._install_wait_s - install_wait_s0)
         c.control_s += control
         if self.phase == "decode" and len(c.control_samples_us) < 100_000:
             c.control_samples_us.append(control * 1e6)
@@ -474,18 +552,20 @@ class OffloadEngine:
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
         p_reuse = float(self._reuse.p_LE[key]) if self._reuse is not None else 0.0
         rounds = self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0
+        until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
         credit = reuse_credit_s(
             p_reuse,
             host_s,
             copy_time_s(tier_name, self.emulated_expert_bytes, self.hardware) * self.time_scale,
             rounds,
             self._calibration.factor,
+            until,
         )
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
         if choice in ("fetch", "lowp"):
-            self._calibration.fetched(key, expected_reuses(p_reuse, rounds))
+            self._calibration.fetched(key, expected_reuses(p_reuse, rounds, until))
         return choice, host_s
 
     def _host_compute(self, m, co, ids) -> float:
@@ -532,14 +612,24 @@ class OffloadEngine:
                 time.sleep(left)
         return time.perf_counter() - t0
 
-    def _mixed_step(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
-        """The expert step when some experts were computed on the host (their slots are -1)."""
-        from moecxl.generate import _experts_jit
-
+    def experts_fn(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
+        """The expert step over the stored slot arrays (`experts` returns them), plus the outputs of the
+        experts computed on the host this layer (their slots are -1)."""
         if self._extra is None:
-            return _experts_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E)
-        extra, self._extra = self._extra, None
-        return _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra)
+            y = _stored_step_jit(
+                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype=self.compute_dtype
+            )
+        else:
+            extra, self._extra = self._extra, None
+            y = _mixed_jit(
+                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra, dtype=self.compute_dtype
+            )
+        self._last_step = y
+        return y
+
+    def view(self, arrays) -> tuple:
+        """Stored slot arrays (or rows gathered from them) in the experts' dtype."""
+        return _view_jit(tuple(arrays), dtype=self.compute_dtype)
 
     # ---- cache mechanics -----------------------------------------------------------------------------
     def _source(self, key) -> str:
@@ -580,7 +670,21 @@ class OffloadEngine:
                 return min(cands, key=lambda k: (stats[k][1], stats[k][0]), default=None)
             return min(cands, key=lambda k: stats[k][field], default=None)
         if evict == "predicted" and self._reuse is not None:
-            return farthest_reuse(cands, self._probs, self._reuse)
+            evictable_S = self._slot_layer_S >= 0
+            for k in skip:
+                s = self.slot_of.get(k)
+                if s is not None:
+                    evictable_S[s] = False
+            s = farthest_reuse_slot(
+                self._slot_layer_S,
+                self._slot_expert_S,
+                self._slot_seq_S,
+                evictable_S,
+                self._probs,
+                self.slot_of,
+                self._reuse,
+            )
+            return None if s is None else self.slot_key[s]
         if evict == "belady":
             return min(
                 cands, key=lambda k: eviction_score("belady", k, None, next_use=next_use), default=None
@@ -595,8 +699,10 @@ class OffloadEngine:
         return {k: EntryStats(*self.stats[k]) for k in self.slot_of}
 
     def _evict(self, key):
+        self._epoch += 1
         slot = self.slot_of.pop(key)
         self.slot_key[slot] = None
+        self._slot_layer_S[slot] = -1
         self.slot_E[key[0]][key[1]] = -1
         st = self.stats.get(key)
         if st is not None and st[3] and st[1] == 0:
@@ -638,6 +744,7 @@ class OffloadEngine:
             tr = self.transfers.submit(key, tier, low_precision=low_precision)
             self.c.not_striped[plan.reason] += 1
         self.inflight[key] = (tr, slot, prefetched)
+        self._epoch += 1
         for t, nbytes in tr.bytes_by_tier().items():
             self.c.bytes_by_tier[t] += nbytes
         self.c.max_queue = max(self.c.max_queue, len(self.inflight))
@@ -675,8 +782,12 @@ class OffloadEngine:
             self.lowp.add(key)
         else:
             self._landed.append((value, slot))
+        self._epoch += 1
         self.slot_of[key] = slot
         self.slot_key[slot] = key
+        self._slot_layer_S[slot], self._slot_expert_S[slot] = key
+        self._seq += 1
+        self._slot_seq_S[slot] = self._seq
         self.slot_E[key[0]][key[1]] = slot
         # Mutable on the hot path: [last_use, uses, loaded_at, prefetched] (the EntryStats fields).
         self.stats[key] = [self.tick, 0, self.tick, prefetched]
@@ -685,6 +796,13 @@ class OffloadEngine:
         """Write the landed copies into the slot arrays, `max_inflight` per jitted call (a fixed group
         size, so one compile); their staging is then free."""
         landed, self._landed = self._landed, []
+        if self._last_step is not None and self._inline_installs:
+            # XLA:CPU runs an in-place install inline, after the expert steps reading the slot arrays:
+            # wait for them here, counted as device time (`install_wait_s`), not control.
+            t0 = time.perf_counter()
+            jax.block_until_ready(self._last_step)
+            self._install_wait_s += time.perf_counter() - t0
+        self._last_step = None
         G = self.max_inflight
         for i in range(0, len(landed), G):
             group = landed[i : i + G]
@@ -730,6 +848,7 @@ class OffloadEngine:
         else:
             return
         self._probs = {k: p for k, p in cands}
+        self._epoch += 1
         for key, p in cands:
             if key in self.slot_of or key in self.inflight:
                 continue
@@ -743,17 +862,35 @@ class OffloadEngine:
             except EngineError:
                 break
 
+    _gate_victim: tuple = (None, None)  # (epoch, the victim a prefetch would evict then)
+    _epoch = 0  # bumped whenever the cache, the copies in flight or the predictions change
+
     def _gate(self, key, p, m) -> bool:
-        tier = self.store.home(key)
-        wait = self._plan(key).expected_s
-        one = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
-        layer_s = self._layer_s or one / 10
+        plan = self._plan(key)
+        nbytes = self.emulated_expert_bytes
+        chunks = self.store.stripe_of(key).scaled_bytes(nbytes) if plan.striped else (nbytes,)
+        one = copy_alone_s(self.transfers.clock, plan.tiers, chunks)  # the planned path, as wait_s
+        # Compute per visit, measured (`_layer_s`); until measured, one/10 of a copy makes the gate decline.
+        layer_s = self._layer_s.get(self.phase) or one / 10
         victim_p = 0.0
         if not self.free_slots:
-            victim = self._victim(self.inflight.keys())
+            # The victim changes only when a copy is issued or lands: scan once per such change.
+            if self._gate_victim[0] != self._epoch:
+                self._gate_victim = (self._epoch, self._victim(self.inflight.keys()))
+            victim = self._gate_victim[1]
             victim_p = self._probs.get(victim, 0.0) if victim is not None else 0.0
+        hits = sum(self.c.hits) + sum(self.c.inflight_hits)
+        misses = sum(self.c.misses)
         return prefetch_gate(
-            p, key[0] - m, layer_s, wait, one, sum(self.c.misses), sum(self.c.hits), victim_p
+            p,
+            key[0] - m,
+            layer_s,
+            plan.expected_s,
+            one,
+            misses,
+            hits,
+            victim_p,
+            uses_per_visit=(hits + misses) / max(1, self.tick),
         )
 
     def _next_use(self):
@@ -972,6 +1109,7 @@ class OffloadEngine:
             ],
             "misses": misses,
             "stall_s": c.stall_s,
+            "install_wait_s": self._install_wait_s,
             "stall_s_by_layer": list(c.stall_by_layer),
             "bytes_by_tier": dict(c.bytes_by_tier),
             "prefetch_issued": c.prefetch_issued,
@@ -1000,6 +1138,9 @@ class OffloadEngine:
             "control_us_per_layer": c.control_s / max(1, visits) * 1e6,
             "control_us_median_decode": float(np.median(c.control_samples_us))
             if c.control_samples_us
+            else None,
+            "control_after_us_median_decode": float(np.median(c.control_after_samples_us))
+            if c.control_after_samples_us
             else None,
             "device_budget_bytes": self.budget_bytes,
             "device_slots": self.n_slots,
@@ -1059,6 +1200,7 @@ class _Counters:
         self.evictions = 0
         self.max_queue = 0
         self.control_samples_us: list[float] = []
+        self.control_after_samples_us: list[float] = []  # prefetch decisions after the step's dispatch
         self.migrations = self.rehomed = self.refetches = 0
         self.migration_bytes = defaultdict(int)
         self.fault_events: list[dict] = []

@@ -204,6 +204,15 @@ class Reuse:
             self._cycle = []
         self._cycle.append(layer)
         self.layer = layer
+        self._d_L = None
+
+    _d_L = None
+
+    def distances_L(self) -> np.ndarray:
+        """`layers_until` of every layer, as a float array (computed once per visit)."""
+        if self._d_L is None:
+            self._d_L = np.array([self.layers_until(m) for m in range(self.L)], np.float64)
+        return self._d_L
 
     def layers_until(self, layer: int) -> int:
         """Visits until `layer` comes round again in the current pattern. A layer the pattern skips (the
@@ -259,6 +268,26 @@ def farthest_reuse(keys, prob, reuse: Reuse):
         if best is None or dist > best_dist:
             best, best_dist = key, dist
     return best
+
+
+def farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, reuse: Reuse):
+    """`farthest_reuse` over the engine's slot arrays, vectorised: the slot whose expert has the largest
+    expected reuse distance, ties to the earliest cached (`seq_S`, the dict order `farthest_reuse` scans
+    in). `evictable_S`: occupied slots that may go. Same arithmetic, so the same victim. None if none."""
+    if not evictable_S.any():
+        return None
+    d_L = reuse.distances_L()
+    layer_S = np.where(evictable_S, layer_S, 0)
+    d_S = d_L[layer_S]
+    p_S = reuse.p_LE[layer_S, np.where(evictable_S, expert_S, 0)]
+    for key, p in (prob or {}).items():
+        s = slot_of.get(key)
+        if s is not None and p is not None and d_L[key[0]] <= PREDICTION_REACH:
+            p_S[s] = float(p)
+    p_S = np.clip(p_S, 1e-6, 1.0)
+    dist_S = np.where(evictable_S, d_S + reuse.L * (1.0 - p_S) / p_S, -np.inf)
+    best_S = evictable_S & (dist_S == dist_S.max())
+    return int(np.argmin(np.where(best_S, seq_S, np.iinfo(np.int64).max)))
 
 
 def choose_victims(
