@@ -243,11 +243,12 @@ class OffloadEngine:
         self.transfers.emulated_bytes = self.emulated_expert_bytes
         if device is not None:  # a host's engine in a multi-device run: copies land on this device
             self.transfers.device_sharding = jax.sharding.SingleDeviceSharding(device)
-        # Device cache: fixed slot arrays.
+        # Device cache: fixed slot arrays, committed where the copies land (as those are: mixing committed
+        # and uncommitted arguments costs each install a second executable and the slow dispatch path).
         self.compute_dtype = np.dtype(self.layout.np_dtype)
         dev_dtype = storage_dtype(self.compute_dtype)
         self._cache = tuple(
-            jnp.zeros((self.n_slots, *s), dev_dtype, device=device) for s in self.layout.shapes
+            jnp.zeros((self.n_slots, *s), dev_dtype, device=self.transfers.device_sharding) for s in self.layout.shapes
         )
         # Landed copies not yet written into the slot arrays: (value, slot), installed in one jitted
         # call per layer (`_flush`). They still occupy staging, so they count against the budget.
@@ -401,8 +402,8 @@ class OffloadEngine:
         if self._after is not None or self._landed:  # a caller that skips `after_experts`: do it now
             self.after_experts(m)
         t_enter = time.perf_counter()
-        prev, self._prev_visit = self._prev_visit, None
-        if prev is not None and m > 0 and prev[2] == self.phase:  # the last visit, within this step
+        prev = self._prev_visit
+        if prev is not None and m > 0 and prev[2] == self.phase:  # the gate's layer time, within a step
             dt = max(0.0, t_enter - prev[0] - prev[1])
             old = self._layer_s.get(self.phase)
             self._layer_s[self.phase] = dt if old is None else 0.8 * old + 0.2 * dt
@@ -494,7 +495,8 @@ class OffloadEngine:
         stall = self._wait_s - wait_s0 + host_s
         c.stall_s += stall
         c.stall_by_layer[m] += stall
-        self._prev_visit = (t_enter, stall, self.phase)
+        if self.policy.gate:
+            self._prev_visit = (t_enter, stall, self.phase)
         if self._reuse is not None:
             # cache turnover: copies installed, not misses (a host-computed miss replaces no slot)
             self._reuse.end_visit(c.misses[m] - misses_before - (c.miss_choices["host"] - host_before))
