@@ -52,6 +52,10 @@ from moecxl.runtime.policies import (
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
 
 
+def _ema(old: float, new: float, alpha: float = 0.1) -> float:
+    return (1.0 - alpha) * old + alpha * new
+
+
 class EngineError(ValueError):
     """Bad engine configuration (budget, policy, profile); the message names the value at fault."""
 
@@ -248,13 +252,17 @@ class OffloadEngine:
         self.compute_dtype = np.dtype(self.layout.np_dtype)
         dev_dtype = storage_dtype(self.compute_dtype)
         self._cache = tuple(
-            jnp.zeros((self.n_slots, *s), dev_dtype, device=self.transfers.device_sharding) for s in self.layout.shapes
+            jnp.zeros((self.n_slots, *s), dev_dtype, device=self.transfers.device_sharding)
+            for s in self.layout.shapes
         )
         # Landed copies not yet written into the slot arrays: (value, slot), installed in one jitted
         # call per layer (`_flush`). They still occupy staging, so they count against the budget.
         self._landed: list = []
         self._wait_s = 0.0  # time blocked on copies in flight (stall), accumulated by `_complete`
         self._install_wait_s = 0.0  # time an install waited for expert steps still reading the slots
+        # Measured here, per expert (EMAs): issuing a fetch, installing a copy, and host compute beyond
+        # the emulated figure. The miss decision adds them to the modelled times.
+        self._local_fetch_s = self._local_install_s = self._local_host_s = 0.0
         self._last_step = None  # the last expert step's output (what an install must wait for)
         self._inline_installs = jax.default_backend() == "cpu"
         self.n_ins = len(self.layout.shapes) - 1
@@ -514,10 +522,12 @@ class OffloadEngine:
             # Prefetch decisions wait for `after_experts`, once the caller has dispatched this layer's
             # expert step: they then overlap the device's compute instead of delaying its launch.
             self._after = (m, co, protect)
-        slot_E = self.slot_E[m].copy()  # a snapshot: prefetch may evict other experts of this layer
-        for key in self._host_keys:
-            slot_E[key[1]] = -1
-        self._host_keys = []
+        slot_E = self.slot_E[m]
+        if self._after is not None or self._host_keys:
+            slot_E = slot_E.copy()  # a snapshot: prefetch may evict other experts of this layer
+            for key in self._host_keys:
+                slot_E[key[1]] = -1
+            self._host_keys = []
         cache = self._cache  # landed copies not installed yet are for other layers (`after_experts`)
         control = time.perf_counter() - t_enter - sync_s - stall - (self._install_wait_s - install_wait_s0)
         c.control_s += control
@@ -536,7 +546,9 @@ class OffloadEngine:
         now = self.transfers.now_s()
         clock = self.transfers.clock
         tier_name = self._source(key)
-        fetch_s = self._plan(key).expected_s  # the scheduler's choice: best copy or a striped read
+        # The scheduler's choice (best copy or a striped read), plus what a fetch costs here beyond the
+        # link: issuing it and installing the copy (measured on this machine, as the host's excess).
+        fetch_s = self._plan(key).expected_s + self._local_fetch_s + self._local_install_s
         host_s = (
             host_compute_on_tier_s(
                 self.hardware,
@@ -552,6 +564,7 @@ class OffloadEngine:
         served = sum(self.c.miss_choices.values())
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
+            lowp_s += self._local_fetch_s + self._local_install_s
         p_reuse = float(self._reuse.p_LE[key]) if self._reuse is not None else 0.0
         rounds = self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0
         until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
@@ -563,6 +576,7 @@ class OffloadEngine:
             self._calibration.factor,
             until,
         )
+        host_s += self._local_host_s
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
@@ -612,6 +626,8 @@ class OffloadEngine:
             left = want - (time.perf_counter() - t0)
             if left > 0:
                 time.sleep(left)
+            # This machine's compute beyond the emulated figure, per expert (the miss decision adds it).
+            self._local_host_s = _ema(self._local_host_s, max(0.0, -left) / len(self._host_keys))
         return time.perf_counter() - t0
 
     def experts_fn(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
@@ -734,6 +750,14 @@ class OffloadEngine:
         )
 
     def _fetch(self, key, protect, prefetched: bool, low_precision: bool = False):
+        t0, install_wait_s0 = time.perf_counter(), self._install_wait_s
+        try:
+            self._issue(key, protect, prefetched, low_precision)
+        finally:
+            busy = time.perf_counter() - t0 - (self._install_wait_s - install_wait_s0)
+            self._local_fetch_s = _ema(self._local_fetch_s, busy)
+
+    def _issue(self, key, protect, prefetched: bool, low_precision: bool = False):
         if self._landed and len(self.inflight) + len(self._landed) >= self.max_inflight:
             self._flush()  # staging holds landed copies: install them to make room
         slot = self._take_slot(protect)
@@ -806,12 +830,15 @@ class OffloadEngine:
             self._install_wait_s += time.perf_counter() - t0
         self._last_step = None
         G = self.max_inflight
+        t0 = time.perf_counter()
         for i in range(0, len(landed), G):
             group = landed[i : i + G]
             group += group[-1:] * (G - len(group))
             values = tuple(v for v, _ in group)
             slots_G = np.array([slot for _, slot in group], np.int32)
             self._cache = _install(self._cache, values, slots_G, self.layout)
+        if landed:
+            self._local_install_s = _ema(self._local_install_s, (time.perf_counter() - t0) / len(landed))
 
     def _poll(self):
         if not self.inflight:
@@ -1112,6 +1139,11 @@ class OffloadEngine:
             "misses": misses,
             "stall_s": c.stall_s,
             "install_wait_s": self._install_wait_s,
+            "local_overhead_us": {  # measured here per expert (EMAs), added to the miss decision's times
+                "fetch_issue": self._local_fetch_s * 1e6,
+                "install": self._local_install_s * 1e6,
+                "host_beyond_emulated": self._local_host_s * 1e6,
+            },
             "stall_s_by_layer": list(c.stall_by_layer),
             "bytes_by_tier": dict(c.bytes_by_tier),
             "prefetch_issued": c.prefetch_issued,
