@@ -248,32 +248,11 @@ def expected_reuse_distance(key, prob, reuse: Reuse | None) -> float:
     return d + reuse.L * (1.0 - p) / p
 
 
-def farthest_reuse(keys, prob, reuse: Reuse):
-    """`choose_victims("predicted", ..., n=1)` in one pass, for the engine's hot path: the key with the
-    largest `expected_reuse_distance` (the first on ties), with the same arithmetic, reading each layer's
-    distance once and building no frozen stats. None when `keys` is empty."""
-    prob = prob or {}
-    L, p_LE, d_of = reuse.L, reuse.p_LE, {}
-    best, best_dist = None, 0.0
-    for key in keys:
-        layer, e = key
-        d = d_of.get(layer)
-        if d is None:
-            d = d_of[layer] = reuse.layers_until(layer)
-        p = prob.get(key) if d <= PREDICTION_REACH else None
-        if p is None:
-            p = float(p_LE[layer, e])
-        p = min(max(p, 1e-6), 1.0)
-        dist = d + L * (1.0 - p) / p
-        if best is None or dist > best_dist:
-            best, best_dist = key, dist
-    return best
-
-
 def farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, reuse: Reuse):
-    """`farthest_reuse` over the engine's slot arrays, vectorised: the slot whose expert has the largest
-    expected reuse distance, ties to the earliest cached (`seq_S`, the dict order `farthest_reuse` scans
-    in). `evictable_S`: occupied slots that may go. Same arithmetic, so the same victim. None if none."""
+    """`choose_victims("predicted", ..., n=1)` over the engine's slot arrays, vectorised for its hot path:
+    the slot whose expert has the largest `expected_reuse_distance`, ties to the earliest cached (`seq_S`,
+    the order the pure rule scans the cache dict in). `evictable_S`: occupied slots that may go. Same
+    arithmetic, so the same victim. None if none."""
     if not evictable_S.any():
         return None
     d_L = reuse.distances_L()
