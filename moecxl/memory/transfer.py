@@ -71,6 +71,22 @@ class LinkClock:
         self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
         return start + dev_s
 
+    def device_queue_s(self, tier_name: str, now_s: float) -> float:
+        """How long traffic submitted at `now_s` waits for earlier traffic on the tier's device."""
+        return max(0.0, self.tier_free_s.get(tier_name, 0.0) - now_s)
+
+    def reserve_host_read(self, tier_name: str, nbytes: int, now_s: float) -> float:
+        """Book the host CPU streaming `nbytes` from a tier (an expert computed where it lives): the
+        device is busy for bytes / its read rate after earlier traffic, and the GPU link is untouched.
+        The CPU and the GPU's copies thus share the device: a host read waits for copies in flight
+        from it, and later copies wait for the read. Returns the read's start on the scaled clock."""
+        tier = self.hardware.tier(tier_name)
+        dev_s = nbytes / (tier.read_gbps * 1e9) * self.time_scale
+        start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
+        self.tier_free_s[tier_name] = start + dev_s
+        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
+        return start
+
     def expected_wait_s(self, tier_name: str, nbytes: int, now_s: float) -> float:
         """How long a copy submitted now would take to finish (queue included), without booking it."""
         tier = self.hardware.tier(tier_name)
@@ -204,6 +220,13 @@ class TransferEngine:
 
     def now_s(self) -> float:
         return time.perf_counter() - self.t0
+
+    def reserve_host_read(self, tier: str, at_s: float) -> float:
+        """Book the host reading one (emulated-size) expert from `tier` at `at_s` (`LinkClock`); returns
+        when the read can start, after the copies and reads booked on that device before it."""
+        nbytes = self.emulated_bytes or self.store.layout.nbytes
+        with self._lock:
+            return self.clock.reserve_host_read(tier, nbytes, at_s)
 
     def submit(self, key, tier: str, low_precision: bool = False) -> Transfer:
         if tier in self.offline:

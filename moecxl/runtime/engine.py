@@ -221,8 +221,16 @@ class OffloadEngine:
         # Host store: home tier of every expert (placement), masters packed in their tiers.
         freq = np.asarray(frequencies, float) if frequencies is not None else None
         self.target_model = target_model or self.cfg
+        # A policy that may compute misses where they live homes experts where the host reads fastest.
+        self._reader = "cpu" if self.policy.host_compute else "gpu"
         self.placement = placement or placement_mod.initial_placement(
-            self.hardware, self.L, self.E, self.store_bytes_per_expert(), freq, self.target_model.expert_bytes
+            self.hardware,
+            self.L,
+            self.E,
+            self.store_bytes_per_expert(),
+            freq,
+            self.target_model.expert_bytes,
+            reader=self._reader,
         )
         self.store = HostStore(
             model,
@@ -549,24 +557,25 @@ class OffloadEngine:
         # The scheduler's choice (best copy or a striped read), plus what a fetch costs here beyond the
         # link: issuing it and installing the copy (measured on this machine, as the host's excess).
         fetch_s = self._plan(key).expected_s + self._local_fetch_s + self._local_install_s
-        host_s = (
-            host_compute_on_tier_s(
-                self.hardware,
-                tier_name,
-                n_tokens,
-                tgt.expert_params,
-                self.emulated_expert_bytes,
-                tgt.hidden_size,
-            )
-            * self.time_scale
-        )
+        # The CPU starts on it after this visit's earlier host experts and the device's booked traffic.
+        host_s = host_compute_on_tier_s(
+            self.hardware,
+            tier_name,
+            n_tokens,
+            tgt.expert_params,
+            self.emulated_expert_bytes,
+            tgt.hidden_size,
+        ) * self.time_scale + clock.device_queue_s(tier_name, now + host_queue_s)
         lowp_s = None
         served = sum(self.c.miss_choices.values())
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
             lowp_s += self._local_fetch_s + self._local_install_s
-        p_reuse = float(self._reuse.p_LE[key]) if self._reuse is not None else 0.0
-        rounds = self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0
+        p_reuse, p_far, decay = self._reuse.far_near(key) if self._reuse is not None else (0.0, None, 0.8)
+        rounds = self._calibration.rounds(
+            self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0,
+            self.step if self.phase == "decode" else None,
+        )
         until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
         credit = reuse_credit_s(
             p_reuse,
@@ -575,18 +584,21 @@ class OffloadEngine:
             rounds,
             self._calibration.factor,
             until,
+            p_far,
+            decay,
         )
         host_s += self._local_host_s
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
-        if choice in ("fetch", "lowp"):
-            self._calibration.fetched(key, expected_reuses(p_reuse, rounds, until))
+        if choice in ("fetch", "lowp") and self.phase == "decode":
+            # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
+            self._calibration.fetched(key, expected_reuses(p_reuse, rounds, until, p_far, decay))
         return choice, host_s
 
     def _host_compute(self, m, co, ids) -> float:
         """Experts computed where they live: activations come to the host, outputs go back."""
-        t0 = time.perf_counter()
+        t0, t0_clock = time.perf_counter(), self.transfers.now_s()
         xn = np.asarray(co.xn_BTD, np.float32)  # device -> host: N·D activations, not the weights
         w = np.asarray(co.weights_BTK, np.float32)
         extra = np.zeros(xn.shape, np.float32)
@@ -608,22 +620,21 @@ class OffloadEngine:
             self._event("host_compute", layer=m, expert=key[1], tier=tier, tokens=int(rows.sum()))
         self._extra = extra.astype(np.dtype(self.layout.np_dtype))
         if self.emulate:
+            # Each host expert reads its device after the traffic booked there (copies in flight,
+            # earlier reads), one after another, as the simulator books them.
             tgt = self.target_model
-            want = (
-                sum(
-                    host_compute_on_tier_s(
-                        self.hardware,
-                        self.store.home(k),
-                        int((ids == k[1]).sum()),
-                        tgt.expert_params,
-                        self.emulated_expert_bytes,
-                        tgt.hidden_size,
-                    )
-                    for k in self._host_keys
+            cursor = t0_clock
+            for k in self._host_keys:
+                begin = self.transfers.reserve_host_read(self._source(k), cursor)
+                cursor = begin + self.time_scale * host_compute_on_tier_s(
+                    self.hardware,
+                    self._source(k),
+                    int((ids == k[1]).sum()),
+                    tgt.expert_params,
+                    self.emulated_expert_bytes,
+                    tgt.hidden_size,
                 )
-                * self.time_scale
-            )
-            left = want - (time.perf_counter() - t0)
+            left = cursor - self.transfers.now_s()
             if left > 0:
                 time.sleep(left)
             # This machine's compute beyond the emulated figure, per expert (the miss decision adds it).
@@ -725,8 +736,10 @@ class OffloadEngine:
         st = self.stats.get(key)
         if st is not None and st[3] and st[1] == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
-        if st is not None and self._calibration.pending:
-            self._calibration.evicted(key, st[1] - 1)  # the miss that fetched it was its first use
+        if st is not None and self.policy.host_compute:
+            # the miss that fetched it was its first use; residence in rounds of the pass's layers
+            cycle = len(self._reuse.pos_in_cycle) if self._reuse is not None else self.L
+            self._calibration.evicted(key, st[1] - 1, (self.tick - st[2]) / max(1, cycle))
         self.lowp.discard(key)
         self.free_slots.append(slot)
         self.c.evictions += 1
@@ -1019,13 +1032,19 @@ class OffloadEngine:
         hw = _restricted(self.hardware, online_tiers)
         try:
             proposal = placement_mod.initial_placement(
-                hw, self.L, self.E, self.store.slot_bytes, self.freq_ema, self.target_model.expert_bytes
+                hw,
+                self.L,
+                self.E,
+                self.store.slot_bytes,
+                self.freq_ema,
+                self.target_model.expert_bytes,
+                reader=self._reader,
             )
         except placement_mod.PlacementError:
             return 0
         moves = 0
         limit = max_moves if max_moves is not None else max(1, self.L * self.E // 16)
-        score = placement_mod.tier_rank(hw)
+        score = placement_mod.tier_rank(hw, self._reader)
         order = np.argsort(-self.freq_ema.reshape(-1), kind="stable")
         for flat in order:
             key = divmod(int(flat), self.E)

@@ -53,19 +53,35 @@ class MissCosts:
     reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
 
 
-def expected_reuses(p_reuse: float, rounds: float = 1.0, rounds_until: float = 1.0) -> float:
-    """An expert used at each visit of its layer with chance p, cached for `rounds` layer rounds before
-    the cache turns over, is expected to be reused p + p^2 + ... + p^R times in a row.
+def expected_reuses(
+    p_reuse: float,
+    rounds: float = 1.0,
+    rounds_until: float = 1.0,
+    p_far: float | None = None,
+    decay: float = 0.8,
+) -> float:
+    """Uses a copy is expected to serve while cached for `rounds` layer rounds: the sum over those rounds
+    of the chance its layer routes to it. A cached copy serves every use during its stay, not only an
+    unbroken run of them (the run, p + p^2 + ... + p^R, under-promised Switch's copies ~9x).
+
+    `p_reuse` is the chance at the next visit (recency included); with `p_far` (the long-run
+    popularity), the chance falls from `p_reuse` towards `p_far` by `decay` per round, as the short
+    memory that gave `p_reuse` would if the expert went unused: a top-1-of-128 expert just used is
+    likely soon, not for ever. Without `p_far` the chance stays at `p_reuse`.
 
     `rounds_until`: layer rounds until its layer is next visited (`Reuse.layers_until` / L; at most 1
     for a layer of the current pass). Rounds spent waiting beyond the first are rounds of the copy's
     life it cannot be used in: a layer the pass skips (a Switch encoder's, during decode) is promised
     nothing, so its copies neither earn a credit nor skew the calibration."""
-    p = min(max(p_reuse, 0.0), 0.999)
+    p = min(max(p_reuse, 0.0), 1.0)
     R = max(1.0, rounds) - max(0.0, rounds_until - 1.0)
     if R <= 0.0:
         return 0.0
-    return p * (1.0 - p**R) / (1.0 - p)
+    if p_far is None:
+        return p * R
+    far = min(max(p_far, 0.0), 1.0)
+    d = min(max(decay, 0.0), 0.999)
+    return max(0.0, far * R + (p - far) * (1.0 - d**R) / (1.0 - d))
 
 
 def reuse_credit_s(
@@ -75,34 +91,57 @@ def reuse_credit_s(
     rounds: float = 1.0,
     calibration: float = 1.0,
     rounds_until: float = 1.0,
+    p_far: float | None = None,
+    decay: float = 0.8,
 ) -> float:
     """A copy stays cached; host compute leaves nothing behind. Each expected reuse (`expected_reuses`,
     times the `calibration` the run has measured) saves serving a miss the cheapest way."""
-    reuses = expected_reuses(p_reuse, rounds, rounds_until) * calibration
+    reuses = expected_reuses(p_reuse, rounds, rounds_until, p_far, decay) * calibration
     return reuses * (copy_s if host_s is None else min(host_s, copy_s))
 
 
 class ReuseCalibration:
-    """Reuses that copies fetched on a miss really served, against what `expected_reuses` promised when
-    they were fetched, summed over the copies evicted so far: their ratio scales the credit.
+    """What copies really did in the cache, measured on evicted copies, to correct the reuse credit.
 
-    The reuse model is a geometric guess from a per-expert chance and a turnover estimate; how far off it
-    is depends on the trace (a good eviction rule keeps copies longer than the turnover suggests). The
-    engine and the simulator record each evicted copy, so the credit corrects itself within a run. One
-    pseudo-copy that met its promise is the prior; the ratio is kept within [1/8, 8]."""
+    Two corrections. `rounds`: how many layer rounds a copy stays cached, averaged over evicted copies
+    (the slot-count estimate `Reuse.rounds_cached` misses the turnover a new request's prefill causes and
+    how long the eviction rule keeps a copy; on Switch it promised ~48 rounds where copies stayed a few).
+    `factor`: reuses that copies fetched on a miss really served, against what `expected_reuses` promised
+    when they were fetched; their ratio scales the credit. The engine and the simulator record each
+    evicted copy, so the credit corrects itself within a run. One pseudo-copy that met its promise is the
+    prior; the ratio is kept within [1/8, 8]."""
+
+    RESIDENCE_ALPHA = 0.05  # EMA rate of the residence (~20 evictions)
 
     def __init__(self):
         self.promised, self.served = 1.0, 1.0
         self.pending: dict = {}  # key -> reuses promised when it was fetched
+        self.residence_rounds: float | None = None  # EMA of layer rounds evicted copies stayed cached
 
     def fetched(self, key, promised: float) -> None:
         self.pending[key] = promised
 
-    def evicted(self, key, reuses: int) -> None:
+    def evicted(self, key, reuses: int, rounds_resident: float | None = None) -> None:
+        """A copy left the cache after serving `reuses` reuses and staying `rounds_resident` rounds."""
+        if rounds_resident is not None:
+            r = self.residence_rounds
+            a = self.RESIDENCE_ALPHA
+            self.residence_rounds = rounds_resident if r is None else (1 - a) * r + a * rounds_resident
         promised = self.pending.pop(key, None)
         if promised is not None:
             self.promised += promised
             self.served += max(0, reuses)
+
+    def rounds(self, estimate: float, decode_steps: int | None = None) -> float:
+        """Rounds a new copy is expected to stay useful: the measured residence once copies have been
+        evicted, else `estimate`; never below one round. With `decode_steps` (decode steps of the request
+        so far), at most that many: a cache with room evicts nothing, yet a copy cannot serve rounds the
+        request does not have, and a request is expected to last about as long again as it has
+        (Gott's estimate; nothing else about its length is known)."""
+        r = self.residence_rounds if self.residence_rounds is not None else estimate
+        if decode_steps is not None:
+            r = min(r, float(decode_steps))
+        return max(1.0, r)
 
     @property
     def factor(self) -> float:

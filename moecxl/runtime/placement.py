@@ -3,6 +3,11 @@
 Hot experts belong on the device (the engine's cache starts from them), warm ones on CXL devices
 chosen by profile and load (`select_cxl_device`), cold ones in DRAM, then NVMe. Capacities are
 respected at every step; a profile that cannot hold the model is an error naming the shortfall.
+
+That order serves a GPU that fetches every miss. A policy that may compute a miss where the expert
+lives (`reader="cpu"`, near-data placement) wants the tier the host CPU streams fastest: DRAM at the
+host's memory rate (~200 GB/s) against a CXL card's own (18-52 GB/s), while the GPU's copy rate is
+capped by its link either way (CXL-D 52 GB/s, DRAM 53.5 GB/s over PCIe 5).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import numpy as np
 from moecxl.memory.tiers import Hardware, Tier, path_gbps
 
 HOME_KIND_ORDER = ("cxl", "dram", "nvme")
+READERS = ("gpu", "cpu")  # who reads a missed expert: the GPU's copy engine, or the host computing it there
 
 
 class PlacementError(ValueError):
@@ -40,15 +46,38 @@ def select_cxl_device(
     return best
 
 
+def cpu_read_gbps(tier: Tier | str, hw: Hardware) -> float:
+    """GB/s at which the host CPU streams an expert from `tier`: the device's read rate, capped by the
+    host's memory rate (the rate `gate.host_compute_s` charges); a profile without a host reads at the
+    device's rate."""
+    t = hw.tier(tier) if isinstance(tier, str) else tier
+    return min(t.read_gbps, hw.host.mem_gbps) if hw.host is not None else t.read_gbps
+
+
+def _check_reader(reader: str):
+    if reader not in READERS:
+        raise PlacementError(f"unknown placement reader {reader!r}; known: {READERS}")
+
+
 def initial_placement(
-    hw: Hardware, L: int, E: int, expert_bytes: int, freq_LE=None, cost_bytes: int | None = None
+    hw: Hardware,
+    L: int,
+    E: int,
+    expert_bytes: int,
+    freq_LE=None,
+    cost_bytes: int | None = None,
+    reader: str = "gpu",
 ) -> dict:
     """Home tier of every (moe_layer, expert): hottest first into CXL (by device choice), DRAM, NVMe.
 
     `freq_LE`: activation frequencies (e.g. an EMA over past requests); uniform when unknown.
     `expert_bytes` is what a copy occupies; `cost_bytes` what a fetch moves when choosing a device
-    (the emulated target's expert, default the same).
+    (the emulated target's expert, default the same). `reader="cpu"` (near-data placement): hottest
+    first into the memory tier the host reads fastest (`cpu_read_gbps`; DRAM before CXL before NVMe at
+    equal rate) that has room. The host computes a visit's experts one after another, so each expert's
+    own read rate counts, not the devices' sum: the fastest tier fills first, with no load spreading.
     """
+    _check_reader(reader)
     cost_bytes = expert_bytes if cost_bytes is None else cost_bytes
     freq = np.ones((L, E)) if freq_LE is None else np.asarray(freq_LE, float)
     if freq.shape != (L, E):
@@ -63,6 +92,18 @@ def initial_placement(
             f"shortfall {need - capacity} bytes"
         )
     used: dict[str, int] = {}
+    if reader == "cpu":
+        kind_rank = {"dram": 0, "cxl": 1, "nvme": 2}
+        by_rate = sorted(homes, key=lambda t: (-cpu_read_gbps(t, hw), kind_rank.get(t.kind, 3), t.name))
+        placement = {}
+        for flat in order:
+            m, e = divmod(int(flat), E)
+            tier = next((t for t in by_rate if used.get(t.name, 0) + expert_bytes <= t.capacity_bytes), None)
+            if tier is None:
+                raise PlacementError(f"hardware {hw.name!r}: no tier has room for expert ({m}, {e})")
+            placement[(m, e)] = tier.name
+            used[tier.name] = used.get(tier.name, 0) + expert_bytes
+        return placement
     load: dict[str, float] = {}
     cxl = list(hw.tiers_of_kind("cxl"))
     rest = [t for kind in ("dram", "nvme") for t in hw.tiers_of_kind(kind)]
@@ -81,8 +122,13 @@ def initial_placement(
     return placement
 
 
-def tier_rank(hw: Hardware) -> dict[str, float]:
-    """How good a home each tier is for a hot expert: its path rate to the GPU, with CXL ahead of
-    DRAM ahead of NVMe at equal rate (the paper's order); larger is better."""
+def tier_rank(hw: Hardware, reader: str = "gpu") -> dict[str, float]:
+    """How good a home each tier is for a hot expert; larger is better. For the GPU: its path rate,
+    with CXL ahead of DRAM ahead of NVMe at equal rate (the paper's order). For the CPU (near-data):
+    the rate the host streams it (`cpu_read_gbps`), DRAM ahead at equal rate."""
+    _check_reader(reader)
+    if reader == "cpu":
+        bonus = {"dram": 1.02, "cxl": 1.0, "nvme": 0.5, "hbm": 2.0}
+        return {t.name: cpu_read_gbps(t, hw) * bonus.get(t.kind, 1.0) for t in hw.tiers}
     bonus = {"cxl": 1.02, "dram": 1.0, "nvme": 0.5, "hbm": 2.0}
     return {t.name: path_gbps(t, hw) * bonus.get(t.kind, 1.0) for t in hw.tiers}

@@ -224,6 +224,12 @@ class Reuse:
         n = len(pos)
         return (pos[layer] - pos[self.layer] - 1) % n + 1
 
+    def far_near(self, key) -> tuple[float, float, float]:
+        """(next-visit chance, long-run chance, per-round decay of the difference) of one expert: the
+        larger memory (`p_LE`), the slowest one, and how the fastest forgets (`gate.expected_reuses`)."""
+        slow = int(np.argmin(self.alphas_A))
+        return float(self.p_LE[key]), float(self.p_ALE[slow][key]), float(1.0 - self.alphas_A.max())
+
     miss_ema: float = 0.0  # misses per layer visit (EMA): how fast the cache turns over
 
     def end_visit(self, misses: int) -> None:

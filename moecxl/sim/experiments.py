@@ -22,14 +22,21 @@ from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.runtime.policies import get_policy
 from moecxl.sim.costmodel import ModelShape, load_shape
 from moecxl.sim.energy import DEFAULT_ENERGY, EnergyError, EnergyModel
-from moecxl.sim.simulate import SimConfig, SimError, simulate
+from moecxl.sim.simulate import SimConfig, SimError, default_placement, simulate
 from moecxl.sim.workload import activation_matrix, requests_from_trace
 
 SCHEMA_VERSION = 2  # 2: section rows carry batch, budget, prompt_len (report rows)
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
-MISS_VARIANTS = {"fetch_only": "moecxl", "host_only": "moecxl_host", "three_way": "moecxl_nd"}
+# name: policy, or policy@placement. fetch_only keeps Algorithm 1 (its own best); fetch_only_near_data
+# fetches from the near-data homes, to show the three-way gain is not the placement's.
+MISS_VARIANTS = {
+    "fetch_only": "moecxl",
+    "fetch_only_near_data": "moecxl@near_data",
+    "host_only": "moecxl_host",
+    "three_way": "moecxl_nd",
+}
 SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost", "miss_handling")
 
 
@@ -97,7 +104,9 @@ class _Ctx:
             raise ExperimentError(f"{path}: energy figures: {e}") from e
         miss = exp.get("miss_handling")
         self.used = set(self.policies) | (
-            set((miss.get("policies") or MISS_VARIANTS).values()) if isinstance(miss, dict) else set()
+            {v.partition("@")[0] for v in (miss.get("policies") or MISS_VARIANTS).values()}
+            if isinstance(miss, dict)
+            else set()
         )
         for p in self.used:
             get_policy(p)
@@ -157,7 +166,7 @@ class _Ctx:
             spec = dataclasses.replace(spec, prefetch=None, horizon=0)
         elif spec.name in self.skipped:
             return {"skipped": self.skipped[spec.name]}
-        placement = cfg_kw.pop("placement", "frequency" if spec.name == "moecxl" else "uniform")
+        placement = cfg_kw.pop("placement", "frequency" if spec.name == "moecxl" else default_placement(spec))
         homes = None
         if placement.startswith("tier:"):
             homes = {(m, e): placement[5:] for m in range(self.shape.L) for e in range(self.shape.E)}
@@ -334,10 +343,12 @@ def section_miss_handling(ctx: _Ctx, spec: dict) -> dict:
     for b, reqs in _batches(ctx, spec["batches"], rows):
         for hw_name in spec["hardware"]:
             hw = load_hardware(hw_name)
-            for name, pol in variants.items():
-                m = ctx.run(hw, pol, reqs)
+            for name, variant in variants.items():
+                pol, _, place = variant.partition("@")
+                m = ctx.run(hw, pol, reqs, **({"placement": place} if place else {}))
                 rows.setdefault(str(b), {})[f"{hw_name}/{name}"] = _brief(m) | {
                     "policy": pol,
+                    "placement": m.get("placement_mode"),
                     "miss_choices": m.get("miss_choices"),
                 }
     return {"variants": variants, "rows": rows}

@@ -47,7 +47,7 @@ from moecxl.sim.costmodel import ModelShape, head_s, visit_s
 from moecxl.sim.energy import EnergyModel, run_energy
 from moecxl.sim.workload import Request, Visit, oracle_future
 
-PLACEMENTS = ("frequency", "uniform", "first_fit")
+PLACEMENTS = ("frequency", "uniform", "first_fit", "near_data")
 
 
 class SimError(ValueError):
@@ -61,8 +61,9 @@ class SimConfig:
     `compute_s`: a fixed compute time per visit instead of the roofline (validation against an
     emulated engine run uses the measured layer time); `time_scale` scales copy times as the engine's
     emulation does. `placement`: "frequency" (Algorithm 1 with activation frequencies), "uniform"
-    (Algorithm 1 without them, the engine's default), "first_fit" (no balancing: fill CXL devices in
-    profile order). `faults`: (tier, offline_at_decode_step, online_at_decode_step or None), counted over
+    (Algorithm 1 without them), "first_fit" (no balancing: fill CXL devices in profile order),
+    "near_data" (the tier the host CPU reads fastest first, by frequency when given), or None: the
+    engine's default, "near_data" for a policy that computes misses on the host, else "uniform". `faults`: (tier, offline_at_decode_step, online_at_decode_step or None), counted over
     the whole workload; the profile's own faults are added. While a tier is offline its experts are
     fetched from `fallback_tier` (the host master copy).
     """
@@ -75,7 +76,7 @@ class SimConfig:
     compute_s: float | None = None
     head_s: float | None = None
     time_scale: float = 1.0
-    placement: str = "uniform"
+    placement: str | None = None
     warmup_requests: int = 0
     faults: tuple = ()
     fallback_tier: str = "dram"
@@ -148,6 +149,7 @@ class _Replay:
             )
         self.placement = placement
         self.stripes: dict = {}  # key -> striping.StripeSet (simulate() fills it when cfg.striping)
+        self._host_queue_est: dict = {}  # key -> device queue the miss decision expected for its host read
         self.library = library
         # Belady eviction needs the future as much as oracle prefetch does.
         knows_future = self.policy.prefetch == "oracle" or self.policy.evict == "belady"
@@ -222,7 +224,9 @@ class _Replay:
         if st is not None and st.prefetched and st.uses == 0:
             self.c.wasted_prefetch_bytes += self.expert_bytes
         if st is not None:
-            self.calibration.evicted(key, st.uses - 1)  # the miss that fetched it was its first use
+            # the miss that fetched it was its first use; residence in rounds of the pass's layers
+            cycle = len(self.reuse.pos_in_cycle) if self.reuse is not None else self.L
+            self.calibration.evicted(key, st.uses - 1, (self.tick - st.loaded_at) / max(1, cycle))
         self.lowp.discard(key)
         self.free += 1
         self.c.evictions += 1
@@ -335,6 +339,12 @@ class _Replay:
                 wait.append(key)
         host_done_s = self.now_s  # as the engine: the CPU computes while the copies are on the links
         for key, n_tok, host_s in host:
+            # The CPU reads the expert's device after the traffic booked there (copies in flight, earlier
+            # reads): the decision's queue estimate is replaced by the booking's.
+            tier = self._source(key)
+            host_s -= self._host_queue_est.pop(key, 0.0)
+            start = self.clock.reserve_host_read(tier, self.expert_bytes, host_done_s)
+            host_s += start - host_done_s
             host_done_s += host_s
             self.c.host_s += host_s
             self.c.host_tokens += n_tok
@@ -414,11 +424,15 @@ class _Replay:
         queue is in the fetch's expected time)."""
         tier_name = self._source(key)
         fetch_s = self._plan(key, source=tier_name).expected_s
+        # The CPU starts on it after this visit's earlier host experts and the device's booked traffic.
+        queue_s = self.clock.device_queue_s(tier_name, self.now_s + host_queue_s)
+        self._host_queue_est[key] = queue_s
         host_s = (
             host_compute_on_tier_s(
                 self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
             )
             * self.cfg.time_scale
+            + queue_s
         )
         lowp_s = None
         served = sum(self.c.miss_choices.values())
@@ -428,16 +442,20 @@ class _Replay:
             lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
         if self.policy.host_only:
             return "host", host_s
-        p_reuse = float(self.reuse.p_LE[key]) if self.reuse is not None else 0.0
+        p_reuse, p_far, decay = self.reuse.far_near(key) if self.reuse is not None else (0.0, None, 0.8)
         one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
-        rounds = self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0
+        rounds = self.calibration.rounds(
+            self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0,
+            self.step if self.phase == "decode" else None,
+        )
         until = self.reuse.layers_until(key[0]) / self.L if self.reuse is not None else 1.0
-        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor, until)
+        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor, until, p_far, decay)
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
-        if choice in ("fetch", "lowp"):
-            self.calibration.fetched(key, expected_reuses(p_reuse, rounds, until))
+        if choice in ("fetch", "lowp") and self.phase == "decode":
+            # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
+            self.calibration.fetched(key, expected_reuses(p_reuse, rounds, until, p_far, decay))
         return choice, host_s
 
     def _gate(self, key, p, m) -> bool:
@@ -487,8 +505,15 @@ def first_fit_placement(hw: Hardware, L: int, E: int, expert_bytes: int) -> dict
     return out
 
 
+def default_placement(policy) -> str:
+    """The engine's default home placement for a policy: near-data where misses may be computed on
+    the host, else Algorithm 1 without frequencies."""
+    return "near_data" if policy.host_compute else "uniform"
+
+
 def make_placement(hw: Hardware, shape: ModelShape, how: str, freq_LE=None) -> dict:
-    """Home tier of every expert: Algorithm 1 with or without frequencies, or first-fit."""
+    """Home tier of every expert: Algorithm 1 with or without frequencies, first-fit, or near-data
+    (the tier the host CPU reads fastest first: for policies that compute misses where they live)."""
     if how == "frequency":
         if freq_LE is None:
             raise SimError("placement 'frequency' needs activation frequencies (freq_LE)")
@@ -497,6 +522,10 @@ def make_placement(hw: Hardware, shape: ModelShape, how: str, freq_LE=None) -> d
         return placement_mod.initial_placement(hw, shape.L, shape.E, shape.expert_bytes, None)
     if how == "first_fit":
         return first_fit_placement(hw, shape.L, shape.E, shape.expert_bytes)
+    if how == "near_data":
+        return placement_mod.initial_placement(
+            hw, shape.L, shape.E, shape.expert_bytes, freq_LE, reader="cpu"
+        )
     raise SimError(f"unknown placement {how!r}; known: {PLACEMENTS}")
 
 
@@ -523,7 +552,10 @@ def simulate(
     for tier, *_ in faults:
         if tier not in known:
             raise SimError(f"fault names unknown tier {tier!r}; tiers of {hw.name!r}: {sorted(known)}")
-    homes = placement or make_placement(hw, shape, cfg.placement, freq_LE)
+    how = cfg.placement or default_placement(
+        get_policy(cfg.policy) if isinstance(cfg.policy, str) else cfg.policy
+    )
+    homes = placement or make_placement(hw, shape, how, freq_LE)
     r = _Replay(shape, hw, cfg, requests, homes, list(eam_library))
     stripe_skipped: dict = {}
     if cfg.striping:
@@ -531,7 +563,7 @@ def simulate(
             hw,
             homes,
             shape.expert_bytes,
-            freq_LE if cfg.placement == "frequency" else None,
+            freq_LE if how == "frequency" else None,
             max_width=cfg.stripe_max_width,
             min_gain=cfg.stripe_min_gain,
         )
