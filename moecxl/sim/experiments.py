@@ -30,12 +30,14 @@ RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
 # name: policy, or policy@placement. fetch_only keeps Algorithm 1 (its own best); fetch_only_near_data
-# fetches from the near-data homes, to show the three-way gain is not the placement's.
+# fetches from the near-data homes, to show the three-way gain is not the placement's;
+# three_way_algorithm1 decides per miss on Algorithm 1's homes (the near-data placement's worth).
 MISS_VARIANTS = {
     "fetch_only": "moecxl",
     "fetch_only_near_data": "moecxl@near_data",
     "host_only": "moecxl_host",
     "three_way": "moecxl_nd",
+    "three_way_algorithm1": "moecxl_nd@uniform",
 }
 SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost", "miss_handling")
 
