@@ -212,3 +212,16 @@ def test_the_host_reading_an_expert_shares_its_device_with_the_gpus_copies():
     start, _ = clock.reserve("cxl-d", EXPERT_BYTES, 0.0)
     assert start == pytest.approx(2 * device_s)  # behind the copy and the host's read
     assert clock.link_free_s["pcie5-x16"] == pytest.approx(2 * EXPERT_BYTES / (53.5e9), rel=0.05)
+
+
+def test_the_engine_homes_experts_near_data_only_for_policies_that_compute_on_the_host(model):
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    near = OffloadEngine(model, hardware=hw, policy="moecxl_nd", device_budget=0.5, emulate=False)
+    fetching = OffloadEngine(model, hardware=hw, policy="moecxl", device_budget=0.5, emulate=False)
+    try:
+        assert set(near.placement.values()) == {"dram"}  # the CPU reads DRAM ~4x faster than CXL-D
+        assert set(fetching.placement.values()) == {"cxl-d"}  # Algorithm 1: warm experts on CXL
+        assert {near.store.home(k) for k in near.placement} == {"dram"}
+    finally:
+        near.close()
+        fetching.close()
