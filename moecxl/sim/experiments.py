@@ -279,6 +279,7 @@ def section_long_context(ctx: _Ctx, spec: dict) -> dict:
 def section_ablation(ctx: _Ctx, spec: dict) -> dict:
     """moecxl with one mechanism removed at a time on one profile; `striping_hardware` (optional) adds
     full / no_striping pairs on other profiles (where devices are slow or fast relative to the link);
+    `placement_hardware` full / no_placement pairs (where capacity puts some experts on a slow tier);
     `without_striping: true` adds the removals with striping off too (rows `no_striping/<variant>`)."""
     hw = load_hardware(spec["hardware"])
     reqs = ctx.requests(batch=int(spec.get("batch", 1)))
@@ -310,10 +311,22 @@ def section_ablation(ctx: _Ctx, spec: dict) -> dict:
         name: {v: row(load_hardware(name), *variants[v]) for v in ("full", "no_striping")}
         for name in spec.get("striping_hardware", [])
     }
+    # Placement where capacity forces some experts onto a slow tier (Algorithm 1's own case).
+    placement_rows = {}
+    for name in spec.get("placement_hardware", []):
+        pair = {v: row(load_hardware(name), *variants[v]) for v in ("full", "no_placement")}
+        if "tpot_s" in pair["full"] and "tpot_s" in pair["no_placement"]:
+            pair["full"]["tpot_gain_from_placement"] = pair["no_placement"]["tpot_s"] / pair["full"]["tpot_s"]
+        placement_rows[name] = pair
     for pair in [rows] + list(striping_rows.values()):
         if "tpot_s" in pair["full"] and "tpot_s" in pair["no_striping"]:
             pair["full"]["tpot_gain_from_striping"] = pair["no_striping"]["tpot_s"] / pair["full"]["tpot_s"]
-    return {"hardware": spec["hardware"], "rows": rows, "striping_rows": striping_rows}
+    return {
+        "hardware": spec["hardware"],
+        "rows": rows,
+        "striping_rows": striping_rows,
+        "placement_rows": placement_rows,
+    }
 
 
 def section_failure(ctx: _Ctx, spec: dict) -> dict:
