@@ -85,3 +85,41 @@ def test_replayed_gate_never_costs_time_link_bound_and_prefetches_when_compute_b
     gated, plain = run(full, compute_s=40e-3), run(no_pf, compute_s=40e-3)
     assert gated["prefetch_issued"] > 0
     assert gated["tpot_s"] < plain["tpot_s"]
+
+
+def test_with_host_compute_a_late_copy_saves_nothing_and_one_in_time_saves_the_host_time():
+    """A miss costs at most the host's time, and so does a copy landing late (the engine then computes
+    the expert on the host): only a copy that lands in time saves, and it saves the host's time."""
+    copy_s, host_s = 6.6e-3, 1.8e-3
+    kw = dict(copy_s=copy_s, misses=50, hits=50, victim_p=0.0, uses_per_visit=2)
+    late = dict(wait_s=copy_s, **kw)  # lands ~26 layers after it is needed
+    assert not prefetch_gate(1.0, 1, 0.25e-3, **late, host_s=host_s, host_served=50)
+    in_time = dict(wait_s=copy_s, **kw)
+    # a layer far longer than the copy, and no demand fetch left to delay: worth it
+    assert prefetch_gate(0.9, 1, 20e-3, **in_time, host_s=host_s, host_served=50)
+    # host-served misses do not queue on the link: the same prefetch with every miss fetched costs more
+    ok_host = prefetch_gate(
+        0.5,
+        2,
+        4e-3,
+        wait_s=copy_s,
+        copy_s=copy_s,
+        misses=500,
+        hits=10,
+        victim_p=0.0,
+        host_s=host_s,
+        host_served=500,
+    )
+    ok_fetch = prefetch_gate(
+        0.5,
+        2,
+        4e-3,
+        wait_s=copy_s,
+        copy_s=copy_s,
+        misses=500,
+        hits=10,
+        victim_p=0.0,
+        host_s=host_s,
+        host_served=0,
+    )
+    assert ok_host and not ok_fetch

@@ -324,3 +324,26 @@ def test_reuse_remembers_popular_experts_and_recent_ones():
     assert short.p_LE[0, 0] < 0.1 < 0.4 < both.p_LE[0, 0]  # recency alone has forgotten expert 0
     assert both.p_LE[0, 1] >= short.p_LE[0, 1] > 0.9  # the burst is still recent
     assert both.p_LE[0, 3] < 0.01  # never used
+
+
+def test_a_needed_expert_in_flight_is_computed_on_the_host_when_its_copy_would_land_later():
+    """Mixtral over CXL-D: a prefetched copy lands ~26 decode layers after it was issued. With host
+    compute, the needed expert is computed where it lives (DRAM, near-data homes) instead of waited for,
+    and the copy still lands for later tokens; without it, the layer waits."""
+    import dataclasses
+
+    from moecxl.runtime.policies import get_policy
+
+    rng = np.random.default_rng(3)
+    S, T, M, L = 2, 4, 8, 32
+    ids = np.array([[rng.choice(8, 2, replace=False) for _ in range(L)] for _ in range(S * (T + M))])
+    reqs = requests_from_arrays(ids, np.repeat(np.arange(S), T + M), np.tile(np.arange(T + M) >= T, S))
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    shape = load_shape(MIXTRAL)
+    oracle = get_policy("oracle")
+    oracle_nd = dataclasses.replace(oracle, name="oracle_nd", exact=False, host_compute=True)
+    fetch = simulate(reqs, shape, hw, SimConfig(policy=oracle, warmup_requests=1)).metrics
+    nd = simulate(reqs, shape, hw, SimConfig(policy=oracle_nd, warmup_requests=1)).metrics
+    assert fetch["inflight_host_computed"] == 0
+    assert nd["inflight_host_computed"] > 0
+    assert nd["tpot_s"] < fetch["tpot_s"]

@@ -480,6 +480,14 @@ class OffloadEngine:
                     c.prefetch_used += 1  # used, if late: it lands before a demand fetch would
                     if not tr.done():
                         c.late_prefetch += 1
+                if self.policy.host_compute:
+                    choice, host_s = self._inflight_choice(key, flat.count(key[1]), host_queue_s)
+                    if choice == "host":  # the copy still lands, for later uses
+                        c.inflight_host += 1
+                        host_queue_s += host_s
+                        self._host_keys.append(key)
+                        protect.discard(key)
+                        continue
                 wait.append(key)
             else:
                 c.misses[m] += 1
@@ -544,13 +552,38 @@ class OffloadEngine:
         return cache[: self.n_ins], cache[self.n_ins], slot_E
 
     # ---- the three-way miss decision --------------------------------------------------------------------
+    def _host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
+        """Emulated seconds the host takes for one expert once its earlier host work is done: its read
+        after the traffic booked on the expert's device, then the compute (`gate.host_compute_s`)."""
+        tgt = self.target_model
+        tier_name = self._source(key)
+        return host_compute_on_tier_s(
+            self.hardware,
+            tier_name,
+            n_tokens,
+            tgt.expert_params,
+            self.emulated_expert_bytes,
+            tgt.hidden_size,
+        ) * self.time_scale + self.transfers.clock.device_queue_s(tier_name, now + host_queue_s)
+
+    def _inflight_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
+        """A needed expert whose copy is in flight: wait for the copy, or compute it on the host now when
+        that finishes sooner (`gate.miss_decision` between the two). Returns (choice, host seconds)."""
+        tr = self.inflight[key][0]
+        now = self.transfers.now_s()
+        wait_s = max(0.0, tr.expected_done_s - now) + self._local_install_s
+        host_s = self._host_time_s(key, n_tokens, now, host_queue_s) + self._local_host_s
+        choice = miss_decision(
+            MissCosts(fetch_s=float("inf"), inflight_s=wait_s, host_s=host_queue_s + host_s)
+        )
+        return choice, host_s
+
     def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
         """`gate.miss_decision` for one miss; `host_queue_s` is the host compute already chosen in this
         visit, which the CPU does first (as the link queue is in the fetch's expected time). Returns
         (choice, this expert's host seconds), as the simulator's."""
         if self.policy.host_only:
             return "host", 0.0
-        tgt = self.target_model
         now = self.transfers.now_s()
         clock = self.transfers.clock
         tier_name = self._source(key)
@@ -558,14 +591,7 @@ class OffloadEngine:
         # link: issuing it and installing the copy (measured on this machine, as the host's excess).
         fetch_s = self._plan(key).expected_s + self._local_fetch_s + self._local_install_s
         # The CPU starts on it after this visit's earlier host experts and the device's booked traffic.
-        host_s = host_compute_on_tier_s(
-            self.hardware,
-            tier_name,
-            n_tokens,
-            tgt.expert_params,
-            self.emulated_expert_bytes,
-            tgt.hidden_size,
-        ) * self.time_scale + clock.device_queue_s(tier_name, now + host_queue_s)
+        host_s = self._host_time_s(key, n_tokens, now, host_queue_s)
         lowp_s = None
         served = sum(self.c.miss_choices.values())
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
@@ -933,6 +959,10 @@ class OffloadEngine:
             hits,
             victim_p,
             uses_per_visit=(hits + misses) / max(1, self.tick),
+            host_s=self._host_time_s(key, 1, self.transfers.now_s(), 0.0)
+            if self.policy.host_compute
+            else None,
+            host_served=self.c.miss_choices["host"],
         )
 
     def _next_use(self):
@@ -1177,6 +1207,7 @@ class OffloadEngine:
             "rehomed": c.rehomed,
             "miss_choices": dict(c.miss_choices),
             "host_computed_tokens": c.host_tokens,
+            "inflight_host_computed": c.inflight_host,
             "refetches": c.refetches,
             "striping": {
                 "stripe_sets": len(self.store.stripes),
@@ -1260,6 +1291,7 @@ class _Counters:
         self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
         self.host_tokens = 0
         self.striped_fetches = 0
+        self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
         self.not_striped = defaultdict(int)  # why a fetch read one whole copy (striping.REASONS)
 
 

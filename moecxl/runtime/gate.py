@@ -236,6 +236,8 @@ def prefetch_gate(
     hits: int,
     victim_p: float,
     uses_per_visit: float = 1.0,
+    host_s: float | None = None,
+    host_served: int = 0,
 ) -> bool:
     """The gate as the engine and the simulator both apply it: a candidate `layers_ahead` layers away,
     a copy of `copy_s` (`copy_alone_s` of the planned path) that would land in `wait_s`, `layer_s` of
@@ -244,15 +246,22 @@ def prefetch_gate(
 
     Where a copy spans many layers of compute (a link-bound run: Mixtral experts over PCIe 5 take ~30
     decode layers' time), a prefetch can only gain the compute it overlaps and any demand fetch queues
-    behind it, so the gate declines; where copies are short against compute it prefetches."""
+    behind it, so the gate declines; where copies are short against compute it prefetches.
+
+    With host compute (`host_s`: the host's time for the expert; `host_served`: misses so far served
+    on the host, counted in `misses`), a miss costs at most the host's time, and so does a late copy (the
+    engine computes a needed expert on the host when that beats waiting for its copy): the saving is
+    p × (min(copy, host) − min(lateness, host)), and only the misses still fetched queue behind it."""
+    miss_s = copy_s if host_s is None else min(copy_s, host_s)
+    fetched = max(0, misses - host_served)
     g = GateInputs(
         p_use=p_use,
         lead_s=layers_ahead * layer_s,
         wait_s=wait_s,
-        miss_s=copy_s,
+        miss_s=miss_s,
         link_busy_s=copy_s,
-        demand_pressure=demand_pressure(misses, hits, copy_s, layer_s, uses_per_visit),
+        demand_pressure=demand_pressure(fetched, hits + misses - fetched, copy_s, layer_s, uses_per_visit),
         victim_p=victim_p,
-        victim_miss_s=copy_s,
+        victim_miss_s=miss_s,
     )
     return should_prefetch(g)

@@ -117,6 +117,7 @@ class _Counters:
         self.busy_s = 0.0  # GPU compute (roofline) time
         self.host_read_bytes_by_tier: dict = defaultdict(int)
         self.striped_fetches = 0
+        self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
         self.visits = 0  # MoE layer visits (the gate's lookups per visit)
         self.not_striped: dict = defaultdict(int)
 
@@ -317,6 +318,14 @@ class _Replay:
                     self.c.prefetch_used += 1  # as the engine: used, if late
                     if cp.done_s > self.now_s:
                         self.c.late_prefetch += 1
+                if self.policy.host_compute:
+                    n_tok = v.tokens_per_expert[v.experts.index(key[1])]
+                    choice, host_s = self._inflight_choice(key, n_tok, sum(h[2] for h in host))
+                    if choice == "host":  # as the engine: the copy still lands, for later uses
+                        self.c.inflight_host += 1
+                        host.append((key, n_tok, host_s))
+                        protect.discard(key)
+                        continue
                 wait.append(key)
             else:
                 self.c.misses[m] += 1
@@ -418,6 +427,29 @@ class _Replay:
             except SimError:
                 break
 
+    def _host_time_s(self, key, n_tokens: int, host_queue_s: float) -> float:
+        """The engine's `_host_time_s` on simulated time: the host's read of the expert after the traffic
+        booked on its device (noted for the booking to replace), then the compute."""
+        tier_name = self._source(key)
+        queue_s = self.clock.device_queue_s(tier_name, self.now_s + host_queue_s)
+        self._host_queue_est[key] = queue_s
+        return (
+            host_compute_on_tier_s(
+                self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
+            )
+            * self.cfg.time_scale
+            + queue_s
+        )
+
+    def _inflight_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
+        """The engine's `_inflight_choice`: wait for the copy in flight or compute on the host now."""
+        wait_s = max(0.0, self.inflight[key].done_s - self.now_s)
+        host_s = self._host_time_s(key, n_tokens, host_queue_s)
+        choice = miss_decision(
+            MissCosts(fetch_s=float("inf"), inflight_s=wait_s, host_s=host_queue_s + host_s)
+        )
+        return choice, host_s
+
     def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
         """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s).
         `host_queue_s`: host compute already chosen in this visit, which the CPU does first (as the link
@@ -425,15 +457,7 @@ class _Replay:
         tier_name = self._source(key)
         fetch_s = self._plan(key, source=tier_name).expected_s
         # The CPU starts on it after this visit's earlier host experts and the device's booked traffic.
-        queue_s = self.clock.device_queue_s(tier_name, self.now_s + host_queue_s)
-        self._host_queue_est[key] = queue_s
-        host_s = (
-            host_compute_on_tier_s(
-                self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
-            )
-            * self.cfg.time_scale
-            + queue_s
-        )
+        host_s = self._host_time_s(key, n_tokens, host_queue_s)
         lowp_s = None
         served = sum(self.c.miss_choices.values())
         if self.cfg.quality_budget > 0 and self.c.miss_choices["lowp"] < self.cfg.quality_budget * max(
@@ -487,6 +511,8 @@ class _Replay:
             hits,
             victim_p,
             uses_per_visit=(hits + misses) / max(1, self.c.visits),
+            host_s=self._host_time_s(key, 1, 0.0) if self.policy.host_compute else None,
+            host_served=self.c.miss_choices["host"],
         )
 
 
@@ -667,6 +693,7 @@ def _metrics(r: _Replay, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig)
         "rehomed_fetches": c.rehomed,
         "miss_choices": dict(c.miss_choices),
         "host_computed_tokens": c.host_tokens,
+        "inflight_host_computed": c.inflight_host,
         "host_compute_s": c.host_s,
         "host_read_bytes_by_tier": dict(c.host_read_bytes_by_tier),
         "max_inflight": c.max_queue,
