@@ -1037,6 +1037,8 @@ class OffloadEngine:
     def _migrate(self, key, target: str):
         """Move an expert's home to `target` (host-side copy, booked on both devices' clocks)."""
         src = self.store.home(key)
+        if key in self.inflight and src in self.inflight[key][0].tiers:
+            self._complete(key)  # a copy still reading the old home lands before that copy is dropped
         data = None
         if src not in self.offline and self.hardware.tier(src).kind != "nvme":
             data = np.asarray(self.store.source(key, tier=src))
