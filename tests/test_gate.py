@@ -98,28 +98,7 @@ def test_with_host_compute_a_late_copy_saves_nothing_and_one_in_time_saves_the_h
     # a layer far longer than the copy, and no demand fetch left to delay: worth it
     assert prefetch_gate(0.9, 1, 20e-3, **in_time, host_s=host_s, host_served=50)
     # host-served misses do not queue on the link: the same prefetch with every miss fetched costs more
-    ok_host = prefetch_gate(
-        0.5,
-        2,
-        4e-3,
-        wait_s=copy_s,
-        copy_s=copy_s,
-        misses=500,
-        hits=10,
-        victim_p=0.0,
-        host_s=host_s,
-        host_served=500,
-    )
-    ok_fetch = prefetch_gate(
-        0.5,
-        2,
-        4e-3,
-        wait_s=copy_s,
-        copy_s=copy_s,
-        misses=500,
-        hits=10,
-        victim_p=0.0,
-        host_s=host_s,
-        host_served=0,
-    )
+    busy = dict(wait_s=copy_s, copy_s=copy_s, misses=500, hits=10, victim_p=0.0, host_s=host_s)
+    ok_host = prefetch_gate(0.5, 2, 4e-3, **busy, host_served=500)
+    ok_fetch = prefetch_gate(0.5, 2, 4e-3, **busy, host_served=0)
     assert ok_host and not ok_fetch
