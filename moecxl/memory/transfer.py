@@ -66,10 +66,14 @@ class LinkClock:
         """Book host-side traffic on a tier (a migration write or read): device busy, no GPU link."""
         tier = self.hardware.tier(tier_name)
         dev_s = nbytes / (min(tier.read_gbps, tier.write_gbps) * 1e9) * self.time_scale
+        return self._hold_device(tier_name, dev_s, now_s) + dev_s
+
+    def _hold_device(self, tier_name: str, dev_s: float, now_s: float) -> float:
+        """Hold a tier's device for `dev_s` after its earlier traffic (no GPU link); returns the start."""
         start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
         self.tier_free_s[tier_name] = start + dev_s
         self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
-        return start + dev_s
+        return start
 
     def device_queue_s(self, tier_name: str, now_s: float) -> float:
         """How long traffic submitted at `now_s` waits for earlier traffic on the tier's device."""
@@ -80,12 +84,8 @@ class LinkClock:
         device is busy for bytes / its read rate after earlier traffic, and the GPU link is untouched.
         The CPU and the GPU's copies thus share the device: a host read waits for copies in flight
         from it, and later copies wait for the read. Returns the read's start on the scaled clock."""
-        tier = self.hardware.tier(tier_name)
-        dev_s = nbytes / (tier.read_gbps * 1e9) * self.time_scale
-        start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
-        self.tier_free_s[tier_name] = start + dev_s
-        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
-        return start
+        dev_s = nbytes / (self.hardware.tier(tier_name).read_gbps * 1e9) * self.time_scale
+        return self._hold_device(tier_name, dev_s, now_s)
 
     def expected_wait_s(self, tier_name: str, nbytes: int, now_s: float) -> float:
         """How long a copy submitted now would take to finish (queue included), without booking it."""

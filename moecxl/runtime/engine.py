@@ -552,19 +552,23 @@ class OffloadEngine:
         return cache[: self.n_ins], cache[self.n_ins], slot_E
 
     # ---- the three-way miss decision --------------------------------------------------------------------
-    def _host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
-        """Emulated seconds the host takes for one expert once its earlier host work is done: its read
-        after the traffic booked on the expert's device, then the compute (`gate.host_compute_s`)."""
+    def _host_compute_s(self, key, n_tokens: int) -> float:
+        """Emulated seconds of the host computing one expert where it lives (`gate.host_compute_s`)."""
         tgt = self.target_model
-        tier_name = self._source(key)
-        return host_compute_on_tier_s(
+        return self.time_scale * host_compute_on_tier_s(
             self.hardware,
-            tier_name,
+            self._source(key),
             n_tokens,
             tgt.expert_params,
             self.emulated_expert_bytes,
             tgt.hidden_size,
-        ) * self.time_scale + self.transfers.clock.device_queue_s(tier_name, now + host_queue_s)
+        )
+
+    def _host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
+        """The host's time for one expert once its earlier host work is done: its read after the traffic
+        booked on the expert's device, then the compute."""
+        queue_s = self.transfers.clock.device_queue_s(self._source(key), now + host_queue_s)
+        return self._host_compute_s(key, n_tokens) + queue_s
 
     def _inflight_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
         """A needed expert whose copy is in flight: wait for the copy, or compute it on the host now when
@@ -648,18 +652,10 @@ class OffloadEngine:
         if self.emulate:
             # Each host expert reads its device after the traffic booked there (copies in flight,
             # earlier reads), one after another, as the simulator books them.
-            tgt = self.target_model
             cursor = t0_clock
             for k in self._host_keys:
                 begin = self.transfers.reserve_host_read(self._source(k), cursor)
-                cursor = begin + self.time_scale * host_compute_on_tier_s(
-                    self.hardware,
-                    self._source(k),
-                    int((ids == k[1]).sum()),
-                    tgt.expert_params,
-                    self.emulated_expert_bytes,
-                    tgt.hidden_size,
-                )
+                cursor = begin + self._host_compute_s(k, int((ids == k[1]).sum()))
             left = cursor - self.transfers.now_s()
             if left > 0:
                 time.sleep(left)

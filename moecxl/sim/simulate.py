@@ -150,7 +150,6 @@ class _Replay:
             )
         self.placement = placement
         self.stripes: dict = {}  # key -> striping.StripeSet (simulate() fills it when cfg.striping)
-        self._host_queue_est: dict = {}  # key -> device queue the miss decision expected for its host read
         self.library = library
         # Belady eviction needs the future as much as oracle prefetch does.
         knows_future = self.policy.prefetch == "oracle" or self.policy.evict == "belady"
@@ -351,9 +350,8 @@ class _Replay:
             # The CPU reads the expert's device after the traffic booked there (copies in flight, earlier
             # reads): the decision's queue estimate is replaced by the booking's.
             tier = self._source(key)
-            host_s -= self._host_queue_est.pop(key, 0.0)
             start = self.clock.reserve_host_read(tier, self.expert_bytes, host_done_s)
-            host_s += start - host_done_s
+            host_s = start - host_done_s + self._host_compute_s(key, n_tok)
             host_done_s += host_s
             self.c.host_s += host_s
             self.c.host_tokens += n_tok
@@ -427,19 +425,25 @@ class _Replay:
             except SimError:
                 break
 
-    def _host_time_s(self, key, n_tokens: int, host_queue_s: float) -> float:
-        """The engine's `_host_time_s` on simulated time: the host's read of the expert after the traffic
-        booked on its device (noted for the booking to replace), then the compute."""
-        tier_name = self._source(key)
-        queue_s = self.clock.device_queue_s(tier_name, self.now_s + host_queue_s)
-        self._host_queue_est[key] = queue_s
+    def _host_compute_s(self, key, n_tokens: int) -> float:
+        """Simulated seconds of the host computing one expert where it lives, its device idle."""
         return (
             host_compute_on_tier_s(
-                self.hw, tier_name, n_tokens, self.shape.expert_params, self.expert_bytes, self.shape.D
+                self.hw,
+                self._source(key),
+                n_tokens,
+                self.shape.expert_params,
+                self.expert_bytes,
+                self.shape.D,
             )
             * self.cfg.time_scale
-            + queue_s
         )
+
+    def _host_time_s(self, key, n_tokens: int, host_queue_s: float) -> float:
+        """The engine's `_host_time_s` on simulated time: the host's read of the expert after the traffic
+        booked on its device, then the compute."""
+        queue_s = self.clock.device_queue_s(self._source(key), self.now_s + host_queue_s)
+        return self._host_compute_s(key, n_tokens) + queue_s
 
     def _inflight_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
         """The engine's `_inflight_choice`: wait for the copy in flight or compute on the host now."""
