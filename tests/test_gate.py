@@ -102,3 +102,17 @@ def test_with_host_compute_a_late_copy_saves_nothing_and_one_in_time_saves_the_h
     ok_host = prefetch_gate(0.5, 2, 4e-3, **busy, host_served=500)
     ok_fetch = prefetch_gate(0.5, 2, 4e-3, **busy, host_served=0)
     assert ok_host and not ok_fetch
+
+
+def test_with_the_three_way_decision_a_sure_prefetch_pays_even_when_misses_were_fetched():
+    """A demand fetch that would queue behind a prefetch is served on the host instead when that is
+    sooner, so it loses at most the host's time; and a used prefetch saves the fetch's stall, or the
+    host's time plus the cached copy's later uses. Every miss so far fetched, a sure prefetch
+    that will be reused passes; a doubtful one passes only for a copy that will be reused."""
+    copy_s, host_s = 6.6e-3, 1.8e-3
+    busy = dict(wait_s=copy_s, copy_s=copy_s, misses=500, hits=10, victim_p=0.0, host_s=host_s, host_served=0)
+    assert not prefetch_gate(1.0, 2, 4e-3, **busy)  # host-only accounting: every fetched miss queues
+    assert prefetch_gate(1.0, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=5e-3)
+    assert prefetch_gate(0.5, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=5e-3)
+    assert not prefetch_gate(0.5, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=0.0)
+    assert not prefetch_gate(0.2, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=5e-3)

@@ -324,6 +324,7 @@ class OffloadEngine:
             )
         self.quality_budget = float(quality_budget)
         self._host_keys: list = []
+        self._host_in = None  # (activations, weights, output) on the host during a visit
         self._extra = None
         if self.policy.host_compute and self.hardware.host is None:
             raise EngineError(
@@ -464,7 +465,8 @@ class OffloadEngine:
         wait = []
         c, slot_of, lowp, rec = self.c, self.slot_of, self.lowp, self.record_events
         misses_before, host_before = c.misses[m], c.miss_choices["host"]
-        host_queue_s = 0.0
+        host_queue_s = host_wall_s = 0.0
+        host_done = 0  # self._host_keys[:host_done] are computed
         for key in keys:
             if key in slot_of and (not lowp or key not in lowp or key in lowp_ok):
                 c.hits[m] += 1
@@ -494,7 +496,7 @@ class OffloadEngine:
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
-                    choice, host_s = self._miss_choice(key, flat.count(key[1]), host_queue_s)
+                    choice, host_s = self._miss_choice(key, flat.count(key[1]), host_queue_s, protect)
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
                         host_queue_s += host_s
@@ -503,20 +505,27 @@ class OffloadEngine:
                         continue
                     if choice == "lowp":
                         lowp_ok.add(key)
-                if len(self.inflight) >= self.max_inflight:  # staging is full: land a copy first
+                if len(self.inflight) >= self.max_inflight:
+                    # Staging is full: the CPU first computes the host experts chosen so far (the copies
+                    # keep landing meanwhile), then a copy lands.
+                    if len(self._host_keys) > host_done:
+                        t0 = time.perf_counter()
+                        self._host_compute(m, co, ids, self._host_keys[host_done:])
+                        host_wall_s += time.perf_counter() - t0
+                        host_done, host_queue_s = len(self._host_keys), 0.0
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
                     self._complete(done)
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
-        host_s = 0.0
-        if self._host_keys:  # the CPU computes while the copies are on the links
+        if len(self._host_keys) > host_done:  # the CPU computes while the copies are on the links
             t0 = time.perf_counter()
-            self._host_compute(m, co, ids)
-            host_s = time.perf_counter() - t0
+            self._host_compute(m, co, ids, self._host_keys[host_done:])
+            host_wall_s += time.perf_counter() - t0
+        self._host_in = None
         for key in wait:
             if key in self.inflight:
                 self._complete(key)
-        stall = self._wait_s - wait_s0 + host_s
+        stall = self._wait_s - wait_s0 + host_wall_s
         c.stall_s += stall
         c.stall_by_layer[m] += stall
         if self.policy.gate:
@@ -582,7 +591,9 @@ class OffloadEngine:
         )
         return choice, host_s
 
-    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
+    def _miss_choice(
+        self, key, n_tokens: int, host_queue_s: float = 0.0, protect=frozenset()
+    ) -> tuple[str, float]:
         """`gate.miss_decision` for one miss; `host_queue_s` is the host compute already chosen in this
         visit, which the CPU does first (as the link queue is in the fetch's expected time). Returns
         (choice, this expert's host seconds), as the simulator's."""
@@ -601,38 +612,43 @@ class OffloadEngine:
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
             lowp_s += self._local_fetch_s + self._local_install_s
-        p_reuse, p_far, decay = self._reuse.far_near(key) if self._reuse is not None else (0.0, None, 0.8)
-        rounds = self._calibration.rounds(
-            self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0,
-            self.step if self.phase == "decode" else None,
-        )
-        until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
-        credit = reuse_credit_s(
-            p_reuse,
-            host_s,
-            copy_time_s(tier_name, self.emulated_expert_bytes, self.hardware) * self.time_scale,
-            rounds,
-            self._calibration.factor,
-            until,
-            p_far,
-            decay,
-        )
+        credit, promised = self._reuse_credit(key, host_s)
+        if not self.free_slots:
+            # A copy takes a slot: the credit is what it saves later less what the victim would have.
+            victim = self._victim(protect | self.inflight.keys())
+            if victim is not None:
+                credit -= self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
         host_s += self._local_host_s
         choice = miss_decision(
             MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
         )
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
-            self._calibration.fetched(key, expected_reuses(p_reuse, rounds, until, p_far, decay))
+            self._calibration.fetched(key, promised)
         return choice, host_s
 
-    def _host_compute(self, m, co, ids) -> float:
-        """Experts computed where they live: activations come to the host, outputs go back."""
+    def _reuse_credit(self, key, host_s: float) -> tuple[float, float]:
+        """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it):
+        `gate.reuse_credit_s` with the run's reuse model and calibration."""
+        p_reuse, p_far, decay = self._reuse.far_near(key) if self._reuse is not None else (0.0, None, 0.8)
+        rounds = self._calibration.rounds(
+            self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0,
+            self.step if self.phase == "decode" else None,
+        )
+        until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
+        one = copy_time_s(self._source(key), self.emulated_expert_bytes, self.hardware) * self.time_scale
+        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self._calibration.factor, until, p_far, decay)
+        return credit, expected_reuses(p_reuse, rounds, until, p_far, decay)
+
+    def _host_compute(self, m, co, ids, keys) -> float:
+        """Experts `keys` computed where they live: activations come to the host, outputs go back
+        (summed into this layer's host output over the visit's calls)."""
         t0, t0_clock = time.perf_counter(), self.transfers.now_s()
-        xn = np.asarray(co.xn_BTD, np.float32)  # device -> host: N·D activations, not the weights
-        w = np.asarray(co.weights_BTK, np.float32)
-        extra = np.zeros(xn.shape, np.float32)
-        for key in self._host_keys:
+        if self._host_in is None:  # device -> host once per visit: N·D activations, not the weights
+            xn = np.asarray(co.xn_BTD, np.float32)
+            self._host_in = (xn, np.asarray(co.weights_BTK, np.float32), np.zeros(xn.shape, np.float32))
+        xn, w, extra = self._host_in
+        for key in keys:
             tier = self._source(key)
             packed = np.asarray(self.store.source(key, tier=tier), np.float32)
             mats = self.layout.unpack(packed)
@@ -653,14 +669,14 @@ class OffloadEngine:
             # Each host expert reads its device after the traffic booked there (copies in flight,
             # earlier reads), one after another, as the simulator books them.
             cursor = t0_clock
-            for k in self._host_keys:
+            for k in keys:
                 begin = self.transfers.reserve_host_read(self._source(k), cursor)
                 cursor = begin + self._host_compute_s(k, int((ids == k[1]).sum()))
             left = cursor - self.transfers.now_s()
             if left > 0:
                 time.sleep(left)
             # This machine's compute beyond the emulated figure, per expert (the miss decision adds it).
-            self._local_host_s = _ema(self._local_host_s, max(0.0, -left) / len(self._host_keys))
+            self._local_host_s = _ema(self._local_host_s, max(0.0, -left) / len(keys))
         return time.perf_counter() - t0
 
     def experts_fn(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
@@ -945,6 +961,11 @@ class OffloadEngine:
             victim_p = self._probs.get(victim, 0.0) if victim is not None else 0.0
         hits = sum(self.c.hits) + sum(self.c.inflight_hits)
         misses = sum(self.c.misses)
+        host_s, credit = None, 0.0
+        if self.policy.host_compute:
+            host_s = self._host_time_s(key, 1, self.transfers.now_s(), 0.0)
+            if not self.policy.host_only:
+                credit = self._reuse_credit(key, host_s)[0]
         return prefetch_gate(
             p,
             key[0] - m,
@@ -955,10 +976,10 @@ class OffloadEngine:
             hits,
             victim_p,
             uses_per_visit=(hits + misses) / max(1, self.tick),
-            host_s=self._host_time_s(key, 1, self.transfers.now_s(), 0.0)
-            if self.policy.host_compute
-            else None,
+            host_s=host_s,
             host_served=self.c.miss_choices["host"],
+            reuse_credit_s=credit,
+            can_fetch=not self.policy.host_only,
         )
 
     def _next_use(self):

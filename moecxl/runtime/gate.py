@@ -238,6 +238,8 @@ def prefetch_gate(
     uses_per_visit: float = 1.0,
     host_s: float | None = None,
     host_served: int = 0,
+    reuse_credit_s: float = 0.0,
+    can_fetch: bool = False,
 ) -> bool:
     """The gate as the engine and the simulator both apply it: a candidate `layers_ahead` layers away,
     a copy of `copy_s` (`copy_alone_s` of the planned path) that would land in `wait_s`, `layer_s` of
@@ -251,15 +253,25 @@ def prefetch_gate(
     With host compute (`host_s`: the host's time for the expert; `host_served`: misses so far served
     on the host, counted in `misses`), a miss costs at most the host's time, and so does a late copy (the
     engine computes a needed expert on the host when that beats waiting for its copy): the saving is
-    p × (min(copy, host) − min(lateness, host)), and only the misses still fetched queue behind it."""
+    p × (min(copy, host) − min(lateness, host)), and only the misses still fetched queue behind it.
+
+    With the three-way decision (`can_fetch` too), a miss not prefetched is served by a fetch or on the
+    host, whichever `miss_decision` picks: a prefetch that is used saves the fetch's stall, or the host's
+    time plus the cached copy's later uses (`reuse_credit_s`, as the miss decision credits a fetch),
+    whichever is less; and a demand fetch that would queue behind it is served on the host instead when
+    that is sooner, so it costs a demand miss at most the host's time."""
     miss_s = copy_s if host_s is None else min(copy_s, host_s)
+    busy_s = copy_s
+    if host_s is not None and can_fetch:
+        miss_s = min(copy_s, host_s + max(0.0, reuse_credit_s))
+        busy_s = min(copy_s, host_s)
     fetched = max(0, misses - host_served)
     g = GateInputs(
         p_use=p_use,
         lead_s=layers_ahead * layer_s,
         wait_s=wait_s,
         miss_s=miss_s,
-        link_busy_s=copy_s,
+        link_busy_s=busy_s,
         demand_pressure=demand_pressure(fetched, hits + misses - fetched, copy_s, layer_s, uses_per_visit),
         victim_p=victim_p,
         victim_miss_s=miss_s,

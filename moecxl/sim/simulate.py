@@ -332,7 +332,7 @@ class _Replay:
                     self._evict(key)
                 if self.policy.host_compute:
                     n_tok = v.tokens_per_expert[v.experts.index(key[1])]
-                    choice, host_s = self._miss_choice(key, n_tok, sum(h[2] for h in host))
+                    choice, host_s = self._miss_choice(key, n_tok, sum(h[2] for h in host), protect)
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
                         host.append((key, n_tok, host_s))
@@ -341,22 +341,15 @@ class _Replay:
                     if choice == "lowp":
                         lowp_ok.add(key)
                 if len(self.inflight) >= self.max_inflight:
+                    # As the engine: staging is full; the CPU first computes the host experts chosen so
+                    # far, then a copy lands.
+                    self.now_s = self._host_run(m, host)
+                    host = []
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
                     self._complete(done)
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
-        host_done_s = self.now_s  # as the engine: the CPU computes while the copies are on the links
-        for key, n_tok, host_s in host:
-            # The CPU reads the expert's device after the traffic booked there (copies in flight, earlier
-            # reads): the decision's queue estimate is replaced by the booking's.
-            tier = self._source(key)
-            start = self.clock.reserve_host_read(tier, self.expert_bytes, host_done_s)
-            host_s = start - host_done_s + self._host_compute_s(key, n_tok)
-            host_done_s += host_s
-            self.c.host_s += host_s
-            self.c.host_tokens += n_tok
-            self.c.host_read_bytes_by_tier[self._source(key)] += self.expert_bytes
-            self._event("host_compute", layer=m, expert=key[1], tokens=n_tok)
+        host_done_s = self._host_run(m, host)  # the CPU computes while the copies are on the links
         for key in wait:
             if key in self.inflight:
                 self._complete(key)
@@ -425,6 +418,22 @@ class _Replay:
             except SimError:
                 break
 
+    def _host_run(self, m: int, host) -> float:
+        """The CPU computes `host` ((key, tokens, estimate) in order) from now; returns when it is done.
+        Each read books the expert's device after the traffic there (copies in flight, earlier reads):
+        the decision's queue estimate is replaced by the booking's."""
+        host_done_s = self.now_s
+        for key, n_tok, _ in host:
+            tier = self._source(key)
+            start = self.clock.reserve_host_read(tier, self.expert_bytes, host_done_s)
+            host_s = start - host_done_s + self._host_compute_s(key, n_tok)
+            host_done_s += host_s
+            self.c.host_s += host_s
+            self.c.host_tokens += n_tok
+            self.c.host_read_bytes_by_tier[tier] += self.expert_bytes
+            self._event("host_compute", layer=m, expert=key[1], tokens=n_tok)
+        return host_done_s
+
     def _host_compute_s(self, key, n_tokens: int) -> float:
         """Simulated seconds of the host computing one expert where it lives, its device idle."""
         return (
@@ -454,7 +463,9 @@ class _Replay:
         )
         return choice, host_s
 
-    def _miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
+    def _miss_choice(
+        self, key, n_tokens: int, host_queue_s: float = 0.0, protect: frozenset = frozenset()
+    ) -> tuple[str, float]:
         """The engine's three-way decision (`gate.miss_decision`) on simulated time: (choice, host s).
         `host_queue_s`: host compute already chosen in this visit, which the CPU does first (as the link
         queue is in the fetch's expected time)."""
@@ -470,21 +481,39 @@ class _Replay:
             lowp_s = self.clock.expected_wait_s(tier_name, self._copy_bytes(True), self.now_s)
         if self.policy.host_only:
             return "host", host_s
+        credit, promised = self._reuse_credit(key, host_s)
+        if self.free == 0:
+            # A copy takes a slot: the credit is what it saves later less what the victim would have.
+            victims = choose_victims(
+                self.policy.evict,
+                self._stats_cached(),
+                1,
+                set(protect) | set(self.inflight),
+                prob=self.probs,
+                reuse=self.reuse,
+            )
+            if victims:
+                credit -= self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
+        choice = miss_decision(
+            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        )
+        if choice in ("fetch", "lowp") and self.phase == "decode":
+            # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
+            self.calibration.fetched(key, promised)
+        return choice, host_s
+
+    def _reuse_credit(self, key, host_s: float) -> tuple[float, float]:
+        """The engine's `_reuse_credit`: (seconds a cached copy of `key` is expected to save later, the
+        reuses promised for it)."""
         p_reuse, p_far, decay = self.reuse.far_near(key) if self.reuse is not None else (0.0, None, 0.8)
-        one = copy_time_s(tier_name, self.expert_bytes, self.hw) * self.cfg.time_scale
+        one = copy_time_s(self._source(key), self.expert_bytes, self.hw) * self.cfg.time_scale
         rounds = self.calibration.rounds(
             self.reuse.rounds_cached(self.n_slots) if self.reuse is not None else 1.0,
             self.step if self.phase == "decode" else None,
         )
         until = self.reuse.layers_until(key[0]) / self.L if self.reuse is not None else 1.0
         credit = reuse_credit_s(p_reuse, host_s, one, rounds, self.calibration.factor, until, p_far, decay)
-        choice = miss_decision(
-            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
-        )
-        if choice in ("fetch", "lowp") and self.phase == "decode":
-            # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
-            self.calibration.fetched(key, expected_reuses(p_reuse, rounds, until, p_far, decay))
-        return choice, host_s
+        return credit, expected_reuses(p_reuse, rounds, until, p_far, decay)
 
     def _gate(self, key, p, m) -> bool:
         tier = self._source(key)
@@ -505,6 +534,11 @@ class _Replay:
             victim_p = self.probs.get(victims[0], 0.0) if victims else 0.0
         hits = sum(self.c.hits) + sum(self.c.inflight_hits)
         misses = sum(self.c.misses)
+        host_s, credit = None, 0.0
+        if self.policy.host_compute:
+            host_s = self._host_time_s(key, 1, 0.0)
+            if not self.policy.host_only:
+                credit = self._reuse_credit(key, host_s)[0]
         return prefetch_gate(
             p,
             key[0] - m,
@@ -515,8 +549,10 @@ class _Replay:
             hits,
             victim_p,
             uses_per_visit=(hits + misses) / max(1, self.c.visits),
-            host_s=self._host_time_s(key, 1, 0.0) if self.policy.host_compute else None,
+            host_s=host_s,
             host_served=self.c.miss_choices["host"],
+            reuse_credit_s=credit,
+            can_fetch=not self.policy.host_only,
         )
 
 
