@@ -612,22 +612,28 @@ class OffloadEngine:
         if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
             lowp_s = clock.expected_wait_s(tier_name, self.emulated_expert_bytes // 2, now)  # int8 of bf16
             lowp_s += self._local_fetch_s + self._local_install_s
-        credit, promised = self._reuse_credit(key, host_s)
-        if not self.free_slots:
-            # A copy takes a slot: the credit is what it saves later less what the victim would have.
-            victim = self._victim(protect | self.inflight.keys())
-            if victim is not None:
-                credit -= self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
+        credit, promised = self._reuse_credit(key, host_s, tier_name)
         host_s += self._local_host_s
-        choice = miss_decision(
-            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
-        )
+        costs = MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        choice = miss_decision(costs)
+        if choice in ("fetch", "lowp") and not self.free_slots:
+            # A copy takes a slot: the credit is what it saves later less what the victim would have
+            # (only a copy's option can lose by it, so only then is the victim looked up). The victim
+            # changes only with the cache, the copies in flight or the visit: one scan per such change
+            # (this visit's host-computed misses, dropped from `protect`, are not cached).
+            tag = (self._epoch, self.tick, id(protect))
+            if self._miss_victim[0] != tag:
+                self._miss_victim = (tag, self._victim(protect | self.inflight.keys()))
+            victim = self._miss_victim[1]
+            if victim is not None:
+                lost = self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
+                choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
             self._calibration.fetched(key, promised)
         return choice, host_s
 
-    def _reuse_credit(self, key, host_s: float) -> tuple[float, float]:
+    def _reuse_credit(self, key, host_s: float, tier: str | None = None) -> tuple[float, float]:
         """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it):
         `gate.reuse_credit_s` with the run's reuse model and calibration."""
         p_reuse, p_far, decay = self._reuse.far_near(key) if self._reuse is not None else (0.0, None, 0.8)
@@ -636,7 +642,8 @@ class OffloadEngine:
             self.step if self.phase == "decode" else None,
         )
         until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
-        one = copy_time_s(self._source(key), self.emulated_expert_bytes, self.hardware) * self.time_scale
+        tier = tier or self._source(key)
+        one = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
         credit = reuse_credit_s(p_reuse, host_s, one, rounds, self._calibration.factor, until, p_far, decay)
         return credit, expected_reuses(p_reuse, rounds, until, p_far, decay)
 
@@ -719,7 +726,10 @@ class OffloadEngine:
     def _take_slot(self, protect) -> int:
         if not self.free_slots:
             next_use = self._next_use() if self.policy.evict == "belady" else None
-            victim = self._victim(protect | self.inflight.keys(), next_use)
+            if next_use is None and self._miss_victim[0] == (self._epoch, self.tick, id(protect)):
+                victim = self._miss_victim[1]  # the miss decision just looked it up: nothing changed since
+            else:
+                victim = self._victim(protect | self.inflight.keys(), next_use)
             if victim is None:
                 raise EngineError(
                     f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
@@ -943,6 +953,7 @@ class OffloadEngine:
                 break
 
     _gate_victim: tuple = (None, None)  # (epoch, the victim a prefetch would evict then)
+    _miss_victim: tuple = (None, None)  # ((epoch, tick, visit's protect), the victim a demand copy evicts)
     _epoch = 0  # bumped whenever the cache, the copies in flight or the predictions change
 
     def _gate(self, key, p, m) -> bool:

@@ -185,6 +185,8 @@ class Reuse:
         self.alphas_A = np.array([alpha] if alpha is not None else alphas, np.float64)
         self.p_ALE = np.full((len(self.alphas_A), L, E), 1.0 / E)
         self.p_LE = self.p_ALE.max(axis=0)
+        self._slow = int(np.argmin(self.alphas_A))
+        self._decay = float(1.0 - self.alphas_A.max())
         self.alpha = 0.2  # rate of the cache-turnover estimate (`miss_ema`)
         self.layer = 0
         # The layers one pass visits, learned: all L for a decoder, only the decoder's in a Switch decode.
@@ -227,8 +229,8 @@ class Reuse:
     def far_near(self, key) -> tuple[float, float, float]:
         """(next-visit chance, long-run chance, per-round decay of the difference) of one expert: the
         larger memory (`p_LE`), the slowest one, and how the fastest forgets (`gate.expected_reuses`)."""
-        slow = int(np.argmin(self.alphas_A))
-        return float(self.p_LE[key]), float(self.p_ALE[slow][key]), float(1.0 - self.alphas_A.max())
+        layer, e = key
+        return float(self.p_LE[layer, e]), float(self.p_ALE[self._slow, layer, e]), self._decay
 
     miss_ema: float = 0.0  # misses per layer visit (EMA): how fast the cache turns over
 

@@ -482,8 +482,11 @@ class _Replay:
         if self.policy.host_only:
             return "host", host_s
         credit, promised = self._reuse_credit(key, host_s)
-        if self.free == 0:
-            # A copy takes a slot: the credit is what it saves later less what the victim would have.
+        costs = MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
+        choice = miss_decision(costs)
+        if choice in ("fetch", "lowp") and self.free == 0:
+            # A copy takes a slot: the credit is what it saves later less what the victim would have
+            # (only a copy's option can lose by it, so only then is the victim looked up).
             victims = choose_victims(
                 self.policy.evict,
                 self._stats_cached(),
@@ -493,10 +496,8 @@ class _Replay:
                 reuse=self.reuse,
             )
             if victims:
-                credit -= self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
-        choice = miss_decision(
-            MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
-        )
+                lost = self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
+                choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
             self.calibration.fetched(key, promised)
