@@ -347,6 +347,8 @@ def test_a_needed_expert_in_flight_is_computed_on_the_host_when_its_copy_would_l
     assert fetch["inflight_host_computed"] == 0
     assert nd["inflight_host_computed"] > 0
     assert nd["tpot_s"] < fetch["tpot_s"]
+    # a copy computed on the host while in flight counts as used once, not again when it lands
+    assert 0 < nd["prefetch_precision"] <= 1.0
 
 
 def test_when_staging_is_full_the_cpu_computes_its_experts_before_waiting_for_a_copy():

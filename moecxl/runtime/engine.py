@@ -477,11 +477,12 @@ class OffloadEngine:
                     self._event("hit", layer=m, expert=key[1])
             elif key in self.inflight:
                 c.inflight_hits[m] += 1
-                tr, _, pref = self.inflight[key]
+                tr, slot, pref = self.inflight[key]
                 if pref:
                     c.prefetch_used += 1  # used, if late: it lands before a demand fetch would
                     if not tr.done():
                         c.late_prefetch += 1
+                    self.inflight[key] = (tr, slot, False)  # counted: not again when it lands unused
                 if self.policy.host_compute:
                     choice, host_s = self._inflight_choice(key, flat.count(key[1]), host_queue_s)
                     if choice == "host":  # the copy still lands, for later uses

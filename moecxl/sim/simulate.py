@@ -317,6 +317,7 @@ class _Replay:
                     self.c.prefetch_used += 1  # as the engine: used, if late
                     if cp.done_s > self.now_s:
                         self.c.late_prefetch += 1
+                    cp.prefetched = False  # counted: not again when it lands unused
                 if self.policy.host_compute:
                     n_tok = v.tokens_per_expert[v.experts.index(key[1])]
                     choice, host_s = self._inflight_choice(key, n_tok, sum(h[2] for h in host))
