@@ -266,6 +266,33 @@ def test_expected_reuse_distance_orders_by_layer_distance_and_chance():
     assert d((3, 0), {(3, 0): 1.0}) < d((3, 3), {(3, 3): 0.0})  # a prediction overrides the estimate
 
 
+def test_the_engines_vectorised_victim_is_the_pure_rules_victim():
+    """The engine's hot-path victim (`farthest_reuse_slot`) is the victim `choose_victims("predicted")`
+    picks, over random caches, predictions and protected sets."""
+    from moecxl.runtime.policies import EntryStats, Reuse, choose_victims, farthest_reuse_slot
+
+    rng = np.random.default_rng(11)
+    L, E, S = 6, 8, 12
+    for _ in range(50):
+        r = Reuse(L, E)
+        for t in range(int(rng.integers(1, 30))):
+            r.observe(t % L, rng.choice(E, 2, replace=False).tolist())
+        keys = [(int(k // E), int(k % E)) for k in rng.choice(L * E, S, replace=False)]
+        slot_of = {k: s for s, k in enumerate(keys)}
+        layer_S = np.array([k[0] for k in keys])
+        expert_S = np.array([k[1] for k in keys])
+        seq_S = rng.permutation(S)
+        prob = {k: float(rng.random()) for k in keys if rng.random() < 0.5}
+        prob.update({(int(rng.integers(L)), int(rng.integers(E))): 0.9})  # one not cached
+        protect = {k for k in keys if rng.random() < 0.3}
+        evictable_S = np.array([k not in protect for k in keys])
+        # the pure rule scans the cache in insertion order: the engine's seq_S
+        cached = {keys[s]: EntryStats(0, 1, 0) for s in np.argsort(seq_S)}
+        want = choose_victims("predicted", cached, 1, protect, prob=prob, reuse=r)
+        s = farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, r)
+        assert (None if s is None else keys[s]) == (want[0] if want else None)
+
+
 def test_energy_per_token_counts_bytes_and_busy_time(tmp_path):
     """Energy beside latency: on-demand moves more bytes than the oracle, so it costs more per token;
     every figure in the energy file has a source, and a figure without one is refused by name."""
