@@ -116,3 +116,15 @@ def test_with_the_three_way_decision_a_sure_prefetch_pays_even_when_misses_were_
     assert prefetch_gate(0.5, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=5e-3)
     assert not prefetch_gate(0.5, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=0.0)
     assert not prefetch_gate(0.2, 2, 4e-3, **busy, can_fetch=True, reuse_credit_s=5e-3)
+
+
+def test_a_host_computed_miss_is_also_copied_for_later_when_its_reuses_beat_the_link_it_holds():
+    """Host compute keeps this layer short; a background copy gives later tokens their hits. It is worth
+    it when the cached copy's expected saving (net of its victim's) beats the demand fetches it may hold
+    up, each of which loses at most the host's time (it goes to the host instead)."""
+    from moecxl.runtime.gate import copy_for_later
+
+    copy_s, host_s = 182e-6, 57e-6  # a Switch expert over PCIe 5 from DRAM; the host at batch 1
+    assert copy_for_later(credit_s=40e-6, pressure=0.1, copy_s=copy_s, host_s=host_s)  # idle link
+    assert not copy_for_later(credit_s=40e-6, pressure=0.9, copy_s=copy_s, host_s=host_s)  # busy link
+    assert not copy_for_later(credit_s=-5e-6, pressure=0.0, copy_s=copy_s, host_s=host_s)  # victim worth more

@@ -30,6 +30,8 @@ from moecxl.runtime.gate import (
     MissCosts,
     ReuseCalibration,
     copy_alone_s,
+    copy_for_later,
+    demand_pressure,
     expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
@@ -466,6 +468,7 @@ class OffloadEngine:
         c, slot_of, lowp, rec = self.c, self.slot_of, self.lowp, self.record_events
         misses_before, host_before = c.misses[m], c.miss_choices["host"]
         host_queue_s = host_wall_s = 0.0
+        later = []  # host-computed misses to copy in the background afterwards
         host_done = 0  # self._host_keys[:host_done] are computed
         for key in keys:
             if key in slot_of and (not lowp or key not in lowp or key in lowp_ok):
@@ -497,12 +500,15 @@ class OffloadEngine:
                 if key in self.slot_of:  # a low-precision copy where an exact one is wanted
                     self._evict(key)
                 if self.policy.host_compute:
-                    choice, host_s = self._miss_choice(key, flat.count(key[1]), host_queue_s, protect)
+                    n_tok = flat.count(key[1])
+                    choice, host_s = self._miss_choice(key, n_tok, host_queue_s, protect)
                     self.c.miss_choices[choice] += 1
                     if choice == "host":
                         host_queue_s += host_s
                         self._host_keys.append(key)
                         protect.discard(key)
+                        if self._copy_for_later(key, n_tok, protect):
+                            later.append(key)
                         continue
                     if choice == "lowp":
                         lowp_ok.add(key)
@@ -523,6 +529,11 @@ class OffloadEngine:
             self._host_compute(m, co, ids, self._host_keys[host_done:])
             host_wall_s += time.perf_counter() - t0
         self._host_in = None
+        for key in later:  # host-computed experts worth caching: copied for later tokens, not waited for
+            if len(self.inflight) >= self.max_inflight:
+                break
+            self.c.copied_for_later += 1
+            self._fetch(key, protect, prefetched=True)
         for key in wait:
             if key in self.inflight:
                 self._complete(key)
@@ -619,13 +630,8 @@ class OffloadEngine:
         choice = miss_decision(costs)
         if choice in ("fetch", "lowp") and not self.free_slots:
             # A copy takes a slot: the credit is what it saves later less what the victim would have
-            # (only a copy's option can lose by it, so only then is the victim looked up). The victim
-            # changes only with the cache, the copies in flight or the visit: one scan per such change
-            # (this visit's host-computed misses, dropped from `protect`, are not cached).
-            tag = (self._epoch, self.tick, id(protect))
-            if self._miss_victim[0] != tag:
-                self._miss_victim = (tag, self._victim(protect | self.inflight.keys()))
-            victim = self._miss_victim[1]
+            # (only a copy's option can lose by it, so only then is the victim looked up).
+            victim = self._visit_victim(protect)
             if victim is not None:
                 lost = self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
                 choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
@@ -633,6 +639,35 @@ class OffloadEngine:
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
             self._calibration.fetched(key, promised)
         return choice, host_s
+
+    def _copy_for_later(self, key, n_tokens: int, protect) -> bool:
+        """A miss computed on the host now: also copy it in the background for its later uses
+        (`gate.copy_for_later`, with the victim's credit and the run's demand pressure)?"""
+        if self.policy.host_only or self.policy.prefetch is None:
+            return False
+        one = copy_time_s(self._source(key), self.emulated_expert_bytes, self.hardware) * self.time_scale
+        host_s = self._host_compute_s(key, n_tokens)
+        credit = self._reuse_credit(key, host_s)[0]
+        if not self.free_slots:
+            victim = self._visit_victim(protect)
+            if victim is not None and victim != key:
+                credit -= self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
+        hits = sum(self.c.hits) + sum(self.c.inflight_hits)
+        misses = sum(self.c.misses)
+        fetched = max(0, misses - self.c.miss_choices["host"])
+        layer_s = self._layer_s.get(self.phase) or one / 10
+        upv = (hits + misses) / max(1, self.tick)
+        pressure = demand_pressure(fetched, hits + misses - fetched, one, layer_s, upv)
+        return copy_for_later(credit, pressure, one, host_s)
+
+    def _visit_victim(self, protect):
+        """The victim a copy issued now would evict (`_victim` of this visit's `protect` and the copies in
+        flight), looked up once per cache change and visit (host-computed misses, dropped from
+        `protect`, are not cached, so they do not change it)."""
+        tag = (self._epoch, self.tick, id(protect))
+        if self._miss_victim[0] != tag:
+            self._miss_victim = (tag, self._victim(protect | self.inflight.keys()))
+        return self._miss_victim[1]
 
     def _reuse_credit(self, key, host_s: float, tier: str | None = None) -> tuple[float, float]:
         """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it):
@@ -1239,6 +1274,7 @@ class OffloadEngine:
             "miss_choices": dict(c.miss_choices),
             "host_computed_tokens": c.host_tokens,
             "inflight_host_computed": c.inflight_host,
+            "copied_for_later": c.copied_for_later,
             "refetches": c.refetches,
             "striping": {
                 "stripe_sets": len(self.store.stripes),
@@ -1323,6 +1359,7 @@ class _Counters:
         self.host_tokens = 0
         self.striped_fetches = 0
         self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
+        self.copied_for_later = 0  # host-computed misses also copied in the background for later tokens
         self.not_striped = defaultdict(int)  # why a fetch read one whole copy (striping.REASONS)
 
 

@@ -218,6 +218,15 @@ def demand_pressure(
     return 1.0 - (1.0 - miss_rate) ** lookups
 
 
+def copy_for_later(credit_s: float, pressure: float, copy_s: float, host_s: float) -> bool:
+    """A miss computed on the host now: copy it in the background too, for its later uses? Yes when what
+    the cached copy is expected to save (`credit_s`, net of the victim's) beats what it may cost the
+    demand fetches queued behind it on the link (`pressure`, `demand_pressure` of the run, times the
+    most each loses: the host's time, where it then goes instead). Host compute gives this layer its
+    low latency (a prefill stays short), the copy gives the later tokens their hits."""
+    return credit_s > pressure * min(copy_s, host_s)
+
+
 def copy_alone_s(clock, tiers, chunk_bytes) -> float:
     """Seconds a copy takes on idle devices and links: one whole copy (`tiers` of one), or a striped
     read's chunks (`striping.FetchPlan.tiers` with their bytes). The gate's stall and link occupancy:

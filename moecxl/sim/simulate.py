@@ -25,6 +25,8 @@ from moecxl.runtime.gate import (
     MissCosts,
     ReuseCalibration,
     copy_alone_s,
+    copy_for_later,
+    demand_pressure,
     expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
@@ -118,6 +120,7 @@ class _Counters:
         self.host_read_bytes_by_tier: dict = defaultdict(int)
         self.striped_fetches = 0
         self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
+        self.copied_for_later = 0  # host-computed misses also copied in the background for later tokens
         self.visits = 0  # MoE layer visits (the gate's lookups per visit)
         self.not_striped: dict = defaultdict(int)
 
@@ -300,7 +303,7 @@ class _Replay:
             lowp_ok = {(m, e) for e, w in zip(v.experts, v.max_weight) if w < self.cfg.lowp_threshold}
         self._poll()
         protect = set(keys)
-        wait, host = [], []
+        wait, host, later = [], [], []
         t_stall0 = self.now_s
         misses_before, host_before = self.c.misses[m], self.c.miss_choices["host"]
         for key in keys:
@@ -338,6 +341,8 @@ class _Replay:
                     if choice == "host":
                         host.append((key, n_tok, host_s))
                         protect.discard(key)
+                        if self._copy_for_later(key, n_tok, protect):
+                            later.append(key)
                         continue
                     if choice == "lowp":
                         lowp_ok.add(key)
@@ -351,6 +356,15 @@ class _Replay:
                 self._fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
         host_done_s = self._host_run(m, host)  # the CPU computes while the copies are on the links
+        if later:
+            # As the engine: once the CPU is done, host-computed experts worth caching are copied for
+            # later tokens, as prefetches, without waiting for them.
+            self.now_s = max(self.now_s, host_done_s)
+            for key in later:
+                if len(self.inflight) >= self.max_inflight:
+                    break
+                self.c.copied_for_later += 1
+                self._fetch(key, protect, prefetched=True)
         for key in wait:
             if key in self.inflight:
                 self._complete(key)
@@ -418,6 +432,32 @@ class _Replay:
                 self._fetch(key, protect | {c[0] for c in cands if c[1] >= p}, prefetched=True)
             except SimError:
                 break
+
+    def _copy_for_later(self, key, n_tokens: int, protect) -> bool:
+        """The engine's `_copy_for_later`: copy a host-computed miss in the background for its later
+        uses (`gate.copy_for_later`)?"""
+        if self.policy.host_only or self.policy.prefetch is None:
+            return False
+        one = copy_time_s(self._source(key), self.expert_bytes, self.hw) * self.cfg.time_scale
+        host_s = self._host_compute_s(key, n_tokens)
+        credit = self._reuse_credit(key, host_s)[0]
+        if self.free == 0:
+            victims = choose_victims(
+                self.policy.evict,
+                self._stats_cached(),
+                1,
+                set(protect) | set(self.inflight) | {key},
+                prob=self.probs,
+                reuse=self.reuse,
+            )
+            if victims:
+                credit -= self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
+        hits = sum(self.c.hits) + sum(self.c.inflight_hits)
+        misses = sum(self.c.misses)
+        fetched = max(0, misses - self.c.miss_choices["host"])
+        upv = (hits + misses) / max(1, self.c.visits)
+        pressure = demand_pressure(fetched, hits + misses - fetched, one, self.layer_s, upv)
+        return copy_for_later(credit, pressure, one, host_s)
 
     def _host_run(self, m: int, host) -> float:
         """The CPU computes `host` ((key, tokens, estimate) in order) from now; returns when it is done.
@@ -736,6 +776,7 @@ def _metrics(r: _Replay, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig)
         "miss_choices": dict(c.miss_choices),
         "host_computed_tokens": c.host_tokens,
         "inflight_host_computed": c.inflight_host,
+        "copied_for_later": c.copied_for_later,
         "host_compute_s": c.host_s,
         "host_read_bytes_by_tier": dict(c.host_read_bytes_by_tier),
         "max_inflight": c.max_queue,
