@@ -631,10 +631,8 @@ class OffloadEngine:
         if choice in ("fetch", "lowp") and not self.free_slots:
             # A copy takes a slot: the credit is what it saves later less what the victim would have
             # (only a copy's option can lose by it, so only then is the victim looked up).
-            victim = self._visit_victim(protect)
-            if victim is not None:
-                lost = self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
-                choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
+            lost = self._victim_credit(n_tokens, protect)
+            choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
             self._calibration.fetched(key, promised)
@@ -649,9 +647,7 @@ class OffloadEngine:
         host_s = self._host_compute_s(key, n_tokens)
         credit = self._reuse_credit(key, host_s)[0]
         if not self.free_slots:
-            victim = self._visit_victim(protect)
-            if victim is not None and victim != key:
-                credit -= self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
+            credit -= self._victim_credit(n_tokens, protect)
         hits = sum(self.c.hits) + sum(self.c.inflight_hits)
         misses = sum(self.c.misses)
         fetched = max(0, misses - self.c.miss_choices["host"])
@@ -659,6 +655,13 @@ class OffloadEngine:
         upv = (hits + misses) / max(1, self.tick)
         pressure = demand_pressure(fetched, hits + misses - fetched, one, layer_s, upv)
         return copy_for_later(credit, pressure, one, host_s)
+
+    def _victim_credit(self, n_tokens: int, protect) -> float:
+        """What the copy a new one would evict is expected to save later (0 if nothing is evictable)."""
+        victim = self._visit_victim(protect)
+        if victim is None:
+            return 0.0
+        return self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
 
     def _visit_victim(self, protect):
         """The victim a copy issued now would evict (`_victim` of this visit's `protect` and the copies in

@@ -442,16 +442,7 @@ class _Replay:
         host_s = self._host_compute_s(key, n_tokens)
         credit = self._reuse_credit(key, host_s)[0]
         if self.free == 0:
-            victims = choose_victims(
-                self.policy.evict,
-                self._stats_cached(),
-                1,
-                set(protect) | set(self.inflight) | {key},
-                prob=self.probs,
-                reuse=self.reuse,
-            )
-            if victims:
-                credit -= self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
+            credit -= self._victim_credit(n_tokens, protect)
         hits = sum(self.c.hits) + sum(self.c.inflight_hits)
         misses = sum(self.c.misses)
         fetched = max(0, misses - self.c.miss_choices["host"])
@@ -528,21 +519,26 @@ class _Replay:
         if choice in ("fetch", "lowp") and self.free == 0:
             # A copy takes a slot: the credit is what it saves later less what the victim would have
             # (only a copy's option can lose by it, so only then is the victim looked up).
-            victims = choose_victims(
-                self.policy.evict,
-                self._stats_cached(),
-                1,
-                set(protect) | set(self.inflight),
-                prob=self.probs,
-                reuse=self.reuse,
-            )
-            if victims:
-                lost = self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
-                choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
+            lost = self._victim_credit(n_tokens, protect)
+            choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
             self.calibration.fetched(key, promised)
         return choice, host_s
+
+    def _victim_credit(self, n_tokens: int, protect) -> float:
+        """What the copy a new one would evict is expected to save later (0 if nothing is evictable)."""
+        victims = choose_victims(
+            self.policy.evict,
+            self._stats_cached(),
+            1,
+            set(protect) | set(self.inflight),
+            prob=self.probs,
+            reuse=self.reuse,
+        )
+        if not victims:
+            return 0.0
+        return self._reuse_credit(victims[0], self._host_compute_s(victims[0], n_tokens))[0]
 
     def _reuse_credit(self, key, host_s: float) -> tuple[float, float]:
         """The engine's `_reuse_credit`: (seconds a cached copy of `key` is expected to save later, the
