@@ -97,6 +97,7 @@ def test_migration_follows_a_workload_shift_then_stays_put(model):
         target_model=model.cfg.replace(**MIXTRAL_EXPERT),
     )
     rank = pl.tier_rank(eng.hardware)
+    eng.step = 64  # a request 64 decode steps in: as many again to come, for a move to pay back over
     for hot_expert in (5, 2):  # a workload, then a shift to another expert
         freq = np.full((L, E), 0.01)
         freq[:, hot_expert] = 10.0
@@ -363,4 +364,33 @@ def test_a_bad_stripe_is_a_clear_error(model):
         StoreError, match=f"stripe covers 1024 bytes but the packed expert has {eng.expert_bytes}"
     ):
         eng.store.add_stripe((0, 0), striping.make_stripe(hw, ["cxl-a", "cxl-b"], 1024))
+    eng.close()
+
+
+def test_a_migration_happens_only_when_its_misses_pay_for_the_move():
+    hw = four_cxl()
+    nbytes = 352_000_000  # a Mixtral-8x7B expert
+    saved = pl.use_s("cxl-c", hw, nbytes) - pl.use_s("cxl-d", hw, nbytes)  # slowest to fastest device
+    cost = pl.migration_s("cxl-c", "cxl-d", hw, nbytes)
+    assert saved > 0 and cost > saved  # one miss does not pay for reading and writing the expert
+    assert not pl.migration_pays(1.0, 0.5, saved, 1, cost)
+    assert pl.migration_pays(1.0, 0.5, saved, 64, cost)  # a hot expert over a long request does
+    assert not pl.migration_pays(0.01, 0.5, saved, 64, cost)  # a cold one never does
+    assert not pl.migration_pays(1.0, 0.0, saved, 64, cost)  # nor one that always hits
+
+
+def test_rebalancing_at_a_request_start_moves_no_cold_expert(model):
+    eng = OffloadEngine(
+        model,
+        hardware=four_cxl(),
+        policy="lru",
+        device_budget=0.6,
+        emulate=False,
+        target_model=model.cfg.replace(**MIXTRAL_EXPERT),
+    )
+    eng.freq_ema = np.full((L, E), 0.05)  # every expert rarely used
+    eng.freq_ema[:, 3] = 0.06  # a slightly different order: placement proposes moves
+    assert eng.rebalance(max_moves=100) == 0
+    eng.step = 10**6  # the same proposal, with a request long enough for the moves to pay
+    assert eng.rebalance(max_moves=100) > 0
     eng.close()

@@ -1124,7 +1124,9 @@ class OffloadEngine:
 
     def rebalance(self, max_moves: int | None = None, margin: float = 0.25):
         """Background migration: re-run placement on the EMA frequencies, move experts whose proposed
-        tier is clearly better (hysteresis `margin`), only when no copy is in flight (idle links)."""
+        tier is clearly better (hysteresis `margin`) and whose misses, over as many steps again as the
+        request has run, save more than the move costs the devices (`placement.migration_pays`); only
+        when no copy is in flight (idle links)."""
         if self.inflight:
             return 0
         online_tiers = [t for t in self.hardware.tier_names if t not in self.offline]
@@ -1145,6 +1147,8 @@ class OffloadEngine:
         limit = max_moves if max_moves is not None else max(1, self.L * self.E // 16)
         score = placement_mod.tier_rank(hw, self._reader)
         order = np.argsort(-self.freq_ema.reshape(-1), kind="stable")
+        nbytes, horizon = self.target_model.expert_bytes, max(1, self.step)
+        c = self.c
         for flat in order:
             key = divmod(int(flat), self.E)
             cur, want = self.store.home(key), proposal[key]
@@ -1154,6 +1158,14 @@ class OffloadEngine:
                 self.store.used_bytes.get(want, 0) + self.store.slot_bytes
                 > self.hardware.tier(want).capacity_bytes
             ):
+                continue
+            m = key[0]
+            miss_rate = (c.misses[m] + 1) / (c.misses[m] + c.hits[m] + c.inflight_hits[m] + 2)
+            saved = placement_mod.use_s(cur, hw, nbytes, self._reader) - placement_mod.use_s(
+                want, hw, nbytes, self._reader
+            )
+            cost = placement_mod.migration_s(cur, want, self.hardware, nbytes)
+            if not placement_mod.migration_pays(self.freq_ema[key], miss_rate, saved, horizon, cost):
                 continue
             self._migrate(key, want)
             moves += 1
