@@ -203,6 +203,49 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
                 rule, cached, 1, protect, next_use=next_use, prob=eng._probs, reuse=eng._reuse
             )
             assert eng._victim(protect, next_use) == pure[0]
+            if rule != "predicted":
+                continue
+            # A copy lands in a free slot after the ranking was made: it is ranked in, and may go first.
+            new = next(((m, e) for m in range(L) for e in range(E) if (m, e) not in eng.slot_of), None)
+            free = [s for s in range(20) if eng.slot_key[s] is None]
+            if new is None or not free:
+                continue
+            s, seq = free[0], len(eng.slot_of)
+            eng.slot_of[new], eng.slot_key[s], eng._slot_seq_S[s] = s, new, seq
+            eng._slot_layer_S[s], eng._slot_expert_S[s] = new
+            eng.stats[new] = [0, 0, 0, False]
+            eng._ranked_landing(new, s)
+            cached = {k: EntryStats(*v) for k, v in eng.stats.items()}
+            pure = choose_victims(rule, cached, 1, protect, prob=eng._probs, reuse=eng._reuse)
+            assert eng._victim(protect) == pure[0]
+
+
+@pytest.mark.parametrize("policy", ["moecxl", "moecxl_nd"])
+def test_the_ranked_victims_of_a_real_run_are_the_pure_rules_victims(model, policy):
+    """The engine keeps the "predicted" rule's victims ranked across a visit's evictions and landings;
+    every victim it picks in a run (demand copies, prefetches, the gate, the miss decision) is the one
+    `choose_victims` picks from the same state."""
+    from moecxl.runtime.policies import EntryStats, choose_victims
+
+    prompt = np.random.default_rng(3).integers(0, model.cfg.vocab_size, (3, 5))
+    eng = _engine(model, policy, 0.5)
+    picked = []
+    fast = eng._victim
+
+    def checked(skip, next_use=None):
+        got = fast(skip, next_use)
+        cached = {k: EntryStats(*eng.stats[k]) for k in eng.slot_of}
+        pure = choose_victims("predicted", cached, 1, set(skip), prob=eng._probs, reuse=eng._reuse)
+        assert got == (pure[0] if pure else None)
+        picked.append(got)
+        return got
+
+    eng._victim = checked
+    try:
+        generate(model, prompt, max_new_tokens=8, engine=eng)
+    finally:
+        eng.close()
+    assert sum(v is not None for v in picked) >= 10  # the cache was full and evicted often
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ arithmetic never depends on where an expert was (bit-identical to the resident p
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -32,11 +33,10 @@ from moecxl.runtime.gate import (
     copy_alone_s,
     copy_for_later,
     demand_pressure,
-    expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
     prefetch_gate,
-    reuse_credit_s,
+    reuse_credit_and_reuses,
 )
 from moecxl.runtime.policies import (
     EntryStats,
@@ -45,9 +45,10 @@ from moecxl.runtime.policies import (
     choose_victims,
     eam_probs,
     eviction_score,
-    farthest_reuse_slot,
+    expected_reuse_distance,
     get_policy,
     pregate_probs,
+    reuse_distance_S,
     topk_candidates,
 )
 
@@ -202,6 +203,8 @@ class OffloadEngine:
         self.trace = _future_from(trace, self.L) if trace is not None else None
         self._belady = NextUse(self.trace, 4 * self.L) if self.trace is not None else None
         self._reuse = Reuse(self.L, self.E) if self.policy.evict == "predicted" else None
+        self._host_s_memo: dict = {}  # (tier, tokens, time scale) -> emulated host seconds
+        self._copy_s_memo: dict = {}  # (tier, time scale) -> emulated copy seconds
         self._calibration = ReuseCalibration()  # promised vs served reuses of copies fetched on a miss
         if self.policy.prefetch == "oracle" and self.trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
@@ -574,16 +577,30 @@ class OffloadEngine:
 
     # ---- the three-way miss decision --------------------------------------------------------------------
     def _host_compute_s(self, key, n_tokens: int) -> float:
-        """Emulated seconds of the host computing one expert where it lives (`gate.host_compute_s`)."""
-        tgt = self.target_model
-        return self.time_scale * host_compute_on_tier_s(
-            self.hardware,
-            self._source(key),
-            n_tokens,
-            tgt.expert_params,
-            self.emulated_expert_bytes,
-            tgt.hidden_size,
-        )
+        """Emulated seconds of the host computing one expert where it lives (`gate.host_compute_s`);
+        a function of the tier and the token count only, so remembered (the hot path asks per miss)."""
+        tier = self._source(key)
+        memo = self._host_s_memo.get((tier, n_tokens, self.time_scale))
+        if memo is None:
+            tgt = self.target_model
+            memo = self.time_scale * host_compute_on_tier_s(
+                self.hardware,
+                tier,
+                n_tokens,
+                tgt.expert_params,
+                self.emulated_expert_bytes,
+                tgt.hidden_size,
+            )
+            self._host_s_memo[(tier, n_tokens, self.time_scale)] = memo
+        return memo
+
+    def _copy_s(self, tier: str) -> float:
+        """Emulated seconds of one whole-expert copy from `tier` on idle links (`copy_time_s`), remembered."""
+        memo = self._copy_s_memo.get((tier, self.time_scale))
+        if memo is None:
+            memo = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
+            self._copy_s_memo[(tier, self.time_scale)] = memo
+        return memo
 
     def _host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
         """The host's time for one expert once its earlier host work is done: its read after the traffic
@@ -643,7 +660,7 @@ class OffloadEngine:
         (`gate.copy_for_later`, with the victim's credit and the run's demand pressure)?"""
         if self.policy.host_only or self.policy.prefetch is None:
             return False
-        one = copy_time_s(self._source(key), self.emulated_expert_bytes, self.hardware) * self.time_scale
+        one = self._copy_s(self._source(key))
         host_s = self._host_compute_s(key, n_tokens)
         credit = self._reuse_credit(key, host_s)[0]
         if not self.free_slots:
@@ -681,10 +698,10 @@ class OffloadEngine:
             self.step if self.phase == "decode" else None,
         )
         until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
-        tier = tier or self._source(key)
-        one = copy_time_s(tier, self.emulated_expert_bytes, self.hardware) * self.time_scale
-        credit = reuse_credit_s(p_reuse, host_s, one, rounds, self._calibration.factor, until, p_far, decay)
-        return credit, expected_reuses(p_reuse, rounds, until, p_far, decay)
+        one = self._copy_s(tier or self._source(key))
+        return reuse_credit_and_reuses(
+            p_reuse, host_s, one, rounds, self._calibration.factor, until, p_far, decay
+        )
 
     def _host_compute(self, m, co, ids, keys) -> float:
         """Experts `keys` computed where they live: activations come to the host, outputs go back
@@ -786,21 +803,11 @@ class OffloadEngine:
                 return min(cands, key=lambda k: (stats[k][1], stats[k][0]), default=None)
             return min(cands, key=lambda k: stats[k][field], default=None)
         if evict == "predicted" and self._reuse is not None:
-            evictable_S = self._slot_layer_S >= 0
-            for k in skip:
-                s = self.slot_of.get(k)
-                if s is not None:
-                    evictable_S[s] = False
-            s = farthest_reuse_slot(
-                self._slot_layer_S,
-                self._slot_expert_S,
-                self._slot_seq_S,
-                evictable_S,
-                self._probs,
-                self.slot_of,
-                self._reuse,
-            )
-            return None if s is None else self.slot_key[s]
+            slot_key, seq_S = self.slot_key, self._slot_seq_S
+            for _, seq, s, key in self._ranking():
+                if slot_key[s] == key and seq_S[s] == seq and key not in skip:
+                    return key
+            return None
         if evict == "belady":
             return min(
                 cands, key=lambda k: eviction_score("belady", k, None, next_use=next_use), default=None
@@ -809,6 +816,45 @@ class OffloadEngine:
             evict, self.stats_cached(), 1, skip, next_use=next_use, prob=self._probs, reuse=self._reuse
         )
         return victims[0] if victims else None
+
+    # The "predicted" rule's victims in order, kept across a visit's evictions: scores change only with
+    # the reuse estimate (each visit) and the predictions (each prefetch round), so one vectorised scan
+    # ranks every cached expert, a landing copy is inserted, and an evicted one is skipped when met
+    # (its slot no longer holds it). The first entry not in `skip` is `farthest_reuse_slot`'s victim.
+    _rank_tag = None
+    _rank: list = []  # (-expected reuse distance, caching seq, slot, key), ascending
+    _probs_map: dict = {}
+    _probs_version = 0
+
+    @property
+    def _probs(self) -> dict:
+        """The latest predictions {(layer, expert): p}, which the eviction rule reads."""
+        return self._probs_map
+
+    @_probs.setter
+    def _probs(self, probs: dict):
+        self._probs_map = probs
+        self._probs_version += 1
+
+    def _ranking(self) -> list:
+        tag = (self._reuse.version, self._probs_version)
+        if self._rank_tag != tag:
+            occupied_S = self._slot_layer_S >= 0
+            dist_S = reuse_distance_S(
+                self._slot_layer_S, self._slot_expert_S, occupied_S, self._probs, self.slot_of, self._reuse
+            )
+            slots = np.flatnonzero(occupied_S)
+            seq_S = self._slot_seq_S
+            order = slots[np.lexsort((seq_S[slots], -dist_S[slots]))]
+            self._rank = [(-float(dist_S[s]), int(seq_S[s]), int(s), self.slot_key[s]) for s in order]
+            self._rank_tag = tag
+        return self._rank
+
+    def _ranked_landing(self, key, slot: int):
+        """A copy landed in `slot`: rank it among the victims (if a ranking is current)."""
+        if self._rank_tag is not None and self._rank_tag == (self._reuse.version, self._probs_version):
+            d = expected_reuse_distance(key, self._probs, self._reuse)
+            bisect.insort(self._rank, (-d, int(self._slot_seq_S[slot]), slot, key))
 
     def stats_cached(self):
         """Frozen views of the cached experts' statistics, for the pure eviction functions."""
@@ -914,6 +960,8 @@ class OffloadEngine:
         self._slot_layer_S[slot], self._slot_expert_S[slot] = key
         self._seq += 1
         self._slot_seq_S[slot] = self._seq
+        if self._reuse is not None:
+            self._ranked_landing(key, slot)
         self.slot_E[key[0]][key[1]] = slot
         # Mutable on the hot path: [last_use, uses, loaded_at, prefetched] (the EntryStats fields).
         self.stats[key] = [self.tick, 0, self.tick, prefetched]
@@ -947,7 +995,6 @@ class OffloadEngine:
             self._complete(key)
 
     # ---- prefetch ------------------------------------------------------------------------------------
-    _probs: dict = {}
 
     def _prefetch(self, m: int, co, protect):
         pf = self.policy.prefetch

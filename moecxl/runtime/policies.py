@@ -8,6 +8,7 @@ Keys are (moe_layer, expert). `tick` is a global access counter (one per MoE lay
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -166,6 +167,9 @@ REUSE_ALPHAS = (0.02, 0.2)  # EMA rates of the two memories: popularity (~50 vis
 SKIPPED_ROUNDS = 1000  # a layer the current pass pattern skips: not before the pattern changes
 
 
+_REUSE_VERSIONS = itertools.count()
+
+
 class Reuse:
     """Where the layer loop is and how likely each expert is to be used at its layer's next visit.
 
@@ -192,6 +196,7 @@ class Reuse:
         # The layers one pass visits, learned: all L for a decoder, only the decoder's in a Switch decode.
         self._cycle: list = []
         self.pos_in_cycle: dict = {m: m for m in range(L)}
+        self.version = next(_REUSE_VERSIONS)  # changes with every observation (and differs per instance)
 
     def observe(self, layer: int, experts) -> None:
         """A visit of `layer` that used `experts` (call before evicting for it)."""
@@ -207,6 +212,7 @@ class Reuse:
         self._cycle.append(layer)
         self.layer = layer
         self._d_L = None
+        self.version = next(_REUSE_VERSIONS)
 
     _d_L = None
 
@@ -263,6 +269,13 @@ def farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, re
     arithmetic, so the same victim. None if none."""
     if not evictable_S.any():
         return None
+    dist_S = reuse_distance_S(layer_S, expert_S, evictable_S, prob, slot_of, reuse)
+    best_S = evictable_S & (dist_S == dist_S.max())
+    return int(np.argmin(np.where(best_S, seq_S, np.iinfo(np.int64).max)))
+
+
+def reuse_distance_S(layer_S, expert_S, evictable_S, prob, slot_of, reuse: Reuse) -> np.ndarray:
+    """`expected_reuse_distance` of every evictable slot's expert (-inf elsewhere), same arithmetic."""
     d_L = reuse.distances_L()
     layer_S = np.where(evictable_S, layer_S, 0)
     d_S = d_L[layer_S]
@@ -272,9 +285,7 @@ def farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, re
         if s is not None and p is not None and d_L[key[0]] <= PREDICTION_REACH:
             p_S[s] = float(p)
     p_S = np.clip(p_S, 1e-6, 1.0)
-    dist_S = np.where(evictable_S, d_S + reuse.L * (1.0 - p_S) / p_S, -np.inf)
-    best_S = evictable_S & (dist_S == dist_S.max())
-    return int(np.argmin(np.where(best_S, seq_S, np.iinfo(np.int64).max)))
+    return np.where(evictable_S, d_S + reuse.L * (1.0 - p_S) / p_S, -np.inf)
 
 
 def choose_victims(
