@@ -764,6 +764,11 @@ class OffloadEngine:
     # ---- cache mechanics -----------------------------------------------------------------------------
     def _source(self, key) -> str:
         """CXL-aware scheduling: of the expert's online copies, the one that would land first."""
+        copies = self.store._copies.get(key)
+        if copies is not None and len(copies) == 1:  # the common case: one copy, its home
+            (tier,) = copies
+            if tier not in self.offline:
+                return tier
         tiers = [t for t in self.store.tiers_of(key) if t not in self.offline]
         if not tiers:
             self._rehome(key)
@@ -846,7 +851,11 @@ class OffloadEngine:
             slots = np.flatnonzero(occupied_S)
             seq_S = self._slot_seq_S
             order = slots[np.lexsort((seq_S[slots], -dist_S[slots]))]
-            self._rank = [(-float(dist_S[s]), int(seq_S[s]), int(s), self.slot_key[s]) for s in order]
+            slot_key = self.slot_key
+            order_l = order.tolist()
+            self._rank = list(
+                zip((-dist_S[order]).tolist(), seq_S[order].tolist(), order_l, [slot_key[s] for s in order_l])
+            )
             self._rank_tag = tag
         return self._rank
 
