@@ -33,10 +33,10 @@ from moecxl.runtime.gate import (
     copy_alone_s,
     copy_for_later,
     demand_pressure,
+    expected_reuses,
     host_compute_on_tier_s,
     miss_decision,
     prefetch_gate,
-    reuse_credit_and_reuses,
 )
 from moecxl.runtime.policies import (
     EntryStats,
@@ -678,7 +678,15 @@ class OffloadEngine:
         victim = self._visit_victim(protect)
         if victim is None:
             return 0.0
-        return self._reuse_credit(victim, self._host_compute_s(victim, n_tokens))[0]
+        # Asked per miss: the victim's promise holds until the cache, the copies in flight (`_epoch`) or
+        # the visit change; only the host's time depends on the miss's tokens (`gate.reuse_credit_s`).
+        tag = (self._epoch, self.tick, victim)
+        if self._victim_credit_memo[0] != tag:
+            self._victim_credit_memo = (tag, self._promise(victim))
+        promised, one = self._victim_credit_memo[1]
+        return promised * self._calibration.factor * min(self._host_compute_s(victim, n_tokens), one)
+
+    _victim_credit_memo: tuple = (None, 0.0)
 
     def _visit_victim(self, protect):
         """The victim a copy issued now would evict (`_victim` of this visit's `protect` and the copies in
@@ -692,16 +700,19 @@ class OffloadEngine:
     def _reuse_credit(self, key, host_s: float, tier: str | None = None) -> tuple[float, float]:
         """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it):
         `gate.reuse_credit_s` with the run's reuse model and calibration."""
+        promised, one = self._promise(key, tier)
+        return promised * self._calibration.factor * min(host_s, one), promised
+
+    def _promise(self, key, tier: str | None = None) -> tuple[float, float]:
+        """(`gate.expected_reuses` of a cached copy of `key` under the run's reuse model, the seconds of
+        one copy of it): the parts of its reuse credit that do not depend on the host's time."""
         p_reuse, p_far, decay = self._reuse.far_near(key) if self._reuse is not None else (0.0, None, 0.8)
         rounds = self._calibration.rounds(
             self._reuse.rounds_cached(self.n_slots) if self._reuse is not None else 1.0,
             self.step if self.phase == "decode" else None,
         )
         until = self._reuse.layers_until(key[0]) / self.L if self._reuse is not None else 1.0
-        one = self._copy_s(tier or self._source(key))
-        return reuse_credit_and_reuses(
-            p_reuse, host_s, one, rounds, self._calibration.factor, until, p_far, decay
-        )
+        return expected_reuses(p_reuse, rounds, until, p_far, decay), self._copy_s(tier or self._source(key))
 
     def _host_compute(self, m, co, ids, keys) -> float:
         """Experts `keys` computed where they live: activations come to the host, outputs go back
@@ -891,6 +902,15 @@ class OffloadEngine:
     def _plan(self, key, low_precision: bool = False) -> striping.FetchPlan:
         """CXL-aware scheduling (`striping.plan_fetch`, shared with the simulator): of the expert's online
         whole copies the one that would land first, or its striped read where that lands sooner."""
+        copies = self.store._copies.get(key)
+        if copies is not None and len(copies) == 1 and key not in self.store.stripes:
+            (tier,) = copies  # the common case, per miss: one whole copy (what plan_fetch would pick)
+            if tier not in self.offline:
+                clock, nbytes = self.transfers.clock, self.emulated_expert_bytes
+                wait_s = clock.expected_wait_s(tier, nbytes, self.transfers.now_s())
+                return striping.FetchPlan(
+                    (tier,), wait_s, False, "low-precision" if low_precision else "no-stripe"
+                )
         if all(t in self.offline for t in self.store.tiers_of(key)):
             self._rehome(key)
         return striping.plan_fetch(
