@@ -293,3 +293,23 @@ def test_prefetch_runs_after_the_step_is_dispatched(model):
     assert any(pending for _, pending in calls) and eng._after is None
     assert res.metrics["prefetch_issued"] > 0
     assert res.metrics["control_after_us_median_decode"] is not None
+
+
+def test_an_ablated_policy_spec_runs_exactly_without_its_gate(model):
+    """The engine takes a PolicySpec as well as a name (the gate's-worth ablations): moecxl without its
+    gate prefetches every predicted expert, gates none, and still computes exactly."""
+    import dataclasses
+
+    from moecxl.runtime.policies import get_policy
+
+    prompt = np.random.default_rng(5).integers(0, model.cfg.vocab_size, (2, 4))
+    ref = generate(model, prompt, max_new_tokens=5)
+    spec = dataclasses.replace(get_policy("moecxl"), name="moecxl-nogate", gate=False)
+    eng = _engine(model, spec, 0.5)
+    try:
+        res = generate(model, prompt, max_new_tokens=5, engine=eng)
+    finally:
+        eng.close()
+    assert np.array_equal(res.logits, ref.logits)
+    assert res.metrics["policy"] == "moecxl-nogate" and res.metrics["gated_prefetches"] == 0
+    assert res.metrics["prefetch_issued"] > 0

@@ -41,6 +41,7 @@ from moecxl.runtime.gate import (
 from moecxl.runtime.policies import (
     EntryStats,
     NextUse,
+    PolicySpec,
     Reuse,
     choose_victims,
     eam_probs,
@@ -149,7 +150,7 @@ class OffloadEngine:
         self,
         model,
         hardware: Hardware | str | os.PathLike | None = None,
-        policy: str = "lru",
+        policy: str | PolicySpec = "lru",
         device_budget: float = 0.25,
         *,
         predictor=None,
@@ -173,7 +174,8 @@ class OffloadEngine:
     ):
         self.model = model
         self.cfg = model.cfg
-        self.policy = get_policy(policy)
+        # A name, or a PolicySpec (an ablation such as moecxl without its gate).
+        self.policy = policy if isinstance(policy, PolicySpec) else get_policy(policy)
         if isinstance(hardware, (str, os.PathLike)):
             hardware = Hardware.from_yaml(hardware)
         self.hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
