@@ -281,6 +281,15 @@ class HostStore:
     def tiers_of(self, key) -> tuple[str, ...]:
         return tuple(self._copies.get(key, {}))
 
+    def only_copy(self, key) -> str | None:
+        """The tier of `key`'s one whole copy, or None when it has several (or none): the engine's fast
+        path for the common case, without building `tiers_of`'s tuple."""
+        copies = self._copies.get(key)
+        if copies is None or len(copies) != 1:
+            return None
+        (tier,) = copies
+        return tier
+
     def home(self, key) -> str:
         return self.home_of[key]
 

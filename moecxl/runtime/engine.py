@@ -777,11 +777,9 @@ class OffloadEngine:
     # ---- cache mechanics -----------------------------------------------------------------------------
     def _source(self, key) -> str:
         """CXL-aware scheduling: of the expert's online copies, the one that would land first."""
-        copies = self.store._copies.get(key)
-        if copies is not None and len(copies) == 1:  # the common case: one copy, its home
-            (tier,) = copies
-            if tier not in self.offline:
-                return tier
+        tier = self.store.only_copy(key)  # the common case: one copy, its home
+        if tier is not None and tier not in self.offline:
+            return tier
         tiers = [t for t in self.store.tiers_of(key) if t not in self.offline]
         if not tiers:
             self._rehome(key)
@@ -904,15 +902,14 @@ class OffloadEngine:
     def _plan(self, key, low_precision: bool = False) -> striping.FetchPlan:
         """CXL-aware scheduling (`striping.plan_fetch`, shared with the simulator): of the expert's online
         whole copies the one that would land first, or its striped read where that lands sooner."""
-        copies = self.store._copies.get(key)
-        if copies is not None and len(copies) == 1 and key not in self.store.stripes:
-            (tier,) = copies  # the common case, per miss: one whole copy (what plan_fetch would pick)
-            if tier not in self.offline:
-                clock, nbytes = self.transfers.clock, self.emulated_expert_bytes
-                wait_s = clock.expected_wait_s(tier, nbytes, self.transfers.now_s())
-                return striping.FetchPlan(
-                    (tier,), wait_s, False, "low-precision" if low_precision else "no-stripe"
-                )
+        tier = self.store.only_copy(key)
+        if tier is not None and tier not in self.offline and self.store.stripe_of(key) is None:
+            # the common case, per miss: one whole copy, not striped (what plan_fetch would pick)
+            clock, nbytes = self.transfers.clock, self.emulated_expert_bytes
+            wait_s = clock.expected_wait_s(tier, nbytes, self.transfers.now_s())
+            return striping.FetchPlan(
+                (tier,), wait_s, False, "low-precision" if low_precision else "no-stripe"
+            )
         if all(t in self.offline for t in self.store.tiers_of(key)):
             self._rehome(key)
         return striping.plan_fetch(
