@@ -32,6 +32,7 @@ from moecxl.runtime.gate import (
     ReuseCalibration,
     copy_alone_s,
     copy_for_later,
+    credit_of_reuses,
     demand_pressure,
     expected_reuses,
     host_compute_on_tier_s,
@@ -686,7 +687,9 @@ class OffloadEngine:
         if self._victim_credit_memo[0] != tag:
             self._victim_credit_memo = (tag, self._promise(victim))
         promised, one = self._victim_credit_memo[1]
-        return promised * self._calibration.factor * min(self._host_compute_s(victim, n_tokens), one)
+        return credit_of_reuses(
+            promised, self._calibration.factor, self._host_compute_s(victim, n_tokens), one
+        )
 
     _victim_credit_memo: tuple = (None, 0.0)
 
@@ -703,7 +706,7 @@ class OffloadEngine:
         """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it):
         `gate.reuse_credit_s` with the run's reuse model and calibration."""
         promised, one = self._promise(key, tier)
-        return promised * self._calibration.factor * min(host_s, one), promised
+        return credit_of_reuses(promised, self._calibration.factor, host_s, one), promised
 
     def _promise(self, key, tier: str | None = None) -> tuple[float, float]:
         """(`gate.expected_reuses` of a cached copy of `key` under the run's reuse model, the seconds of

@@ -96,24 +96,14 @@ def reuse_credit_s(
 ) -> float:
     """A copy stays cached; host compute leaves nothing behind. Each expected reuse (`expected_reuses`,
     times the `calibration` the run has measured) saves serving a miss the cheapest way."""
-    return reuse_credit_and_reuses(p_reuse, host_s, copy_s, rounds, calibration, rounds_until, p_far, decay)[
-        0
-    ]
+    reuses = expected_reuses(p_reuse, rounds, rounds_until, p_far, decay)
+    return credit_of_reuses(reuses, calibration, host_s, copy_s)
 
 
-def reuse_credit_and_reuses(
-    p_reuse: float,
-    host_s: float | None,
-    copy_s: float,
-    rounds: float = 1.0,
-    calibration: float = 1.0,
-    rounds_until: float = 1.0,
-    p_far: float | None = None,
-    decay: float = 0.8,
-) -> tuple[float, float]:
-    """(`reuse_credit_s`, the `expected_reuses` it promises), computed once for both."""
-    promised = expected_reuses(p_reuse, rounds, rounds_until, p_far, decay)
-    return promised * calibration * (copy_s if host_s is None else min(host_s, copy_s)), promised
+def credit_of_reuses(reuses: float, calibration: float, host_s: float | None, copy_s: float) -> float:
+    """Seconds `reuses` expected reuses save (times the run's `calibration`), each serving a miss the
+    cheapest way (`reuse_credit_s` once the reuses are known; the engine keeps them per victim)."""
+    return reuses * calibration * (copy_s if host_s is None else min(host_s, copy_s))
 
 
 class ReuseCalibration:
