@@ -87,8 +87,9 @@ def test_scheduling_picks_the_faster_device_then_the_idle_one(model):
 MIXTRAL_EXPERT = dict(hidden_size=4096, intermediate_size=14336, dtype="bfloat16")
 
 
-def test_migration_follows_a_workload_shift_then_stays_put(model):
-    eng = OffloadEngine(
+def _migrating_engine(model):
+    """Four CXL devices, experts weighed as Mixtral-8x7B's (what a migration moves), no emulation."""
+    return OffloadEngine(
         model,
         hardware=four_cxl(),
         policy="lru",
@@ -96,6 +97,10 @@ def test_migration_follows_a_workload_shift_then_stays_put(model):
         emulate=False,
         target_model=model.cfg.replace(**MIXTRAL_EXPERT),
     )
+
+
+def test_migration_follows_a_workload_shift_then_stays_put(model):
+    eng = _migrating_engine(model)
     rank = pl.tier_rank(eng.hardware)
     eng.step = 64  # a request 64 decode steps in: as many again to come, for a move to pay back over
     for hot_expert in (5, 2):  # a workload, then a shift to another expert
@@ -380,14 +385,7 @@ def test_a_migration_happens_only_when_its_misses_pay_for_the_move():
 
 
 def test_rebalancing_at_a_request_start_moves_no_cold_expert(model):
-    eng = OffloadEngine(
-        model,
-        hardware=four_cxl(),
-        policy="lru",
-        device_budget=0.6,
-        emulate=False,
-        target_model=model.cfg.replace(**MIXTRAL_EXPERT),
-    )
+    eng = _migrating_engine(model)
     eng.freq_ema = np.full((L, E), 0.05)  # every expert rarely used
     eng.freq_ema[:, 3] = 0.06  # a slightly different order: placement proposes moves
     assert eng.rebalance(max_moves=100) == 0
