@@ -5,8 +5,10 @@ l-C+1..l (expert weights as multi-hot, layer embedding; the layer-l token also c
 the layer's own router logits) and one token per future layer l+h (the pre-gate scores of router l+h on
 layer l's input, the previous token's experts at l+h, layer embedding). Two pre-norm blocks mix them; each
 future token's head gives a logit per expert, added to a learned scale of the pre-gate log-probabilities
-and of the previous token's set: the network learns a correction on top of pre-gating. Sigmoid per
-expert, BCE against the true set.
+and of the previous token's set: the network learns a correction on top of pre-gating. A direct path (an
+MLP from layer l's normalised sketch, routing and layer) adds to each future token what the blocks cannot
+carry: on Switch it lifts recall@1 at h = 1 from 0.80 to 0.85 at the same training. Sigmoid per expert,
+BCE against the true set (optionally plus a listwise softmax term, `loss_sum_count`).
 
 Key: W windows, C current layers, H horizons, G = H + 1, E experts, P sketch, X = C + H, d model width.
 """
@@ -38,6 +40,7 @@ class PredictorConfig:
     num_heads: int = 4
     num_blocks: int = 2
     mlp_mult: int = 2
+    direct_mult: int = 0  # hidden width / d_model of the direct path from the sketch (0: none)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -99,6 +102,29 @@ class Block(nnx.Module):
         return x_WXd + self.down(jax.nn.gelu(self.up(self.norm2(x_WXd))))
 
 
+class DirectPath(nnx.Module):
+    """An MLP from layer l's normalised sketch, its routing and the layer to a vector per future layer.
+
+    Where the next router sees a hidden state two blocks on (Switch: dense and sparse layers alternate),
+    pre-gating fails and the expert is a nonlinear function of the sketch: the attention blocks, which
+    must carry the sketch from the current-layer token, lack the capacity to learn it."""
+
+    def __init__(self, cfg: PredictorConfig, *, rngs: nnx.Rngs):
+        d, dh = cfg.d_model, cfg.direct_mult * cfg.d_model
+        self.H, self.d = cfg.H, d
+        self.norm = nnx.LayerNorm(cfg.P, rngs=rngs)
+        self.inp = nnx.Linear(cfg.P + cfg.E, dh, rngs=rngs)
+        self.layer_emb = nnx.Embed(cfg.L, dh, rngs=rngs)
+        self.mid = nnx.Linear(dh, dh, rngs=rngs)
+        self.out = nnx.Linear(dh, cfg.H * d, rngs=rngs)
+
+    def __call__(self, sketch_WP, cur_WE, layer_W):
+        z_WF = self.inp(jnp.concatenate([self.norm(sketch_WP), cur_WE], -1)) + self.layer_emb(layer_W)
+        z_WF = jax.nn.gelu(z_WF)
+        z_WF = z_WF + jax.nn.gelu(self.mid(z_WF))
+        return self.out(z_WF).reshape(-1, self.H, self.d)
+
+
 class ExpertPredictor(nnx.Module):
     """logits [W, H, E] of P(expert e is in layer l+h's top-k set)."""
 
@@ -112,6 +138,7 @@ class ExpertPredictor(nnx.Module):
         self.pg_in = nnx.Linear(E, d, rngs=rngs)
         self.prev_in = nnx.Linear(E + 1, d, rngs=rngs)
         self.sketch_in = nnx.Linear(cfg.P, d, rngs=rngs) if cfg.P else None
+        self.direct = DirectPath(cfg, rngs=rngs) if cfg.P and cfg.direct_mult else None
         self.blocks = nnx.List(
             [Block(d, cfg.num_heads, cfg.mlp_mult, rngs=rngs) for _ in range(cfg.num_blocks)]
         )
@@ -141,6 +168,8 @@ class ExpertPredictor(nnx.Module):
             + self.layer_emb(lh_WH)
             + self.slot_emb(C + jnp.arange(H))[None]
         )
+        if self.direct is not None:
+            fut_WHd = fut_WHd + self.direct(x.sketch_WP, x.cur_WCE[:, 0], x.layer_W)
         h_WXd = jnp.concatenate([cur_WCd, fut_WHd], axis=1)
         for block in self.blocks:
             h_WXd = block(h_WXd)
@@ -166,17 +195,25 @@ def _init_params(cfg: PredictorConfig, seed: int):
     return nnx.split(ExpertPredictor(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1]
 
 
-def bce_sum_count(logits_WHE, target_WHE, valid_WH):
-    """(sum over valid (window, horizon) of the mean BCE over experts, number of valid pairs): the two
-    halves of `bce_loss`, so data-parallel shards can add them before dividing."""
+def loss_sum_count(logits_WHE, target_WHE, valid_WH, listwise: float = 0.0):
+    """(sum over valid (window, horizon) of the pair's loss, number of valid pairs): the two halves of
+    `set_loss`, so data-parallel shards can add them before dividing. A pair's loss is the mean BCE over
+    experts (calibrated per-expert probabilities, what the gate needs) plus `listwise` x the softmax
+    cross-entropy against the true set spread evenly over its members: BCE averaged over E experts gives
+    each logit a 1/E share of the gradient, too weak to learn a top-1-of-128 router's choice; the
+    listwise term ranks, BCE keeps the level."""
     l_WHE = jnp.maximum(logits_WHE, 0) - logits_WHE * target_WHE + jnp.log1p(jnp.exp(-jnp.abs(logits_WHE)))
+    l_WH = l_WHE.mean(-1)
+    if listwise:
+        t_WHE = target_WHE / jnp.maximum(target_WHE.sum(-1, keepdims=True), 1.0)
+        l_WH = l_WH - listwise * (t_WHE * jax.nn.log_softmax(logits_WHE, -1)).sum(-1)
     m_WH = valid_WH.astype(jnp.float32)
-    return (l_WHE.mean(-1) * m_WH).sum(), m_WH.sum()
+    return (l_WH * m_WH).sum(), m_WH.sum()
 
 
-def bce_loss(logits_WHE, target_WHE, valid_WH):
-    """Mean binary cross-entropy over valid (window, horizon, expert)."""
-    total, count = bce_sum_count(logits_WHE, target_WHE, valid_WH)
+def set_loss(logits_WHE, target_WHE, valid_WH, listwise: float = 0.0):
+    """Mean over valid (window, horizon) of `loss_sum_count`'s pair loss."""
+    total, count = loss_sum_count(logits_WHE, target_WHE, valid_WH, listwise)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -186,4 +223,6 @@ def flops_per_window(cfg: PredictorConfig) -> int:
     inputs = C * E * d + E * d + cfg.P * d + H * (E * d + (E + 1) * d)
     block = X * (3 * d * d + d * d + 2 * cfg.mlp_mult * d * d) + 2 * X * X * d
     head = H * d * E + H * E * E
-    return 2 * (inputs + cfg.num_blocks * block + head)
+    dh = cfg.direct_mult * d if cfg.P else 0
+    direct = (cfg.P + E) * dh + dh * dh + dh * H * d
+    return 2 * (inputs + cfg.num_blocks * block + head + direct)

@@ -18,7 +18,7 @@ from predictor.baselines import fit_baselines
 from predictor.checkpoint import PredictorError
 from predictor.data import PredictorDataError, SplitSpec, gather, load_arrays, multi_hot, split_rows, windows
 from predictor.live import LivePredictor
-from predictor.model import bce_sum_count
+from predictor.model import loss_sum_count
 from predictor.train import TrainConfig, TrainingDiverged, _pad_windows, _raw, load_config, train
 from tests.test_traces import _random_model
 
@@ -175,7 +175,7 @@ def test_padded_windows_leave_the_loss_sum_and_count_unchanged(chain_dir):
     logits_WHE = np.random.default_rng(0).normal(size=(8, 4, E)).astype(np.float32)
 
     def sum_count(ids_WHK, logits):
-        return np.asarray(bce_sum_count(logits, multi_hot(ids_WHK, E), (ids_WHK >= 0).all(-1)))
+        return np.asarray(loss_sum_count(logits, multi_hot(ids_WHK, E), (ids_WHK >= 0).all(-1), 0.5))
 
     np.testing.assert_allclose(
         sum_count(padded[-1], logits_WHE), sum_count(raw[-1], logits_WHE[:5]), rtol=1e-6
@@ -266,6 +266,88 @@ def test_learns_the_chain_with_falling_validation_loss(chain_run):
     assert (out / "reliability.png").is_file() and (out / "predictor" / "predictor.json").is_file()
     cost = rep["cost"]
     assert cost["flops_per_token_layer"] > 0 and cost["under_budget"] and cost["cpu_latency_us_W1"] > 0
+
+
+def test_listwise_term_is_the_softmax_cross_entropy_against_the_spread_set():
+    rng = np.random.default_rng(0)
+    logits_WHE = rng.normal(size=(6, 3, E)).astype(np.float32)
+    ids_WHK = rng.integers(0, E, (6, 3, K))
+    ids_WHK[0, 0] = -1  # an invalid pair: outside both sums
+    t_WHE, valid_WH = multi_hot(ids_WHK, E), (ids_WHK >= 0).all(-1)
+    base, n = map(float, loss_sum_count(logits_WHE, t_WHE, valid_WH))
+    both, n2 = map(float, loss_sum_count(logits_WHE, t_WHE, valid_WH, 0.5))
+    log_p = logits_WHE - np.log(np.exp(logits_WHE).sum(-1, keepdims=True))
+    ce_WH = -(t_WHE / t_WHE.sum(-1, keepdims=True).clip(1) * log_p).sum(-1)
+    assert n == n2 == valid_WH.sum()
+    np.testing.assert_allclose(both - base, 0.5 * ce_WH[valid_WH].sum(), rtol=1e-5)
+
+
+def test_direct_path_carries_the_sketch_to_every_horizon_and_is_counted():
+    """The direct path (an MLP from layer l's sketch, routing and layer to each future layer's token) is
+    part of the forward and of the FLOP count; without a sketch, or with direct_mult 0, it is absent."""
+    from flax import nnx
+
+    from predictor.model import ExpertPredictor, PredictorConfig, encode, flops_per_window
+
+    cfg = PredictorConfig(
+        L=L, E=E, K=K, P=4, H=2, C=2, features=("current", "sketch"), d_model=16, direct_mult=4
+    )
+    net = ExpertPredictor(cfg, rngs=nnx.Rngs(0))
+    net.head.kernel.value = (
+        np.random.default_rng(0).normal(size=net.head.kernel.value.shape).astype(np.float32)
+    )
+    W = 3
+    ids = np.zeros((W, cfg.C, K), np.int32)
+    x = encode(
+        np.ones(W, np.int32),
+        ids,
+        np.full((W, cfg.C, K), 0.5),
+        np.full((W, cfg.H, K), -1),
+        np.zeros((W, cfg.H + 1, E)),
+        np.random.default_rng(1).normal(size=(W, cfg.P)),
+        E,
+        False,
+    )
+    with_path = np.asarray(net(x))
+    net.direct.out.kernel.value = np.zeros_like(net.direct.out.kernel.value)
+    net.direct.out.bias.value = np.zeros_like(net.direct.out.bias.value)
+    without = np.asarray(net(x))
+    assert (np.abs(with_path - without).max(-1) > 1e-4).all()  # every window and horizon
+    off = PredictorConfig(**{**cfg.__dict__, "direct_mult": 0})
+    assert ExpertPredictor(off, rngs=nnx.Rngs(0)).direct is None
+    assert ExpertPredictor(PredictorConfig(**{**cfg.__dict__, "P": 0}), rngs=nnx.Rngs(0)).direct is None
+    assert flops_per_window(cfg) > flops_per_window(off)
+
+
+def test_direct_path_predictor_learns_a_nonlinear_map_from_the_sketch(tmp_path):
+    """Layer l+1's expert is the sign pattern of three projections of layer l's sketch (an XOR of two
+    signs among them: not linearly separable), as where the next router sees a hidden state two blocks
+    on; the current routing says nothing (Markov stays low). The predictor with the direct path and the
+    listwise term learns it."""
+    rng = np.random.default_rng(5)
+    seqs, T_, P = 80, 24, 6
+    N = seqs * T_
+    sketch = rng.normal(size=(N, L, P)).astype(np.float32)
+    proj = rng.normal(size=(L, P, 3))
+    bits = np.einsum("NLP,LPB->NLB", sketch, proj) > 0
+    nxt = bits[..., 0] * 4 + (bits[..., 1] ^ bits[..., 2]) * 2 + bits[..., 1]  # expert at l + 1
+    ids = np.full((N, L, 1), 0, np.int32)
+    ids[:, 0, 0] = rng.integers(0, E, N)
+    ids[:, 1:, 0] = nxt[:, :-1]
+    seq = np.repeat(np.arange(seqs), T_)
+    pos = np.tile(np.arange(T_), seqs)
+    d = write_traces(tmp_path / "xor", ids, seq, pos, sketch_NLP=sketch)
+    small = {
+        **SMALL,
+        "horizon": 1,
+        "direct_mult": 4,
+        "listwise_weight": 1.0,
+        "max_steps": 400,
+        "eval_every": 100,
+    }
+    rep = train(d, tmp_path / "out", TrainConfig(features=("current", "sketch"), **small), progress=False)
+    assert rep["summary"]["learned"]["1"]["recall@k"] >= 0.85
+    assert rep["summary"]["markov"]["1"]["recall@k"] < 0.5
 
 
 def test_random_routing_stays_near_chance(tmp_path):
