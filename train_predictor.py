@@ -1,7 +1,7 @@
 """Train the learned expert predictor on router traces and evaluate it against every baseline.
 
 python train_predictor.py --traces DIR [--out DIR] [--config configs/predictor/default.yaml]
-    [--model DIR] [--test-traces DIR] [--max-steps N] [--data-parallel N]
+    [--model DIR] [--test-traces DIR] [--max-steps N] [--batch-size N] [--data-parallel N]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--test-traces", default=None, help="evaluate on these traces instead of the test split")
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="training windows per step")
     ap.add_argument(
         "--data-parallel",
         type=int,
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
 
     out = args.out or str(Path("runs/predictor") / Path(args.traces).name)
     try:
-        cfg = load_config(args.config, max_steps=args.max_steps)
+        cfg = load_config(args.config, max_steps=args.max_steps, batch_size=args.batch_size)
         report = train(
             args.traces,
             out,

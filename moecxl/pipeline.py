@@ -107,7 +107,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 str(out / "predictor"),
                 "--no-progress",
             ]
-            + ["--max-steps", "200" if quick else "600"],
+            + ["--max-steps", "200" if quick else "600", "--batch-size", "512"],
             out / "predictor" / "metrics.json",
         ),
         "perplexity": (

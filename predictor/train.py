@@ -72,8 +72,8 @@ class TrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
-    batch_size: int = 512
-    max_steps: int = 3000
+    batch_size: int = 1024
+    max_steps: int = 6000  # a cap: early stopping on validation ends a run that stops improving
     eval_every: int = 200
     patience: int = 3
     # Softmax cross-entropy term of the loss (`predictor.model.loss_sum_count`): a little better ranking
