@@ -285,6 +285,8 @@ def test_listwise_term_is_the_softmax_cross_entropy_against_the_spread_set():
 def test_direct_path_carries_the_sketch_to_every_horizon_and_is_counted():
     """The direct path (an MLP from layer l's sketch, routing and layer to each future layer's token) is
     part of the forward and of the FLOP count; without a sketch, or with direct_mult 0, it is absent."""
+    import dataclasses
+
     import jax
     from flax import nnx
 
@@ -312,9 +314,9 @@ def test_direct_path_carries_the_sketch_to_every_horizon_and_is_counted():
         params["direct"]["out"][name].value = np.zeros_like(params["direct"]["out"][name].value)
     without = np.asarray(forward(params))
     assert (np.abs(with_path - without).max(-1) > 1e-4).all()  # every window and horizon
-    off = PredictorConfig(**{**cfg.__dict__, "direct_mult": 0})
+    off = dataclasses.replace(cfg, direct_mult=0)
     assert nnx.eval_shape(lambda: ExpertPredictor(off, rngs=nnx.Rngs(0))).direct is None
-    no_sketch = PredictorConfig(**{**cfg.__dict__, "P": 0})
+    no_sketch = dataclasses.replace(cfg, P=0)
     assert nnx.eval_shape(lambda: ExpertPredictor(no_sketch, rngs=nnx.Rngs(0))).direct is None
     assert flops_per_window(cfg) > flops_per_window(off)
 
