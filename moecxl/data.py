@@ -45,6 +45,15 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from moecxl.tokenizer import (  # noqa: E402
+    CheckpointTokenizer,
+    from_tokenizer,
+    raw_tokenizer,
+    read_tokenizer_file,
+)
+
+AnyTokenizer = Tokenizer | CheckpointTokenizer  # a bare tokenizer.json, or one with its checkpoint's specials
+
 SPLITS = ("train", "validation", "test")
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 NAMED_CORPORA = ("stdlib", "shakespeare", "mixed", "pydocs", "kjv")
@@ -432,48 +441,41 @@ def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:
+def save_tokenizer(tok: AnyTokenizer, path: str | os.PathLike) -> Path:
     """Save as tokenizer.json (a file path, or a directory to put tokenizer.json in), atomically."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    _write_text_atomic(path, tok.to_str())
+    _write_text_atomic(path, raw_tokenizer(tok).to_str())
     return path
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer.json (or a directory holding one) saved by `save_tokenizer`.
+    """Load any tokenizer.json the `tokenizers` library reads (or a directory holding one).
 
     Special tokens written literally in a text are encoded as plain text (`encode_special_tokens`,
-    which tokenizer.json does not store), so `tok.decode(tok.encode(text).ids) == text` for any text.
+    which tokenizer.json does not store), so `tok.decode(tok.encode(text).ids) == text` for the
+    tokenizers trained here. A checkpoint's special ids and framing: `moecxl.tokenizer.load`.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}")
-    tok = Tokenizer.from_file(str(path))
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        raise ValueError(f"tokenizer {path} lacks special tokens {missing}")
-    tok.encode_special_tokens = True
-    return tok
+    return read_tokenizer_file(path / "tokenizer.json" if path.is_dir() else path)
 
 
-def special_ids(tok: Tokenizer) -> dict[str, int]:
-    """Ids of the special tokens: {'pad': 0, 'bos': 1, 'eos': 2} for tokenizers trained here."""
-    return {t.strip("<|>"): tok.token_to_id(t) for t in SPECIAL_TOKENS}
+def special_ids(tok: AnyTokenizer) -> dict[str, int | None]:
+    """Ids of pad, bos and eos: {'pad': 0, 'bos': 1, 'eos': 2} for tokenizers trained here; any other
+    tokenizer's as `moecxl.tokenizer` resolves them from its added tokens and post-processor."""
+    return from_tokenizer(tok).special.ids()
 
 
-def _tokenizer_digest(tok: Tokenizer) -> str:
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+def _tokenizer_digest(tok: AnyTokenizer) -> str:
+    return hashlib.sha256(raw_tokenizer(tok).to_str().encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------------- token streams
 
 
 def tokenize_documents(
-    corpus: str, split: str, tokenizer: Tokenizer, splits: SplitSpec = SplitSpec()
+    corpus: str, split: str, tokenizer: AnyTokenizer, splits: SplitSpec = SplitSpec()
 ) -> datasets.Dataset:
     """One split as token ids: columns doc_id, domain, n_bytes, input_ids (int32, no specials added).
 
@@ -483,7 +485,7 @@ def tokenize_documents(
     return _tokenize_records(records, corpus, split, tokenizer)
 
 
-def _tokenize_records(records: list[dict], corpus: str, split: str, tok: Tokenizer) -> datasets.Dataset:
+def _tokenize_records(records: list[dict], corpus: str, split: str, tok: AnyTokenizer) -> datasets.Dataset:
     key = _cache_key(records, corpus, split, tok)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus)[:40]
     target = cache_dir() / "tokens" / f"{slug}-{split}-{key[:16]}"
@@ -501,14 +503,13 @@ def _tokenize_records(records: list[dict], corpus: str, split: str, tok: Tokeniz
     return datasets.load_from_disk(str(target))
 
 
-def _encode_batch(batch: dict, tok: Tokenizer) -> dict:
-    return {
-        "n_bytes": [len(t.encode()) for t in batch["text"]],
-        "input_ids": [e.ids for e in tok.encode_batch(batch["text"])],
-    }
+def _encode_batch(batch: dict, tok: AnyTokenizer) -> dict:
+    """Ids of each text alone: a post-processor's BOS/EOS are the framing's business, not the cache's."""
+    encodings = raw_tokenizer(tok).encode_batch(batch["text"], add_special_tokens=False)
+    return {"n_bytes": [len(t.encode()) for t in batch["text"]], "input_ids": [e.ids for e in encodings]}
 
 
-def _cache_key(records: list[dict], corpus: str, split: str, tok: Tokenizer) -> str:
+def _cache_key(records: list[dict], corpus: str, split: str, tok: AnyTokenizer) -> str:
     h = hashlib.sha256(f"{_CACHE_FORMAT}\0{corpus}\0{split}\0{_tokenizer_digest(tok)}\0".encode())
     for r in records:
         h.update(f"{r['doc_id']}\0{r['domain']}\0{r['text']}\0".encode())
@@ -537,20 +538,25 @@ def _token_arrays(tokens: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(np.int32, copy=False), offsets - offsets[0]
 
 
-def pack_documents(tokens: datasets.Dataset, seq_len: int, eos_id: int, seed: int = 0) -> np.ndarray:
-    """Documents in a seeded order, each followed by eos, cut into int32 rows [N, seq_len + 1].
+def pack_documents(
+    tokens: datasets.Dataset, seq_len: int, eos_id: int | None, seed: int = 0, bos_id: int | None = None
+) -> np.ndarray:
+    """Documents in a seeded order, each framed `bos? + ids + eos`, cut into int32 rows [N, seq_len + 1].
 
     Row i starts at token i*seq_len, so consecutive rows share one token and every token is a target
-    exactly once; the tail that fills no row is dropped.
+    exactly once; the tail that fills no row is dropped. `eos_id` None: no separator (a tokenizer without
+    an end-of-text token); `bos_id` None: no BOS (the model's tokenizer adds none).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     flat, offsets = _token_arrays(tokens)
     order = np.random.default_rng(seed).permutation(len(offsets) - 1)
-    eos = np.array([eos_id], np.int32)
-    stream = np.concatenate([part for i in order for part in (flat[offsets[i] : offsets[i + 1]], eos)])
+    bos = np.array([] if bos_id is None else [bos_id], np.int32)
+    eos = np.array([] if eos_id is None else [eos_id], np.int32)
+    parts = [part for i in order for part in (bos, flat[offsets[i] : offsets[i + 1]], eos)]
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     n_rows = (len(stream) - 1) // seq_len
-    if n_rows == 0:
+    if n_rows <= 0:
         raise ValueError(f"{len(stream)} tokens are too few for one sequence of seq_len + 1 = {seq_len + 1}")
     starts_N = np.arange(n_rows) * seq_len
     return stream[starts_N[:, None] + np.arange(seq_len + 1)[None, :]]
@@ -559,14 +565,16 @@ def pack_documents(tokens: datasets.Dataset, seq_len: int, eos_id: int, seed: in
 def lm_sequences(
     corpus: str,
     split: str,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     seq_len: int,
     seed: int = 0,
     splits: SplitSpec = SplitSpec(),
 ) -> np.ndarray:
-    """Packed training sequences of one split: int32 [N, seq_len + 1] (inputs [:, :-1], targets [:, 1:])."""
-    tokens = tokenize_documents(corpus, split, tokenizer, splits)
-    return pack_documents(tokens, seq_len, special_ids(tokenizer)["eos"], seed)
+    """Packed sequences of one split: int32 [N, seq_len + 1] (inputs [:, :-1], targets [:, 1:]), each
+    document framed as the tokenizer's model expects (`CheckpointTokenizer.document`)."""
+    tok = from_tokenizer(tokenizer)
+    bos, eos = tok.document_frame()
+    return pack_documents(tokenize_documents(corpus, split, tok, splits), seq_len, eos, seed, bos)
 
 
 def iterate_batches(
@@ -587,7 +595,7 @@ def iterate_batches(
 
 def trace_documents(
     corpus: str,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     split: str = "test",
     splits: SplitSpec = SplitSpec(),
     max_tokens: int | None = None,
@@ -596,7 +604,8 @@ def trace_documents(
     """Documents of a split as {doc_id, domain, input_ids: list[int]} for trace collection.
 
     `max_tokens` truncates each document; `max_docs_per_domain` keeps the first documents of each domain
-    in corpus order. Ids carry no special tokens (training streams put eos between documents).
+    in corpus order. Ids carry no special tokens: framing is the tokenizer's (`CheckpointTokenizer.prompt`,
+    `.document`).
     """
     tokens = tokenize_documents(corpus, split, tokenizer, splits)
     out, per_domain = [], {}
@@ -613,7 +622,7 @@ def trace_documents(
 # ---------------------------------------------------------------------------------------------- stats + CLI
 
 
-def corpus_stats(corpus: str, tokenizer: Tokenizer, splits: SplitSpec = SplitSpec()) -> dict:
+def corpus_stats(corpus: str, tokenizer: AnyTokenizer, splits: SplitSpec = SplitSpec()) -> dict:
     """{split: {domain: {docs, bytes, tokens}}} over every non-empty split of a corpus."""
     by_split = _partition(corpus, splits)
     stats = {}

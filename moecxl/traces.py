@@ -8,8 +8,9 @@ A trace directory holds `metadata.json` and Parquet shards `shard-NNNNN.parquet`
   · optional hidden_sketch [L][P] float32 (each MoE layer's input hidden state times the seeded Gaussian
   projection [D, P] stored in the metadata, so a predictor can sketch live hidden states the same way).
 
-Layers are the model's MoE layers in order. A sequence is a chunk of `prompt_len` tokens of a document
-(prefill rows, pos 0..T-1); every `decode_every`-th sequence is continued greedily by `generate` and its
+Layers are the model's MoE layers in order. A sequence is a chunk of a document framed as a prompt of the
+checkpoint's tokenizer (`moecxl.tokenizer`: BOS first where the tokenizer adds one; Switch: EOS last), at
+most `prompt_len` tokens (prefill rows, pos 0..T-1); every `decode_every`-th sequence is continued greedily by `generate` and its
 decode rows follow (pos T..T+M-1). Switch (encoder-decoder): layers are the encoder's sparse layers, then the
 decoder's; prefill rows are encoder tokens, decode rows decoder tokens (token_id is the decoder input, the
 start token first; pos continues after the S encoder tokens, so the decoder position is pos - S), and the
@@ -299,18 +300,31 @@ class TraceSeq:
 
 
 def plan_sequences(
-    docs: Sequence[dict], prompt_len: int, total_rows: int, decode_tokens: int = 0, decode_every: int = 1
+    docs: Sequence[dict],
+    prompt_len: int,
+    total_rows: int,
+    decode_tokens: int = 0,
+    decode_every: int = 1,
+    frame: tuple[Sequence[int], Sequence[int]] = ((), ()),
 ) -> list[TraceSeq]:
-    """Cut documents into chunks of `prompt_len` tokens (tails of >= 2 kept), interleave the domains
-    round-robin (so a short collection still covers prose and code), and stop once the planned rows
-    (chunk tokens + `decode_tokens` for every `decode_every`-th sequence) reach `total_rows`."""
+    """Cut documents into prompts of at most `prompt_len` tokens, each `prefix + chunk + suffix` with
+    `frame` = (prefix, suffix) the tokenizer's prompt framing (tails kept when the prompt has >= 2
+    tokens), interleave the domains round-robin (so a short collection still covers prose and code), and
+    stop once the planned rows (prompt tokens + `decode_tokens` for every `decode_every`-th sequence)
+    reach `total_rows`."""
+    prefix, suffix = tuple(frame[0]), tuple(frame[1])
+    step = prompt_len - len(prefix) - len(suffix)
+    if step < 1:
+        raise TraceError(
+            f"collect: prompt_len {prompt_len} leaves no room for text between {prefix} and {suffix}"
+        )
     streams: dict[str, list] = {}
     for d in docs:
         ids = list(d["input_ids"])
-        for s in range(0, len(ids), prompt_len):
-            chunk = ids[s : s + prompt_len]
+        for s in range(0, len(ids), step):
+            chunk = prefix + tuple(ids[s : s + step]) + suffix
             if len(chunk) >= 2:
-                streams.setdefault(d["domain"], []).append((d["doc_id"], d["domain"], tuple(chunk)))
+                streams.setdefault(d["domain"], []).append((d["doc_id"], d["domain"], chunk))
     order = [streams[k] for k in sorted(streams)]
     out, rows, i = [], 0, 0
     while rows < total_rows and any(i < len(s) for s in order):
@@ -434,8 +448,9 @@ class _Collector:
         proj_DP: np.ndarray,
         router_logits: bool,
         mesh=None,
+        pad_id: int = 0,
     ):
-        self.model, self.cfg = model, model.cfg
+        self.model, self.cfg, self.pad_id = model, model.cfg, pad_id
         self.T, self.M, self.B, self.Bd = prompt_len, decode_tokens, batch, decode_batch
         self.proj_DP = np.asarray(proj_DP, np.float32)
         self.want_logits, self.want_sketch = router_logits, proj_DP.shape[1] > 0
@@ -472,7 +487,7 @@ class _Collector:
         return out
 
     def _prefill(self, seqs):
-        ids, mask = _padded_batch(seqs, self.T, self.B, self.cfg.pad_token_id)
+        ids, mask = _padded_batch(seqs, self.T, self.B, self.pad_id)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         lg, e, w, sk = (np.asarray(a) for a in self._route(self._route_state, ids, mask, self.proj_DP))
         if self.is_switch:  # encoder rows: the encoder's layers come first, the decoder's are not passed
@@ -500,7 +515,7 @@ class _Collector:
         from moecxl.generate import generate
 
         T, M = self.T, self.M
-        ids, mask = _padded_batch(seqs, T, self.Bd, self.cfg.pad_token_id)
+        ids, mask = _padded_batch(seqs, T, self.Bd, self.pad_id)
         res = generate(self.model, ids, max_new_tokens=M + 1, attention_mask=mask)
         new_BM = res.tokens[:, :M]
         e = np.stack([a[:, T : T + M] for a in res.expert_ids], axis=2)
@@ -532,7 +547,7 @@ class _Collector:
         from moecxl.model.switch import switch_generate
 
         cfg, M = self.cfg, self.M
-        ids, mask = _padded_batch(seqs, self.T, self.Bd, cfg.pad_token_id)
+        ids, mask = _padded_batch(seqs, self.T, self.Bd, self.pad_id)
         gen = switch_generate(self.model, ids, M, mask)
         toks = np.asarray(gen.tokens)  # [B, M'] (M' < M when every row ended)
         Mg = toks.shape[1]
@@ -616,6 +631,8 @@ def _check_append(meta_path: Path, old: dict, new: dict) -> None:
         ("model.hash", old["model"].get("hash"), new["model"]["hash"]),
         ("tokenizer.hash", old["tokenizer"].get("hash"), new["tokenizer"]["hash"]),
     ]
+    if "special" in old["tokenizer"]:  # traces written before special ids were recorded lack it
+        pairs.append(("tokenizer.special", old["tokenizer"]["special"], new["tokenizer"]["special"]))
     pairs += [(f"args.{k}", old["args"].get(k), v) for k, v in new["args"].items() if k not in RUN_ONLY_ARGS]
     for field, a, b in pairs:
         if a != b:
@@ -649,6 +666,10 @@ def collect(
 ) -> Path:
     """Collect router traces of `model` (a checkpoint path or a model object) on a corpus split into `out`.
 
+    `tokenizer`: a tokenizer.json path (or directory), a `tokenizers.Tokenizer` or a
+    `moecxl.tokenizer.CheckpointTokenizer`; default MODEL/tokenizer.json. Special ids come from the
+    checkpoint's config files (`moecxl.tokenizer.load`), or from the model's config for a model object.
+
     Resumes automatically: complete shards already in `out` are kept and their sequences skipped; an
     existing directory of another model shape, model or arguments is an error. `max_shards` stops after
     writing that many new shards (an interruption, for tests). `data_parallel` > 1 splits each prefill
@@ -657,18 +678,16 @@ def collect(
     Returns `out`.
     """
     import moecxl
-    from moecxl.data import SplitSpec, load_tokenizer, trace_documents
+    from moecxl import tokenizer as checkpoint_tokenizer
+    from moecxl.data import SplitSpec, trace_documents
 
     model_path = None
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
         model = moecxl.load(model_path)
-    if tokenizer is None:
-        if model_path is None:
-            raise TraceError("collect: pass `tokenizer` (a path or Tokenizer) with a model object")
-        tokenizer = model_path / "tokenizer.json"
-    tok_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
-    tok = load_tokenizer(tokenizer) if tok_path else tokenizer
+    if tokenizer is None and model_path is None:
+        raise TraceError("collect: pass `tokenizer` (a path or Tokenizer) with a model object")
+    tok = checkpoint_tokenizer.load(model_path, tokenizer, cfg=model.cfg)
     cfg = model.cfg
     for name, v in (
         ("prompt_len", prompt_len),
@@ -735,11 +754,7 @@ def collect(
         "P": sketch,
         "D": D,
         "layers": layer_names(cfg),
-        "tokenizer": {
-            "path": tok_path,
-            "hash": hashlib.sha256(tok.to_str().encode()).hexdigest(),
-            "vocab_size": tok.get_vocab_size(),
-        },
+        "tokenizer": tok.metadata(),  # sha256 of tokenizer.json, special ids and their sources, framing
         "moecxl_version": moecxl.__version__,
         "args": args,
         "columns": list(feats),
@@ -754,7 +769,7 @@ def collect(
         stale.unlink()
 
     docs = trace_documents(corpus, tok, split, SplitSpec(tuple(fractions), holdout_domain))
-    seqs = plan_sequences(docs, prompt_len, tokens, decode_tokens, decode_every)
+    seqs = plan_sequences(docs, prompt_len, tokens, decode_tokens, decode_every, tok.prompt_frame())
     if not seqs:
         raise TraceError(f"collect: corpus {corpus!r} split {split!r} has no document of >= 2 tokens")
     too_big = max(max(s.ids) for s in seqs)
@@ -764,7 +779,17 @@ def collect(
         )
     shards = [seqs[i : i + shard_seqs] for i in range(0, len(seqs), shard_seqs)]
     decode_batch = max(1, -(-batch // decode_every)) if decode_tokens else 1
-    col = _Collector(model, prompt_len, decode_tokens, batch, decode_batch, proj_DP, router_logits, mesh)
+    col = _Collector(
+        model,
+        prompt_len,
+        decode_tokens,
+        batch,
+        decode_batch,
+        proj_DP,
+        router_logits,
+        mesh,
+        tok.special.pad_id,
+    )
     say = progress or (lambda msg: print(msg, file=sys.stderr))
 
     manifest, written = [], 0
@@ -1127,7 +1152,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "collect", help="collect router traces (prefill + greedy decode); resumes automatically"
     )
     c.add_argument("--model", required=True, help="checkpoint directory moecxl.load opens")
-    c.add_argument("--tokenizer", default=None, help="tokenizer.json (default: MODEL/tokenizer.json)")
+    c.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a directory holding one (default: MODEL/tokenizer.json); any the "
+        "`tokenizers` library reads. Special ids: MODEL's config.json, generation_config.json, "
+        "then tokenizer_config.json / special_tokens_map.json beside the tokenizer",
+    )
     c.add_argument(
         "--corpus", required=True, help="stdlib, shakespeare, mixed, pydocs, kjv, file:GLOB, hf:NAME"
     )
