@@ -3,7 +3,7 @@
     python eval/latency.py --model models/mixtral-topology --profiles h100-cxl h100-pcie4-dram \
         --policies on_demand lru pregate moecxl oracle --budgets 0.25 0.5 --batch 1 4 16 32 \
         --prompt-lens 16 128 --tokens 8 --repeats 3 [--target mixtral-8x7b] [--corpus mixed] \
-        [--modes emulated measured] --out results/latency.json
+        [--tokenizer PATH] [--modes emulated measured] --out results/latency.json
 
 Links are emulated (timing "emulated"); `--modes measured` also times real copies (on a GPU:
 "measured-gpu", the default there).
@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--corpus", default=None, help="prompts from this corpus's test split (default: random ids)"
     )
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a directory holding one, for --corpus (default: MODEL/tokenizer.json)",
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     sw = latency.Sweep(
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
         target=a.target,
         modes=tuple(a.modes) if a.modes else latency.default_modes(),
     )
-    return run_cli(latency.cli, a.out, a.model, sw, a.corpus)
+    return run_cli(latency.cli, a.out, a.model, sw, a.corpus, a.tokenizer)
 
 
 if __name__ == "__main__":

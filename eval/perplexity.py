@@ -2,7 +2,11 @@
 
     python eval/perplexity.py --model models/mixtral-topology --corpus mixed --split test \
         [--policies lru pregate hobbit oracle moecxl] [--budget 0.5] [--profile cpu-local] \
-        [--tokens 512] [--seq-len 128] [--mode decode|prefill] --out results/perplexity.json
+        [--tokens 512] [--seq-len 128] [--mode decode|prefill] [--tokenizer PATH] --out results/perplexity.json
+
+Documents are tokenised with the checkpoint's own tokenizer (MODEL/tokenizer.json, or --tokenizer: any
+tokenizer.json the `tokenizers` library reads) and framed as it frames them: BOS where it adds one, EOS
+between documents (special ids from MODEL's config.json, generation_config.json, tokenizer_config.json).
 
 Exit status 1 (after writing the file) if an exact policy changed the logits, 2 on bad input.
 """
@@ -30,6 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--mode", choices=perplexity.MODES, default="decode")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a directory holding one (default: MODEL/tokenizer.json)",
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     return run_cli(
@@ -45,6 +54,7 @@ def main(argv=None) -> int:
         seq_len=a.seq_len,
         batch_size=a.batch,
         mode=a.mode,
+        tokenizer=a.tokenizer,
     )
 
 

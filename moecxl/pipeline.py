@@ -42,9 +42,13 @@ class PipelineError(RuntimeError):
     """A stage failed; the message names it and where its log is."""
 
 
-def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str], Path]]:
-    """The command of each stage and the file whose presence means it is done."""
+def _stage_cmds(
+    out: Path, model: str, quick: bool, tokenizer: str | None = None
+) -> dict[str, tuple[list[str], Path]]:
+    """The command of each stage and the file whose presence means it is done. `tokenizer`: a
+    tokenizer.json (or directory) for the stages that tokenise, instead of MODEL/tokenizer.json."""
     py = sys.executable
+    tok = ["--tokenizer", tokenizer] if tokenizer else []
     traces = out / "traces" / Path(model).name
     n_tokens = "4000" if quick else "16000"
     policies = [
@@ -61,7 +65,17 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
     exp = out / "simulate" / "experiment.yaml"
     return {
         "generate": (
-            [py, "-m", "moecxl.pipeline", "_generate", "--model", model, "--out", str(out / "generate.json")],
+            [
+                py,
+                "-m",
+                "moecxl.pipeline",
+                "_generate",
+                "--model",
+                model,
+                "--out",
+                str(out / "generate.json"),
+                *tok,
+            ],
             out / "generate.json",
         ),
         "traces": (
@@ -88,6 +102,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "16",
                 "--out",
                 str(traces),
+                *tok,
             ],
             traces / "metadata.json",
         ),
@@ -132,6 +147,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
                 "h100-cxl",
                 "--out",
                 str(out / "results" / "perplexity.json"),
+                *tok,
             ],
             out / "results" / "perplexity.json",
         ),
@@ -143,6 +159,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
             ["h100-cxl"],
             ["on_demand", "lru", "pregate", "oracle", "moecxl", "moecxl_nd"],
             ["0.25", "0.5"],
+            tok,
         ),
         # the on-demand CPU-offloading baseline the paper compares against
         "latency_pcie4": _latency_cmd(
@@ -153,6 +170,7 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
             ["h100-pcie4-dram"],
             ["on_demand", "moecxl_nd"],
             ["0.25"],
+            tok,
         ),
         "simulate": (
             [
@@ -188,7 +206,9 @@ def _stage_cmds(out: Path, model: str, quick: bool) -> dict[str, tuple[list[str]
     }
 
 
-def _latency_cmd(py, model, dst: Path, quick: bool, profiles, policies, budgets) -> tuple[list[str], Path]:
+def _latency_cmd(
+    py, model, dst: Path, quick: bool, profiles, policies, budgets, tok=()
+) -> tuple[list[str], Path]:
     """An `eval/latency.py` run at batch 1, prompt 32, a few tokens, one repeat (the 15-minute budget)."""
     cmd = [
         py,
@@ -213,6 +233,7 @@ def _latency_cmd(py, model, dst: Path, quick: bool, profiles, policies, budgets)
         "mixed",
         "--out",
         str(dst),
+        *tok,
     ]
     return cmd, dst
 
@@ -248,8 +269,10 @@ def run(
     stages=STAGES,
     quick: bool = False,
     force: bool = False,
+    tokenizer: str | None = None,
 ) -> dict:
-    """Run the stages in order; returns {stage: seconds}. Raises PipelineError naming a failed stage."""
+    """Run the stages in order; returns {stage: seconds}. Raises PipelineError naming a failed stage.
+    `tokenizer`: a tokenizer.json (or directory) when the checkpoint has none of its own."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = str(Path(model or REPO / "models" / "mixtral-topology").resolve())
@@ -258,7 +281,9 @@ def run(
             f"{model}: no checkpoint (config.json); the shipped models live in {REPO / 'models'}"
         )
     _write_experiment(out, model, quick)
-    cmds = _stage_cmds(out, model, quick)
+    if tokenizer:
+        tokenizer = str(Path(tokenizer).resolve())
+    cmds = _stage_cmds(out, model, quick, tokenizer)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -298,17 +323,19 @@ def run(
     return summary
 
 
-def _generate(model_dir: str, out: str) -> None:
-    """Stage `generate`: decode a prose and a code prompt from the test split, fully resident."""
+def _generate(model_dir: str, out: str, tokenizer: str | None = None) -> None:
+    """Stage `generate`: decode a prose and a code prompt from the test split, fully resident, each
+    prompt framed as the checkpoint's tokenizer frames one (its BOS, where it adds one)."""
     import moecxl
-    from moecxl.data import load_tokenizer, trace_documents
+    from moecxl import tokenizer as checkpoint_tokenizer
+    from moecxl.data import trace_documents
 
     model = moecxl.load(model_dir)
-    tok = load_tokenizer(Path(model_dir) / "tokenizer.json")
+    tok = checkpoint_tokenizer.load(model_dir, tokenizer, cfg=model.cfg)
     docs = trace_documents("mixed", tok, split="test", max_docs_per_domain=1)
     rows = []
     for doc in docs[:2]:
-        prompt = list(doc["input_ids"][:48])
+        prompt = tok.prompt(doc["input_ids"][:48])
         res = moecxl.generate(model, [prompt], max_new_tokens=32)
         rows.append(
             {
@@ -332,8 +359,9 @@ def main(argv=None) -> int:
         ap = argparse.ArgumentParser()
         ap.add_argument("--model", required=True)
         ap.add_argument("--out", required=True)
+        ap.add_argument("--tokenizer", default=None)
         a = ap.parse_args(argv[1:])
-        _generate(a.model, a.out)
+        _generate(a.model, a.out, a.tokenizer)
         return 0
     ap = argparse.ArgumentParser(prog="python -m moecxl", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/main")
@@ -341,9 +369,15 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     ap.add_argument("--force", action="store_true", help="rerun stages that are done")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a directory holding one, for a checkpoint without its own (any the "
+        "`tokenizers` library reads; special ids from the checkpoint's config files)",
+    )
     a = ap.parse_args(argv)
     try:
-        summary = run(a.out, a.model, a.stages, a.quick, a.force)
+        summary = run(a.out, a.model, a.stages, a.quick, a.force, a.tokenizer)
     except PipelineError as e:
         print(f"moecxl: {e}", file=sys.stderr)
         return 1

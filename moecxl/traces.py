@@ -235,6 +235,11 @@ def _read_metadata(path: Path) -> dict:
     return meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A trace directory's metadata alone, validated (no shard is read)."""
+    return _read_metadata(Path(path))
+
+
 def _meta_features(meta: dict) -> datasets.Features:
     return features(meta["L"], meta["E"], meta["K"], meta["P"], "router_logits" in meta["columns"])
 

@@ -1,7 +1,8 @@
 """Predictor checkpoints: the exported predictor (params + what it was trained for) and training state.
 
 An exported predictor directory holds `predictor.json` (the `PredictorConfig`: L/E/K/P/H/C, features and
-size; the target model's id, hash and layer names; the sketch projection) and `params/` (orbax). It is
+size; the target model's id, hash and layer names; the tokenizer its traces were tokenised with: sha256
+and special ids; the sketch projection) and `params/` (orbax). It is
 written to a temporary directory and renamed, so a reader never sees half of one.
 """
 
@@ -87,6 +88,46 @@ def check_shape(meta: dict, L: int, E: int, K: int, where: str) -> None:
         raise PredictorError(
             f"predictor for model {meta.get('model', {}).get('id')!r} was trained for another shape "
             f"({'; '.join(bad)})"
+        )
+
+
+TOKENIZER_FIELDS = ("path", "hash", "kind", "vocab_size", "special")
+
+
+def tokenizer_record(trace_tokenizer: dict | None) -> dict | None:
+    """What a predictor keeps of its traces' tokenizer metadata (`moecxl.tokenizer` writes it)."""
+    if not trace_tokenizer:
+        return None
+    return {k: trace_tokenizer.get(k) for k in TOKENIZER_FIELDS if k in trace_tokenizer}
+
+
+def _special_ids(record: dict) -> dict | None:
+    sp = record.get("special")
+    if not sp:
+        return None
+    return {k: sp.get(k) for k in ("bos_id", "eos_ids", "pad_id", "decoder_start_id", "add_bos", "add_eos")}
+
+
+def check_tokenizer(trained: dict | None, other: dict | None, trained_where: str, other_where: str) -> None:
+    """Refuse traces or a live run tokenised otherwise than the predictor's training traces: its inputs
+    (routing of token ids) mean something only for that tokenizer. Records lacking a digest (traces
+    written before moecxl recorded one) are not compared."""
+    if not trained or not other or not trained.get("hash") or not other.get("hash"):
+        return
+    if trained["hash"] != other["hash"]:
+        raise PredictorError(
+            f"tokenizer mismatch: {trained_where} was trained on traces tokenised by "
+            f"{trained.get('path') or '(in memory)'} (sha256 {trained['hash'][:16]}...) but {other_where} "
+            f"uses {other.get('path') or '(in memory)'} (sha256 {other['hash'][:16]}...); collect traces "
+            f"with the tokenizer the predictor was trained on, or train a predictor on these"
+        )
+    a, b = _special_ids(trained), _special_ids(other)
+    if a is not None and b is not None and a != b:
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise PredictorError(
+            f"tokenizer special ids differ: {trained_where} {', '.join(f'{k}={v[0]!r}' for k, v in diff.items())}"
+            f" but {other_where} {', '.join(f'{k}={v[1]!r}' for k, v in diff.items())} (same tokenizer.json, "
+            f"other config.json / generation_config.json)"
         )
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from predictor.checkpoint import PredictorError, check_shape, load_predictor
+from predictor.checkpoint import PredictorError, check_shape, check_tokenizer, load_predictor
 from predictor.data import routers_of
 from predictor.model import ExpertPredictor, encode
 
@@ -47,6 +47,7 @@ class LivePredictor:
     def __init__(self, net: ExpertPredictor, meta: dict, per_layer: int | None = None):
         self.cfg = net.cfg
         self.meta = meta
+        self.path: str | None = None  # where it was loaded from (the engine names it so)
         self.graphdef, self.params = nnx.split(net, nnx.Param)
         sk = meta.get("sketch_DP")
         self.sketch_DP = None if sk is None else jnp.asarray(sk, jnp.float32)
@@ -56,9 +57,22 @@ class LivePredictor:
         self.reset()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, per_layer: int | None = None) -> LivePredictor:
+    def load(cls, path: str | os.PathLike, per_layer: int | None = None, tokenizer=None) -> LivePredictor:
+        """`tokenizer`: the one the live prompts are tokenised with (a `moecxl.tokenizer.CheckpointTokenizer`
+        or its metadata); one other than the training traces' is refused."""
         net, meta = load_predictor(path)
-        return cls(net, meta, per_layer)
+        pred = cls(net, meta, per_layer)
+        pred.path = str(path)
+        if tokenizer is not None:
+            pred.check_tokenizer(tokenizer)
+        return pred
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse prompts tokenised otherwise than the training traces (sha256 of tokenizer.json and the
+        special ids must match); `tokenizer`: a `CheckpointTokenizer` or its `metadata()`."""
+        record = tokenizer.metadata() if hasattr(tokenizer, "metadata") else tokenizer
+        where = f"predictor {self.path or self.meta.get('traces')}"
+        check_tokenizer(self.meta.get("tokenizer"), record, where, "this run")
 
     def check(self, model_cfg) -> None:
         """Refuse a model of another L/E/K than the predictor was trained for."""
@@ -74,9 +88,10 @@ class LivePredictor:
         self._prev: list = [None] * L  # previous step's last token: ids [B, K] per layer
         self._step = None
 
-    def _bind(self, engine) -> None:
-        self.check(engine.cfg)
-        r = routers_of(engine.model)
+    def bind(self, model) -> None:
+        """Attach to the model the engine runs: its routers feed the pre-gate features."""
+        self.check(model.cfg)
+        r = routers_of(model)
         L, D, E = r.shape
         G = self.cfg.H + 1
         self._routers = jnp.concatenate([r, jnp.zeros((G, D, E), r.dtype)])  # [L + G, D, E]
@@ -86,7 +101,7 @@ class LivePredictor:
             raise PredictorError(
                 f"predictor's sketch projection is {tuple(self.sketch_DP.shape)} but the model's hidden size is {D}"
             )
-        self._seen = engine
+        self._seen = model
 
     def observe(self, phase: str, step: int, m: int, ids_BTK, w_BTK) -> None:
         """Record layer m's routing of this step; a new step shifts history, a new prefill resets it."""
@@ -135,11 +150,16 @@ class LivePredictor:
         )
         return np.asarray(p)
 
-    def candidates(self, engine, m: int, co, layers) -> list[tuple[tuple[int, int], float]]:
+    def observe_visit(self, visit, co) -> None:
+        """The runtime's `Predictor.observe`: layer `visit.layer`'s routing (from the layer output `co`)."""
+        self.observe(visit.phase, visit.step, visit.layer, co.ids_BTK, co.weights_BTK)
+
+    def candidates(self, visit, layers, co) -> list[tuple[tuple[int, int], float]]:
         """((layer, expert), p) for the `layers` ahead (within the horizon), best first."""
-        if self._seen is not engine:
-            self._bind(engine)
-        self.observe(engine.phase, engine.step, m, co.ids_BTK, co.weights_BTK)
+        if self._seen is None:
+            raise PredictorError("LivePredictor.candidates before bind(model): the engine binds it")
+        m = visit.layer
+        self.observe_visit(visit, co)
         wanted = [layer for layer in layers if 0 < layer - m <= self.cfg.H]
         if not wanted:
             return []

@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from moecxl.distributed import DATA, MeshError, data_mesh, dp_value_and_grad, replicate_tree, shard_batch
 from moecxl.distributed.expert_parallel import to_local
+from moecxl.traces import TraceSet, read_metadata
 from predictor import metrics as M
 from predictor.baselines import fit_baselines
-from predictor.checkpoint import PredictorError, save_predictor
+from predictor.checkpoint import PredictorError, check_tokenizer, save_predictor, tokenizer_record
 from predictor.data import (
     FEATURES,
     Batch,
@@ -386,6 +387,15 @@ def train(
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     H, C = cfg.horizon, cfg.current_layers
+    meta = traces.metadata if isinstance(traces, TraceSet) else read_metadata(traces)
+    tok_record = tokenizer_record(meta.get("tokenizer"))
+    if test_traces is not None:  # before any work: traces of another tokenizer are refused
+        check_tokenizer(
+            tok_record,
+            read_metadata(test_traces).get("tokenizer"),
+            f"the predictor of {traces}",
+            f"--test-traces {test_traces}",
+        )
     tr = load_arrays(traces, cfg.features, H, model)
     splits = split_rows(tr, SplitSpec(cfg.fractions, cfg.test_domain, cfg.train_domain, cfg.seed))
     win = {k: windows(tr, v) for k, v in splits.items()}
@@ -429,11 +439,13 @@ def train(
         "predictor": pcfg.to_dict(),
         "traces": tr.path,
         "model": {"id": model_meta.get("id"), "hash": model_meta.get("hash")},
+        "tokenizer": (tok_record or {}).get("hash"),
     }
     run_file = out / "run.json"
     ckpt_dir = out / "checkpoints"
     if run_file.is_file() and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         old = json.loads(run_file.read_text())
+        old.setdefault("tokenizer", run["tokenizer"])  # runs from before the tokenizer was recorded
         if old != run:
             diff = sorted(k for k in run if old.get(k) != run[k])
             raise PredictorError(
@@ -533,6 +545,7 @@ def train(
                 "family": model_meta.get("family"),
             },
             "layers": tr.meta.get("layers"),
+            "tokenizer": tok_record,
             "sketch_DP": tr.sketch_DP.tolist() if (tr.sketch_DP is not None and tr.P) else None,
             "traces": tr.path,
             "best_val_loss": progress_rec["best_val"],
@@ -553,6 +566,7 @@ def train(
         "traces": tr.path,
         "test_traces": test_tr.path,
         "model": run["model"],
+        "tokenizer": tok_record,
         "L": tr.L,
         "E": tr.E,
         "K": tr.K,

@@ -18,15 +18,24 @@ def demo_corpus(tiny: bool | None = None) -> tuple[str, str]:
     return "mixed", "test"
 
 
-def demo_tokenizer(model_dir, vocab_size: int, corpus: str):
-    """`model_dir`: where `demo_model` loaded from (or its description). The checkpoint's tokenizer.json when there is one, else a BPE of the model's vocabulary size
-    trained on `corpus` (a random model has no tokenizer of its own)."""
-    from moecxl.data import load_tokenizer, train_tokenizer
+def demo_tokenizer(model_dir, vocab_size: int, corpus: str, cfg=None):
+    """`model_dir`: where `demo_model` loaded from (or its description). The checkpoint's tokenizer with
+    its special tokens when it has a tokenizer.json, else a BPE of the model's vocabulary size trained on
+    `corpus` (a random model has no tokenizer of its own). `cfg`: the model's config (vocabulary check)."""
+    from moecxl import tokenizer
+    from moecxl.data import train_tokenizer
 
-    p = Path(str(model_dir)) / "tokenizer.json"
-    if p.is_file():
-        return load_tokenizer(p)
-    return train_tokenizer(corpus, vocab_size=vocab_size)
+    p = Path(str(model_dir))
+    if (p / "tokenizer.json").is_file():
+        return tokenizer.load(p, cfg=cfg)
+    return tokenizer.from_tokenizer(train_tokenizer(corpus, vocab_size=vocab_size), cfg)
+
+
+def random_prompt(model, batch: int = 1, prompt_len: int = 16, seed: int = 0):
+    """int [batch, prompt_len] seeded random ids that avoid the model config's pad/bos/eos ids."""
+    from moecxl.evaluation.latency import prompts, special_ids
+
+    return prompts(model.cfg.vocab_size, batch, prompt_len, seed, special=special_ids(model.cfg))
 
 
 def trace_kwargs(tiny: bool | None = None) -> dict:

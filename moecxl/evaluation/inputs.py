@@ -67,14 +67,15 @@ def load_model(path: str | os.PathLike):
     return moecxl.load(p)
 
 
-def load_tokenizer_of(model_dir: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint (`tokenizer.json`, as `moecxl.train` exports it)."""
-    from moecxl.data import load_tokenizer
+def load_tokenizer_of(model_dir: str | os.PathLike, tokenizer=None, cfg=None):
+    """The checkpoint's tokenizer with its special tokens (`moecxl.tokenizer.load`): `tokenizer` (a
+    tokenizer.json, a directory holding one, or an object) or else MODEL_DIR/tokenizer.json."""
+    from moecxl.tokenizer import TokenizerError, load
 
-    p = Path(model_dir) / "tokenizer.json"
-    if not p.is_file():
-        raise EvalError(f"{p}: missing; perplexity on a corpus needs the checkpoint's tokenizer")
-    return load_tokenizer(p)
+    try:
+        return load(model_dir, tokenizer, cfg=cfg)
+    except (TokenizerError, FileNotFoundError) as e:
+        raise EvalError(str(e)) from e
 
 
 def tiny_mode() -> bool:

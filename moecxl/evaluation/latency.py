@@ -77,12 +77,22 @@ def aggregate(runs: list[dict]) -> dict:
     return row
 
 
-def prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0, corpus_rows=None) -> np.ndarray:
-    """int [batch, prompt_len]: rows of a tokenised corpus when given (cycled), else seeded random ids."""
+def prompts(
+    vocab_size: int, batch: int, prompt_len: int, seed: int = 0, corpus_rows=None, special=(0, 1, 2)
+) -> np.ndarray:
+    """int [batch, prompt_len]: rows of a tokenised corpus when given (cycled), else seeded random ids
+    that avoid the `special` ids (the model config's pad/bos/eos)."""
     if corpus_rows is not None and len(corpus_rows) and corpus_rows.shape[1] >= prompt_len:
         idx = np.arange(batch) % len(corpus_rows)
         return np.asarray(corpus_rows[idx, :prompt_len], np.int64)
-    return np.random.default_rng(seed).integers(3, vocab_size, (batch, prompt_len))
+    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(special, np.int64))
+    return allowed[np.random.default_rng(seed).integers(0, len(allowed), (batch, prompt_len))]
+
+
+def special_ids(cfg) -> tuple[int, ...]:
+    """The model config's pad, bos and eos ids (no tokenizer needed): what random prompts avoid."""
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    return tuple(int(i) for i in (cfg.pad_token_id, cfg.bos_token_id, *eos) if i is not None)
 
 
 def sweep(model, sw: Sweep, *, corpus_rows=None, progress=print) -> list[dict]:
@@ -108,7 +118,7 @@ def sweep(model, sw: Sweep, *, corpus_rows=None, progress=print) -> list[dict]:
     rows = []
     for batch in sw.batches:
         for plen in sw.prompt_lens:
-            x = prompts(model.cfg.vocab_size, batch, plen, sw.seed, corpus_rows)
+            x = prompts(model.cfg.vocab_size, batch, plen, sw.seed, corpus_rows, special_ids(model.cfg))
             generate(model, x, max_new_tokens=2)  # compile this shape outside the measurement
             ref = generate(model, x, max_new_tokens=sw.new_tokens)
             runs = [generate(model, x, max_new_tokens=sw.new_tokens).metrics for _ in range(sw.repeats)]
@@ -191,11 +201,28 @@ def _repeat(model, x, engine, sw: Sweep, ref, generate):
     return runs, same
 
 
+def corpus_prompt_rows(tok, corpus: str, prompt_len: int) -> np.ndarray:
+    """int32 [N, prompt_len]: the test split packed as the tokenizer frames documents (BOS? text EOS),
+    each row opened as the tokenizer opens a prompt (its BOS, where it adds one)."""
+    from moecxl.data import lm_sequences
+
+    prefix, _ = tok.prompt_frame()
+    rows = lm_sequences(corpus, "test", tok, prompt_len - len(prefix))[:, : prompt_len - len(prefix)]
+    return np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (len(rows), len(prefix))), rows], 1)
+
+
 def run(
-    model_dir=None, sw: Sweep = Sweep(), *, corpus: str | None = None, model=None, progress=print
+    model_dir=None,
+    sw: Sweep = Sweep(),
+    *,
+    corpus: str | None = None,
+    tokenizer=None,
+    model=None,
+    progress=print,
 ) -> dict:
     """The `eval/latency.py` job: a `latency` result document. `corpus`: prompts from its test split
-    with the checkpoint's tokenizer; None: seeded random token ids."""
+    with the checkpoint's tokenizer (or `tokenizer`: a tokenizer.json or directory); None: seeded random
+    token ids."""
     import time as _t
 
     from moecxl.evaluation.inputs import load_model, load_tokenizer_of
@@ -205,16 +232,14 @@ def run(
         model = load_model(model_dir)
     if not model.cfg.is_decoder_only:
         raise EvalError(f"{model_dir}: latency sweeps run decoder-only families, not {model.cfg.family!r}")
-    corpus_rows, prompt_src = None, "random token ids (seeded)"
+    corpus_rows, prompt_src, tok_meta = None, "random token ids (seeded)", None
     if corpus:
-        from moecxl.data import lm_sequences
-
-        tok = load_tokenizer_of(model_dir)
-        corpus_rows = lm_sequences(corpus, "test", tok, max(sw.prompt_lens))
-        prompt_src = f"{corpus}:test"
+        tok = load_tokenizer_of(model_dir, tokenizer, model.cfg)
+        corpus_rows = corpus_prompt_rows(tok, corpus, max(sw.prompt_lens))
+        prompt_src, tok_meta = f"{corpus}:test", tok.metadata()
     t0 = _t.perf_counter()
     rows = sweep(model, sw, corpus_rows=corpus_rows, progress=progress)
-    cfg = asdict(sw) | {"prompts": prompt_src, "wall_s": _t.perf_counter() - t0}
+    cfg = asdict(sw) | {"prompts": prompt_src, "tokenizer": tok_meta, "wall_s": _t.perf_counter() - t0}
     return envelope(
         "latency",
         rows,
@@ -227,12 +252,12 @@ def run(
     )
 
 
-def cli(out, model_dir, sw: Sweep, corpus: str | None = None) -> int:
+def cli(out, model_dir, sw: Sweep, corpus: str | None = None, tokenizer=None) -> int:
     """`eval/latency.py`: run the sweep, write the result file, print where it is."""
     from moecxl.evaluation.results import write_result
 
     t0 = time.perf_counter()
-    doc = run(model_dir, sw, corpus=corpus)
+    doc = run(model_dir, sw, corpus=corpus, tokenizer=tokenizer)
     write_result(out, doc)
     print(f"wrote {out} ({len(doc['rows'])} rows, {time.perf_counter() - t0:.0f} s)")
     return 0

@@ -209,14 +209,14 @@ def exactness_violations(rows: list[dict]) -> list[str]:
 
 
 def corpus_sequences(
-    model_dir, corpus: str, split: str, tokens: int, seq_len: int, seed: int = 0
+    model_dir, corpus: str, split: str, tokens: int, seq_len: int, seed: int = 0, *, tokenizer=None
 ) -> np.ndarray:
     """About `tokens` target tokens of a corpus split as packed rows [N, seq_len + 1], with the
-    checkpoint's own tokenizer."""
+    checkpoint's own tokenizer (or `tokenizer`), documents framed as it frames them (BOS? text EOS)."""
     from moecxl.data import lm_sequences
     from moecxl.evaluation.inputs import load_tokenizer_of
 
-    tok = load_tokenizer_of(model_dir)
+    tok = load_tokenizer_of(model_dir, tokenizer)
     rows = lm_sequences(corpus, split, tok, seq_len, seed)
     n = max(1, math.ceil(tokens / seq_len))
     return rows[:n]
@@ -234,12 +234,14 @@ def run(
     seq_len: int = 128,
     batch_size: int = 4,
     mode: str = "decode",
+    tokenizer=None,
     progress=print,
 ) -> dict:
     """The `eval/perplexity.py` job: a `perplexity` result document for one checkpoint and corpus split.
 
-    Engines use `profile` without link emulation (perplexity does not depend on timing)."""
-    from moecxl.evaluation.inputs import load_model, resolve_profile
+    `tokenizer`: a tokenizer.json (or directory) instead of MODEL_DIR/tokenizer.json. Engines use
+    `profile` without link emulation (perplexity does not depend on timing)."""
+    from moecxl.evaluation.inputs import load_model, load_tokenizer_of, resolve_profile
     from moecxl.evaluation.results import envelope
     from moecxl.runtime.engine import OffloadEngine
     from moecxl.runtime.policies import POLICIES
@@ -248,9 +250,10 @@ def run(
     if unknown:
         raise EvalError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
     model = load_model(model_dir)
+    tok = load_tokenizer_of(model_dir, tokenizer, model.cfg)
     hw = resolve_profile(profile)
     seq_len = min(seq_len, model.cfg.max_position_embeddings - 1)
-    seqs = corpus_sequences(model_dir, corpus, split, tokens, seq_len)
+    seqs = corpus_sequences(model_dir, corpus, split, tokens, seq_len, tokenizer=tok)
     if model.cfg.is_decoder_only:
 
         def make_engine(policy, trace):
@@ -293,6 +296,7 @@ def run(
             "seq_len": seq_len,
             "batch_size": batch_size,
             "mode": mode,
+            "tokenizer": tok.metadata(),
         },
     )
 
