@@ -153,7 +153,7 @@ def main(argv=None):
             "bit_identical": bool(np.array_equal(res.logits, ref.logits)),
             "rehomed": res.metrics["rehomed"],
             "faults": res.metrics["faults"],
-            "placement_restored": eng.store.home_of == eng.original_home,
+            "placement_restored": eng.store.home_of == eng.core.original_home,
         }
         eng.close()
         f = failure[tier]

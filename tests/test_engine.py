@@ -13,6 +13,7 @@ from moecxl.generate import generate
 from moecxl.memory import Hardware
 from moecxl.memory.store import StoreError
 from moecxl.model import MoEDecoder
+from moecxl.runtime.core import DecisionCore
 from moecxl.runtime.engine import EngineError, OffloadEngine
 from moecxl.runtime.policies import POLICIES, PolicyError
 from tests.conftest import tiny_config
@@ -174,35 +175,36 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
     future = [(int(rng.integers(0, L)), rng.choice(E, 2, replace=False)) for _ in range(40)]
     for rule in ("fifo", "lru", "lfu", "predicted", "belady"):
         for _ in range(100):
-            eng = object.__new__(OffloadEngine)  # only the state `_victim` reads
+            eng = object.__new__(DecisionCore)  # only the state `victim` reads
+            eng._rank_tag, eng._rank, eng.probs_version = None, [], 0
             eng.policy = SimpleNamespace(evict=rule)
             keys = [(int(rng.integers(0, L)), int(rng.integers(0, E))) for _ in range(14)]
             cached_keys = list(dict.fromkeys(keys))
             slots = rng.permutation(20)[: len(cached_keys)]  # slot numbers unrelated to caching order
             eng.slot_of = {k: int(s) for k, s in zip(cached_keys, slots)}
             eng.slot_key = [None] * 20
-            eng._slot_layer_S = np.full(20, -1, np.int64)
-            eng._slot_expert_S = np.full(20, -1, np.int64)
-            eng._slot_seq_S = np.zeros(20, np.int64)
+            eng.slot_layer_S = np.full(20, -1, np.int64)
+            eng.slot_expert_S = np.full(20, -1, np.int64)
+            eng.slot_seq_S = np.zeros(20, np.int64)
             for seq, (k, s) in enumerate(eng.slot_of.items()):
                 eng.slot_key[s] = k
-                eng._slot_layer_S[s], eng._slot_expert_S[s] = k
-                eng._slot_seq_S[s] = seq
+                eng.slot_layer_S[s], eng.slot_expert_S[s] = k
+                eng.slot_seq_S[s] = seq
             eng.stats = {
                 k: [int(rng.integers(0, 20)), int(rng.integers(0, 5)), int(rng.integers(0, 20)), False]
                 for k in eng.slot_of
             }
-            eng._reuse = Reuse(L, E)
+            eng.reuse = Reuse(L, E)
             for m in rng.integers(0, L, 7):
-                eng._reuse.observe(int(m), rng.choice(E, 2, replace=False))
-            eng._probs = {k: float(rng.choice([0.0, 0.5, 1.0])) for k in keys[:5]}
+                eng.reuse.observe(int(m), rng.choice(E, 2, replace=False))
+            eng.probs = {k: float(rng.choice([0.0, 0.5, 1.0])) for k in keys[:5]}
             next_use = NextUse(future, 12).at(int(rng.integers(0, 30))) if rule == "belady" else None
             protect = {keys[int(j)] for j in rng.integers(0, len(keys), 3)}
             cached = {k: EntryStats(*v) for k, v in eng.stats.items()}
             pure = choose_victims(
-                rule, cached, 1, protect, next_use=next_use, prob=eng._probs, reuse=eng._reuse
+                rule, cached, 1, protect, next_use=next_use, prob=eng.probs, reuse=eng.reuse
             )
-            assert eng._victim(protect, next_use) == pure[0]
+            assert eng.victim(protect, next_use) == pure[0]
             if rule != "predicted":
                 continue
             # A copy lands in a free slot after the ranking was made: it is ranked in, and may go first.
@@ -211,13 +213,13 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
             if new is None or not free:
                 continue
             s, seq = free[0], len(eng.slot_of)
-            eng.slot_of[new], eng.slot_key[s], eng._slot_seq_S[s] = s, new, seq
-            eng._slot_layer_S[s], eng._slot_expert_S[s] = new
+            eng.slot_of[new], eng.slot_key[s], eng.slot_seq_S[s] = s, new, seq
+            eng.slot_layer_S[s], eng.slot_expert_S[s] = new
             eng.stats[new] = [0, 0, 0, False]
-            eng._ranked_landing(new, s)
+            eng.ranked_landing(new, s)
             cached = {k: EntryStats(*v) for k, v in eng.stats.items()}
-            pure = choose_victims(rule, cached, 1, protect, prob=eng._probs, reuse=eng._reuse)
-            assert eng._victim(protect) == pure[0]
+            pure = choose_victims(rule, cached, 1, protect, prob=eng.probs, reuse=eng.reuse)
+            assert eng.victim(protect) == pure[0]
 
 
 @pytest.mark.parametrize("policy", ["moecxl", "moecxl_nd"])
@@ -230,17 +232,18 @@ def test_the_ranked_victims_of_a_real_run_are_the_pure_rules_victims(model, poli
     prompt = np.random.default_rng(3).integers(0, model.cfg.vocab_size, (3, 5))
     eng = _engine(model, policy, 0.5)
     picked = []
-    fast = eng._victim
+    fast = eng.core.victim
 
     def checked(skip, next_use=None):
         got = fast(skip, next_use)
         cached = {k: EntryStats(*eng.stats[k]) for k in eng.slot_of}
-        pure = choose_victims("predicted", cached, 1, set(skip), prob=eng._probs, reuse=eng._reuse)
+        core = eng.core
+        pure = choose_victims("predicted", cached, 1, set(skip), prob=core.probs, reuse=core.reuse)
         assert got == (pure[0] if pure else None)
         picked.append(got)
         return got
 
-    eng._victim = checked
+    eng.core.victim = checked
     try:
         generate(model, prompt, max_new_tokens=8, engine=eng)
     finally:
@@ -283,14 +286,14 @@ def test_prefetch_runs_after_the_step_is_dispatched(model):
     eng = _engine(model, "pregate", 0.5)
     calls = []
     inner = eng.after_experts
-    eng.after_experts = lambda m: (calls.append((m, eng._after is not None)), inner(m))[1]
+    eng.after_experts = lambda m: (calls.append((m, eng.core.pending is not None)), inner(m))[1]
     try:
         res = generate(model, prompt, max_new_tokens=8, engine=eng)
     finally:
         eng.close()
     assert np.array_equal(res.logits, ref.logits)
     assert len(calls) == 8 * eng.L  # once per MoE layer and step
-    assert any(pending for _, pending in calls) and eng._after is None
+    assert any(pending for _, pending in calls) and eng.core.pending is None
     assert res.metrics["prefetch_issued"] > 0
     assert res.metrics["control_after_us_median_decode"] is not None
 

@@ -78,9 +78,9 @@ def test_scheduling_picks_the_faster_device_then_the_idle_one(model):
         if t not in ("cxl-a", "cxl-d"):
             eng.store.drop_copy(key, t)
     eng.store.set_home(key, "cxl-a")
-    assert eng._source(key) == "cxl-d"  # empty queues: the 52 GB/s device
+    assert eng.core.source(key) == "cxl-d"  # empty queues: the 52 GB/s device
     eng.transfers.clock.reserve("cxl-d", 10 * 352_000_000, eng.transfers.now_s())  # CXL-D busy
-    assert eng._source(key) == "cxl-a"
+    assert eng.core.source(key) == "cxl-a"
     eng.close()
 
 
@@ -102,12 +102,12 @@ def _migrating_engine(model):
 def test_migration_follows_a_workload_shift_then_stays_put(model):
     eng = _migrating_engine(model)
     rank = pl.tier_rank(eng.hardware)
-    eng.step = 64  # a request 64 decode steps in: as many again to come, for a move to pay back over
+    eng.core.step = 64  # a request 64 decode steps in: as many again to come, for a move to pay back over
     for hot_expert in (5, 2):  # a workload, then a shift to another expert
         freq = np.full((L, E), 0.01)
         freq[:, hot_expert] = 10.0
         freq[0, hot_expert] = 20.0  # the very hottest
-        eng.freq_ema = freq
+        eng.core.freq_ema = freq
         before = dict(eng.store.home_of)
         eng.rebalance(max_moves=100)
         after = dict(eng.store.home_of)
@@ -334,11 +334,11 @@ def test_a_chunk_device_failing_mid_read_refetches_a_whole_copy(model):
     eng.store.add_stripe(key, striping.make_stripe(eng.hardware, ["cxl-a", "cxl-b"], eng.expert_bytes))
     eng.store.add_copy(other, "cxl-a")
     blocker = eng.transfers.submit(other, "cxl-a")  # CXL-A's FIFO is busy: the chunk waits behind it
-    eng.stripe_min_gain = -100.0  # stripe whatever the queues say
-    eng._fetch(key, set(), prefetched=False)
+    eng.core.stripe_min_gain = -100.0  # stripe whatever the queues say
+    eng.core.fetch(key, set(), prefetched=False)
     assert eng.inflight[key][0].tiers == ("cxl-a", "cxl-b")
     eng.set_offline("cxl-a")  # before the chunk's copy starts
-    eng._complete(key)
+    eng.core.complete(key)
     slot = eng.slot_of[key]
     got = np.concatenate([np.asarray(a[slot]).reshape(-1) for a in eng.cache])
     assert np.array_equal(got, eng.store.master(key)) and eng.c.refetches == 1
@@ -386,9 +386,9 @@ def test_a_migration_happens_only_when_its_misses_pay_for_the_move():
 
 def test_rebalancing_at_a_request_start_moves_no_cold_expert(model):
     eng = _migrating_engine(model)
-    eng.freq_ema = np.full((L, E), 0.05)  # every expert rarely used
-    eng.freq_ema[:, 3] = 0.06  # a slightly different order: placement proposes moves
+    eng.core.freq_ema = np.full((L, E), 0.05)  # every expert rarely used
+    eng.core.freq_ema[:, 3] = 0.06  # a slightly different order: placement proposes moves
     assert eng.rebalance(max_moves=100) == 0
-    eng.step = 10**6  # the same proposal, with a request long enough for the moves to pay
+    eng.core.step = 10**6  # the same proposal, with a request long enough for the moves to pay
     assert eng.rebalance(max_moves=100) > 0
     eng.close()

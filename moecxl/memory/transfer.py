@@ -142,6 +142,7 @@ class Transfer:
     error: BaseException | None = None
     copied_s: float = 0.0  # when the real copy finished
     chunk: int | None = None  # a striped read's chunk index (bytes of the tier's chunk buffer)
+    virtual_now: object = None  # on a virtual clock: its `now_s`; the copy is done when that passes
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -151,6 +152,8 @@ class Transfer:
         return {self.tier: self.nbytes}
 
     def done(self) -> bool:
+        if self.virtual_now is not None:  # deterministic: by the clock, whatever the copy thread did
+            return self.virtual_now() >= self.expected_done_s
         return self.done_event.is_set()
 
     def result(self):
@@ -191,6 +194,10 @@ class StripedTransfer:
     def done(self) -> bool:
         return all(p.done() for p in self.parts)
 
+    @property
+    def virtual_now(self):
+        return self.parts[0].virtual_now
+
     def result(self):
         chunks_P = [p.result() for p in self.parts]  # a failed chunk raises, naming its device
         return _assemble(chunks_P)
@@ -204,10 +211,17 @@ def _assemble(chunks_P):
 class TransferEngine:
     """One worker thread and FIFO queue per source tier; real copies, optionally emulated timing."""
 
-    def __init__(self, store, hardware: Hardware, emulate: bool = True, time_scale: float = 1.0):
+    def __init__(
+        self, store, hardware: Hardware, emulate: bool = True, time_scale: float = 1.0, virtual: bool = False
+    ):
+        """`virtual`: time is a number the caller advances (`advance_to`), not the wall clock; copies
+        are real but land at the clock's time, so a run's decisions are deterministic (lock-step with
+        the simulator)."""
         self.store = store
         self.hardware = hardware
         self.emulate = emulate
+        self.virtual = virtual
+        self._virtual_now_s = 0.0
         self.clock = LinkClock(hardware, time_scale)
         dev = jax.local_devices()[0]  # this process's first device (multi-process runs)
         self.device_sharding = jax.sharding.SingleDeviceSharding(dev)
@@ -219,7 +233,13 @@ class TransferEngine:
         self.t0 = time.perf_counter()
 
     def now_s(self) -> float:
+        if self.virtual:
+            return self._virtual_now_s
         return time.perf_counter() - self.t0
+
+    def advance_to(self, t_s: float) -> None:
+        """On a virtual clock: time moves on to `t_s` (never back)."""
+        self._virtual_now_s = max(self._virtual_now_s, t_s)
 
     def reserve_host_read(self, tier: str, at_s: float) -> float:
         """Book the host reading one (emulated-size) expert from `tier` at `at_s` (`LinkClock`); returns
@@ -242,7 +262,9 @@ class TransferEngine:
         now = self.now_s()
         with self._lock:
             _, done = self.clock.reserve(tier, clock_bytes, now)
-        t = Transfer(key, tier, nbytes, low_precision, now, done if self.emulate else now)
+        t = Transfer(key, tier, nbytes, low_precision, now, done if self.emulate or self.virtual else now)
+        if self.virtual:
+            t.virtual_now = self.now_s
         self._queue(tier).put(t)
         return t
 
@@ -256,13 +278,14 @@ class TransferEngine:
         now = self.now_s()
         with self._lock:
             done, dones = self.clock.reserve_stripe(stripe.tiers, clock_bytes, now)
+        timed = self.emulate or self.virtual
         parts = tuple(
-            Transfer(key, t, n, False, now, d if self.emulate else now, chunk=i)
+            Transfer(key, t, n, False, now, d if timed else now, chunk=i, virtual_now=self.now_s if self.virtual else None)
             for i, (t, n, d) in enumerate(zip(stripe.tiers, stripe.chunk_bytes, dones))
         )
         for p in parts:
             self._queue(p.tier).put(p)
-        return StripedTransfer(key, parts, now, done if self.emulate else now)
+        return StripedTransfer(key, parts, now, done if timed else now)
 
     def _queue(self, tier: str) -> queue.Queue:
         q = self._queues.get(tier)
@@ -292,7 +315,7 @@ class TransferEngine:
                 jax.block_until_ready(value)
                 t.copied_s = self.now_s()
                 wait = t.expected_done_s - self.now_s()
-                if self.emulate and wait > 0:
+                if self.emulate and not self.virtual and wait > 0:
                     time.sleep(wait)
                 t.value = value
             except BaseException as e:  # reported to whoever waits on the transfer

@@ -387,12 +387,15 @@ def eam_match(current_LE: np.ndarray, library: Sequence[np.ndarray]) -> np.ndarr
     return best
 
 
-def eam_probs(current_LE: np.ndarray, library: Sequence[np.ndarray], layers: Sequence[int]) -> np.ndarray:
-    """Activation ratios of the matched matrix (falling back to the current one) for future layers."""
+def eam_probs(
+    current_LE: np.ndarray, library: Sequence[np.ndarray], layers: Sequence[int], top_k: int
+) -> np.ndarray:
+    """Activation ratios of the matched matrix (falling back to the current one) for future layers, as
+    P(used): a layer's ratios sum to 1 over its experts and a token uses `top_k` of them."""
     ref = eam_match(current_LE, library)
     src = (ref if ref is not None else current_LE).astype(float)
     rows = src[list(layers)]
-    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * 2.0
+    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * top_k
 
 
 def oracle_candidates(

@@ -1,0 +1,89 @@
+"""One metrics schema for the engine and the simulator: the core's counters and the keys they report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+MAX_SAMPLES = 100_000  # control-plane samples kept per run (medians), enough for any benchmark
+
+
+class Counters:
+    """What the decision core counts while it decides (per layer where a report breaks it down)."""
+
+    def __init__(self, L: int):
+        self.hits, self.inflight_hits, self.misses = [0] * L, [0] * L, [0] * L
+        self.stall_by_layer = [0.0] * L
+        self.stall_s = self.control_s = 0.0
+        self.bytes_by_tier: dict = defaultdict(int)
+        self.prefetch_issued = self.prefetch_used = self.late_prefetch = self.gated = 0
+        self.wasted_prefetch_bytes = self.evictions = self.max_queue = 0
+        self.control_samples_us: list[float] = []
+        self.control_after_samples_us: list[float] = []  # prefetch decisions after the step's dispatch
+        self.migrations = self.rehomed = self.refetches = 0
+        self.migration_bytes: dict = defaultdict(int)
+        self.fault_events: list[dict] = []
+        self.miss_choices = {"fetch": 0, "host": 0, "lowp": 0, "inflight": 0}
+        self.host_tokens = 0
+        self.host_s = 0.0  # host compute booked (its reads' queueing included)
+        self.host_read_bytes_by_tier: dict = defaultdict(int)
+        self.striped_fetches = 0
+        self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
+        self.copied_for_later = 0  # host-computed misses also copied in the background for later tokens
+        self.not_striped: dict = defaultdict(int)  # why a fetch read one whole copy (striping.REASONS)
+
+    @property
+    def lookups(self) -> tuple[int, int]:
+        """(hits, misses) so far, in-flight hits counted as hits."""
+        return sum(self.hits) + sum(self.inflight_hits), sum(self.misses)
+
+
+def core_metrics(core) -> dict:
+    """The keys engine and simulator report alike, from the decision core's counters and state."""
+    c = core.c
+    hits, misses = c.lookups
+    return {
+        "policy": core.policy.name,
+        "exact": core.policy.exact,
+        "predictor": core.predictor_name,
+        "hit_rate": hits / max(1, hits + misses),
+        "hit_rate_by_layer": [
+            (h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)
+        ],
+        "hits": sum(c.hits),
+        "inflight_hits": sum(c.inflight_hits),
+        "misses": misses,
+        "misses_by_layer": list(c.misses),
+        "stall_s": c.stall_s,
+        "stall_s_by_layer": list(c.stall_by_layer),
+        "bytes_by_tier": dict(c.bytes_by_tier),
+        "prefetch_issued": c.prefetch_issued,
+        "prefetch_used": c.prefetch_used,
+        "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else None,
+        "late_prefetches": c.late_prefetch,
+        "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+        "gated_prefetches": c.gated,
+        "evictions": c.evictions,
+        "migrations": c.migrations,
+        "migration_bytes": dict(c.migration_bytes),
+        "rehomed": c.rehomed,
+        "rehomed_fetches": c.rehomed,
+        "refetches": c.refetches,
+        "miss_choices": dict(c.miss_choices),
+        "host_computed_tokens": c.host_tokens,
+        "host_compute_s": c.host_s,
+        "host_read_bytes_by_tier": dict(c.host_read_bytes_by_tier),
+        "inflight_host_computed": c.inflight_host,
+        "copied_for_later": c.copied_for_later,
+        "striping": {
+            "stripe_sets": len(core.store.stripes),
+            "striped_fetches": c.striped_fetches,
+            "not_striped": dict(c.not_striped),
+            "sets_skipped": dict(core.stripe_report["skipped"]),
+        },
+        "faults": list(c.fault_events),
+        "max_inflight": c.max_queue,
+        "device_budget_bytes": core.budget_bytes,
+        "device_slots": core.n_slots,
+        "distribution": core.distribution(),
+        "hardware": core.hardware.name,
+    }

@@ -1,0 +1,64 @@
+"""One MoE-layer visit as the decision core sees it: which experts a layer needs now, and how much.
+
+Model-independent: the engine builds it from the routing it reads back, the simulator from a trace row
+group. Both hand the same record to `DecisionCore.visit`, so both make the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One MoE layer of one forward pass: the distinct experts it needs and what the cost model needs."""
+
+    phase: str  # prefill | decode
+    step: int  # 0 = prefill, i = i-th decode forward
+    layer: int
+    experts: tuple[int, ...]  # distinct, ascending (np.unique order)
+    tokens_per_expert: tuple[int, ...]  # routed tokens per expert in `experts` (activation matrices)
+    max_weight: tuple[float, ...]  # largest routing weight per expert in `experts` (HOBBIT); may be ()
+    n_tokens: int
+    context: int  # keys per query: prompt length (prefill) or cache length (decode)
+    batch: int
+    pregate_top_HNK: np.ndarray | None = None  # later routers' top-k ids for this visit's tokens
+
+    def tokens(self, e: int) -> int:
+        return self.tokens_per_expert[self.experts.index(e)]
+
+
+def visit_of_ids(
+    phase: str,
+    step: int,
+    layer: int,
+    ids_BTK: np.ndarray,
+    weights_BTK=None,
+    pregate_top_HNK=None,
+    context: int = 0,
+) -> Visit:
+    """The visit of routed ids [B, T, K] (ids < 0: tokens that skip the layer). `weights_BTK` only where
+    a policy reads the largest routing weight per expert (HOBBIT)."""
+    B, T = ids_BTK.shape[:2]
+    flat = ids_BTK.ravel().tolist()  # plain Python on a few dozen ints beats numpy's per-call overhead
+    counts = Counter(e for e in flat if e >= 0)
+    experts = tuple(sorted(counts))
+    maxw: tuple = ()
+    if weights_BTK is not None:
+        w = np.asarray(weights_BTK)
+        maxw = tuple(float(w[ids_BTK == e].max()) for e in experts)
+    return Visit(
+        phase,
+        step,
+        layer,
+        experts,
+        tuple(counts[e] for e in experts),
+        maxw,
+        B * T,
+        context,
+        B,
+        pregate_top_HNK,
+    )
