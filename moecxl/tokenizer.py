@@ -300,7 +300,7 @@ def _model_ids(model_dir: Path | None, cfg) -> tuple[dict, dict]:
         if not files and (model_dir / OUR_CONFIG).is_file():
             d = _read_json(model_dir / OUR_CONFIG)
             merged = {k: v for k, v in d.get("model", d).items() if k in (*keys, "vocab_size", "family")}
-            return merged, {k: OUR_CONFIG for k in merged}
+            return merged, {k: str(model_dir / OUR_CONFIG) for k in merged}
     if not files and cfg is not None:
         merged = {k: getattr(cfg, k, None) for k in keys} | {
             "vocab_size": cfg.vocab_size,
