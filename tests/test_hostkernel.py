@@ -1,0 +1,167 @@
+"""The host expert kernel against the float64 loop reference, its errors, its timing table and the bench.
+
+Shapes are tiny and chosen to reach every branch: D and F not multiples of 4 (row remainders), token
+counts under and over DIRECT_MAX_TOKENS (direct and blocked nests, token remainders), matrices split
+over threads (PARALLEL_MIN_BYTES lowered) and not. Compiling the loops (bf16, int8, float32) is most of
+this file's time; numba's on-disk cache makes a second run fast.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from moecxl.memory import hostbench, hostkernel
+from moecxl.memory.hostkernel import (
+    HostKernelError,
+    KernelTable,
+    expert_forward,
+    kernel_expert_s,
+    supported,
+)
+from moecxl.memory.store import ExpertLayout, HostStore, quantize_int8
+from moecxl.memory.tiers import Hardware
+from moecxl.model import MoEDecoder
+from tests.conftest import tiny_config
+from tests.reference_moe import reference_moe
+
+D, F = 22, 37  # not multiples of 4: the row loops' remainders run
+SWIGLU = ExpertLayout(((D, F), (D, F), (F, D)), "bfloat16")
+
+
+def _expert(layout: ExpertLayout, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(layout.numel) * 0.3).astype(layout.np_dtype)
+
+
+def _reference(x_ND, mats) -> np.ndarray:
+    """The float64 loop reference for one expert (E = 1, K = 1, weight 1)."""
+    ins, out = mats[:-1], mats[-1]
+    n = len(x_ND)
+    return reference_moe(
+        x_ND, np.zeros((n, 1), int), np.ones((n, 1)), [w[None] for w in ins], np.asarray(out)[None]
+    )
+
+
+def _close(y, ref, rtol):
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 4, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_swiglu_matches_reference(n_tokens, threads, monkeypatch):
+    if threads > 1:  # tiny matrices run on the calling thread unless told otherwise
+        monkeypatch.setattr(hostkernel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(hostkernel, "n_threads", lambda: threads)
+    packed = _expert(SWIGLU)
+    x = np.random.default_rng(n_tokens).standard_normal((n_tokens, D)).astype(np.float32)
+    y = expert_forward(x, packed, SWIGLU)
+    # bf16 weights are exact in float32; what is left is float32 accumulation.
+    _close(y, _reference(x, [m.astype(np.float64) for m in SWIGLU.unpack(packed)]), 1e-5)
+    bits = packed.view(np.uint16)  # the same expert as its bit pattern
+    np.testing.assert_array_equal(expert_forward(x, bits, SWIGLU), y)
+
+
+def test_int8_with_scales_matches_dequantized_reference():
+    packed = _expert(SWIGLU, seed=1)
+    q, scales = quantize_int8(packed, SWIGLU)
+    x = np.random.default_rng(2).standard_normal((5, D)).astype(np.float32)
+    mats, o, r = [], 0, 0
+    for shape, n in zip(SWIGLU.shapes, SWIGLU.sizes):  # dequantise in float64: one scale per row
+        rows = n // shape[-1]
+        mats.append(q[o : o + n].reshape(rows, shape[-1]) * scales[r : r + rows, None].astype(np.float64))
+        o, r = o + n, r + rows
+    y = expert_forward(x, (q, scales), SWIGLU)
+    _close(y, _reference(x, mats), 1e-5)
+    # and within int8's own tolerance of the bf16 expert it came from
+    _close(y, _reference(x, [m.astype(np.float64) for m in SWIGLU.unpack(packed)]), 0.05)
+
+
+def test_float32_relu_expert_matches_reference():
+    layout = ExpertLayout(((D, F), (F, D)), "float32")
+    packed = _expert(layout, seed=3)
+    x = np.random.default_rng(4).standard_normal((6, D)).astype(np.float32)
+    y = expert_forward(x, packed, layout, act="relu")
+    _close(y, _reference(x, [m.astype(np.float64) for m in layout.unpack(packed)]), 1e-5)
+
+
+def test_reads_what_the_host_store_holds():
+    """The store's pinned_host copies (bf16) and int8 pairs go straight in: no float32 copy first."""
+    model = MoEDecoder(tiny_config(dtype="bfloat16", num_layers=1, num_experts=2), rngs=nnx.Rngs(0))
+    hw = Hardware.from_yaml("configs/hardware/cpu-local.yaml")
+    store = HostStore(model, hw, {(0, e): "dram" for e in range(2)}, low_precision=True)
+    try:
+        layout = store.layout
+        (gate, up), down = next(layer.experts.arrays() for layer in model.layers)
+        x = np.random.default_rng(5).standard_normal((3, layout.shapes[0][0])).astype(np.float32)
+        for e in range(2):
+            ref = _reference(x, [np.asarray(w[e], np.float64) for w in (gate, up, down)])
+            src = store.source((0, e))
+            assert type(src).__module__.startswith("jax")  # a pinned_host array, read in place
+            _close(expert_forward(x, src, layout), ref, 1e-5)
+            _close(expert_forward(x, store.source((0, e), low_precision=True), layout), ref, 0.05)
+    finally:
+        store.close()
+
+
+def test_supported_dtypes_and_clear_errors():
+    assert all(supported(d) for d in ("bfloat16", ml_dtypes.bfloat16, "float32", np.int8))
+    assert not any(supported(d) for d in ("float16", "int4", np.float64, "nonsense"))
+    x = np.zeros((1, D), np.float32)
+    half = ExpertLayout(SWIGLU.shapes, "float16")
+    with pytest.raises(HostKernelError, match="float16.*not supported"):
+        expert_forward(x, np.zeros(half.numel, np.float16), half)
+    q, s = quantize_int8(_expert(SWIGLU), SWIGLU)
+    with pytest.raises(HostKernelError, match="int8 expert needs its scales"):
+        expert_forward(x, q, SWIGLU)
+    with pytest.raises(HostKernelError, match=r"2 scales, layout .* has 81 rows"):
+        expert_forward(x, (q, s[:2]), SWIGLU)
+    with pytest.raises(HostKernelError, match="needs 2442"):
+        expert_forward(x, _expert(SWIGLU)[:-1], SWIGLU)
+    with pytest.raises(HostKernelError, match=r"activations of shape \(1, 5\), expected \[N, 22\]"):
+        expert_forward(np.zeros((1, 5), np.float32), _expert(SWIGLU), SWIGLU)
+    with pytest.raises(HostKernelError, match="act 'relu' with 3 matrices"):
+        expert_forward(x, _expert(SWIGLU), SWIGLU, act="relu")
+
+
+def _table(points):
+    return KernelTable({("bfloat16", n): g for n, g in points.items()}, read_gbps=30.0, source="test")
+
+
+def test_kernel_expert_s_interpolates_the_measured_table():
+    t = _table({1: 20.0, 4: 10.0, 32: 2.0})
+    nbytes = 352_000_000
+    assert kernel_expert_s("bfloat16", 1, nbytes, t) == pytest.approx(nbytes / 20e9)
+    assert kernel_expert_s("bfloat16", 4, nbytes, t) == pytest.approx(nbytes / 10e9)
+    # halfway between 1 and 4 tokens in time per byte
+    mid = (1 / 20e9 + 1 / 10e9) / 2
+    assert kernel_expert_s("bfloat16", 2.5, nbytes, t) == pytest.approx(nbytes * mid)
+    # beyond the largest: the last segment continued (compute grows with tokens)
+    slope = (1 / 2e9 - 1 / 10e9) / 28
+    assert kernel_expert_s("bfloat16", 64, nbytes, t) == pytest.approx(nbytes * (1 / 2e9 + 32 * slope))
+    # time scales with the target's expert bytes; no tokens, no time
+    assert kernel_expert_s("bfloat16", 4, 2 * nbytes, t) == pytest.approx(2 * nbytes / 10e9)
+    assert kernel_expert_s("bfloat16", 0, nbytes, t) == 0.0
+    with pytest.raises(HostKernelError, match="no measured kernel rate for dtype 'int8'"):
+        kernel_expert_s("int8", 1, nbytes, t)
+
+
+def test_hostbench_record_round_trips_into_a_table(tmp_path):
+    rec = hostbench.run(
+        d_model=16, d_ff=24, tokens=(1, 4), repeats=1, n_experts=2, read_bytes=1 << 20, peak_n=128,
+        baseline=False, log=lambda s: None,
+    )  # fmt: skip
+    assert {(r["dtype"], r["n_tokens"]) for r in rec["kernel"]} == {
+        (d, n) for d in ("bfloat16", "int8") for n in (1, 4)
+    }
+    assert rec["read"]["gbps"] > 0 and rec["machine"]["cores"] >= 1 and len(rec["load_avg_before"]) == 3
+    path = tmp_path / "hostbench.json"
+    path.write_text(__import__("json").dumps(rec))
+    table = KernelTable.from_bench(path)
+    assert table.gbps[("int8", 4)] == pytest.approx(rec["kernel"][3]["kernel_gbps"])
+    assert table.source.startswith("measurement: moecxl.memory.hostbench")
+    assert hostbench.efficiency(rec, "bfloat16", 1) == pytest.approx(rec["kernel"][0]["kernel_over_read"])
+    with pytest.raises(HostKernelError, match="not a hostbench record"):
+        KernelTable.from_bench({"kernel": []})
