@@ -22,7 +22,7 @@ from moecxl.memory.hostkernel import (
     supported,
 )
 from moecxl.memory.store import ExpertLayout, HostStore, quantize_int8
-from moecxl.memory.tiers import Hardware
+from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.model import MoEDecoder
 from tests.conftest import tiny_config
 from tests.reference_moe import reference_moe
@@ -165,3 +165,33 @@ def test_hostbench_record_round_trips_into_a_table(tmp_path):
     assert hostbench.efficiency(rec, "bfloat16", 1) == pytest.approx(rec["kernel"][0]["kernel_over_read"])
     with pytest.raises(HostKernelError, match="not a hostbench record"):
         KernelTable.from_bench({"kernel": []})
+
+
+def test_profiles_carry_the_measured_kernel_efficiency():
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    eff = hw.host.kernel_efficiency
+    assert 0.5 < eff <= 1.0 and hw.host.source_of("kernel_efficiency").startswith("measurement")
+    assert hw.host.mem_gbps == pytest.approx(230 * eff, abs=1)  # socket read rate x measured efficiency
+    assert "measured efficiency 0.81" in hw.host.source_of("mem_gbps")
+    assert Hardware.from_dict(hw.to_dict()) == hw
+    assert Hardware.from_yaml("configs/hardware/cpu-local.yaml").host.kernel_efficiency is None  # optional
+    bad = hw.to_dict()
+    bad["host"]["kernel_efficiency"] = 3.0
+    with pytest.raises(HardwareError, match=r"host.kernel_efficiency: expected a ratio in \(0, 1.5\]"):
+        Hardware.from_dict(bad)
+    bad["host"]["kernel_efficiency"] = 0.8
+    bad["host"]["source"] = {"default": "assumption: x", "kernel_eff": "measurement: y"}
+    with pytest.raises(HardwareError, match="kernel_eff: not a field"):
+        Hardware.from_dict(bad)
+
+
+def test_detect_takes_a_host_kernel_measurement():
+    kernel = {"read_gbps": 30.0, "kernel_gbps": 24.0, "gflops": 120.0, "source": "a test run"}
+    hw = Hardware.detect(memcpy_gbps=10.0, tflops=0.1, host_kernel=kernel)
+    assert hw.host.mem_gbps == 24.0 and hw.host.kernel_efficiency == pytest.approx(0.8)
+    assert hw.host.gflops == 120.0
+    assert "read rate 30.0 GB/s x efficiency 0.80" in hw.host.source_of("mem_gbps")
+    assert Hardware.from_dict(hw.to_dict()) == hw
+    assert Hardware.detect(memcpy_gbps=10.0, tflops=0.1).host is None  # no measurement, no host block
+    with pytest.raises(HardwareError, match=r"host_kernel lacks \['gflops', 'source'\]"):
+        Hardware.detect(memcpy_gbps=10.0, tflops=0.1, host_kernel={"read_gbps": 1, "kernel_gbps": 1})

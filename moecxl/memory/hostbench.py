@@ -26,6 +26,7 @@ import numpy as np
 
 from moecxl.memory.hostkernel import BF16, expert_forward
 from moecxl.memory.store import ExpertLayout, quantize_int8
+from moecxl.memory.tiers import Hardware
 
 MIB = 1 << 20
 READ_BYTES = 512 * MIB
@@ -201,6 +202,32 @@ def run(
         "kernel": rows,
         "baseline": base if baseline and "bfloat16" in dtypes else None,
     }
+
+
+def measure_host_kernel(
+    d_model: int = 2048, d_ff: int = 7168, n_tokens: int = 16, n_experts: int = 4, repeats: int = 3
+) -> dict:
+    """A quick measurement for `Hardware.detect(host_kernel=...)`: the read rate, the kernel's bf16 rate at
+    1 token and its GFLOP/s at `n_tokens`, on experts of d_model x d_ff (default 88 MB each, cycled over
+    `n_experts` so that they do not sit in the last-level cache). A few seconds (plus compiling once)."""
+    rec = run(
+        d_model, d_ff, (1, n_tokens), ("bfloat16",), repeats, n_experts, 256 * MIB, baseline=False,
+        log=lambda s: None, peak_n=1024,
+    )  # fmt: skip
+    one, big = rec["kernel"]
+    return {
+        "read_gbps": one["read_gbps"],
+        "kernel_gbps": one["kernel_gbps"],
+        "gflops": big["kernel_gflops"],
+        "source": f"moecxl.memory.hostbench.measure_host_kernel on {rec['machine']['cpu']} "
+        f"({rec['machine']['cores']} cores, {rec['machine']['hostname']}), {rec['date']}, "
+        f"load {rec['load_avg_before'][0]:.2f}",
+    }
+
+
+def detect_hardware(**kw) -> Hardware:
+    """`Hardware.detect(**kw)` with a `host:` block measured by `measure_host_kernel()`."""
+    return Hardware.detect(host_kernel=measure_host_kernel(), **kw)
 
 
 def efficiency(record: dict, dtype: str = "bfloat16", n_tokens: int = 1) -> float:

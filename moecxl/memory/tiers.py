@@ -89,11 +89,17 @@ class Tier:
 @dataclass(frozen=True)
 class Host:
     """The host CPUs, for computing an expert where it lives: sustained GFLOP/s on an expert FFN and
-    the memory read rate they reach (a tier slower than this caps it)."""
+    the memory read rate they reach (a tier slower than this caps it).
+
+    `kernel_efficiency` (optional) is the host expert kernel's measured expert bytes/s over the same
+    machine's read rate (`python -m moecxl.memory.hostbench`); where a profile gives it, `mem_gbps`
+    already includes it (read rate x efficiency), and its source says how.
+    """
 
     name: str
     gflops: float
     mem_gbps: float
+    kernel_efficiency: float | None = None
     sources: Sources = ()
 
     source_of = _source_of
@@ -129,8 +135,14 @@ _TIER_FIELDS = {
     "via": ("strlist", False),
     "numa_node": ("node", False),
 }
-_NUMERIC = ("pos", "nonneg", "int")
-_HOST_FIELDS = {"name": ("str", True), "gflops": ("pos", True), "mem_gbps": ("pos", True)}
+_HOST_FIELDS = {
+    "name": ("str", True),
+    "gflops": ("pos", True),
+    "mem_gbps": ("pos", True),
+    "kernel_efficiency": ("ratio", False),
+}
+_NUMERIC = ("pos", "nonneg", "int", "ratio")
+MAX_KERNEL_EFFICIENCY = 1.5  # a kernel reading faster than 1.5x a float32 GEMV's read rate is a mistake
 _PROFILE_KEYS = {"name", "description", "include", "gpu", "links", "tiers", "faults", "host"}
 
 
@@ -154,6 +166,8 @@ def _check_value(ctx: _Ctx, key: str, kind: str, v: Any) -> Any:
             raise ctx.fail(key, f"expected a number > 0, got {v!r}")
         if kind == "nonneg" and v < 0:
             raise ctx.fail(key, f"expected a number >= 0, got {v!r}")
+        if kind == "ratio" and not 0 < v <= MAX_KERNEL_EFFICIENCY:
+            raise ctx.fail(key, f"expected a ratio in (0, {MAX_KERNEL_EFFICIENCY}], got {v!r}")
         return v
     if kind == "kind":
         if v not in TIER_KINDS:
@@ -421,6 +435,7 @@ class Hardware:
         sysfs_root: str | os.PathLike = "/sys",
         memcpy_gbps: float | None = None,
         tflops: float | None = None,
+        host_kernel: Mapping[str, Any] | None = None,
     ) -> Hardware:
         """Describe the running machine from sysfs: NUMA nodes, HMAT numbers, memory tiers.
 
@@ -428,8 +443,13 @@ class Hardware:
         `cxl-nodeN` candidates. Numbers come from HMAT where present, else from a host memcpy measurement
         (`memcpy_gbps`, `tflops` skip the measurement) or labelled assumptions. `sysfs_root` lets tests
         point at a fake tree.
+
+        `host_kernel` adds a `host:` block from a measurement of the host expert kernel on this machine
+        (`moecxl.memory.hostbench.measure_host_kernel()`, or `hostbench.detect_hardware()` for both at
+        once): {"read_gbps", "kernel_gbps", "gflops", "source"}; `mem_gbps` is the kernel's own rate,
+        `kernel_efficiency` its share of the read rate.
         """
-        return _detect(cls, Path(sysfs_root), memcpy_gbps, tflops)
+        return _detect(cls, Path(sysfs_root), memcpy_gbps, tflops, host_kernel)
 
 
 def _mapping(ctx: _Ctx, key: str, v: Any, required: bool = False) -> dict:
@@ -594,7 +614,37 @@ def _memory_tiers(root: Path) -> dict[int, int]:
     return out
 
 
-def _detect(cls: type[Hardware], root: Path, memcpy_gbps: float | None, tflops: float | None) -> Hardware:
+def _host_block(kernel: Mapping[str, Any]) -> dict[str, Any]:
+    """A profile's `host:` entry from a host-kernel measurement (see `Hardware.detect`)."""
+    need = ("read_gbps", "kernel_gbps", "gflops", "source")
+    missing = [k for k in need if k not in kernel]
+    if missing:
+        raise HardwareError(f"Hardware.detect: host_kernel lacks {missing}; expected keys {list(need)}")
+    read, rate = float(kernel["read_gbps"]), float(kernel["kernel_gbps"])
+    eff = rate / read
+    where = str(kernel["source"])
+    return {
+        "name": "cpu",
+        "gflops": float(kernel["gflops"]),
+        "mem_gbps": rate,
+        "kernel_efficiency": round(eff, 3),
+        "source": {
+            "default": f"measurement: {where}",
+            "gflops": f"measurement: host expert kernel GFLOP/s at its largest measured batch ({where})",
+            "mem_gbps": f"measurement: host expert kernel, bf16, 1 token: {rate:.1f} GB/s = read rate "
+            f"{read:.1f} GB/s x efficiency {eff:.2f} ({where})",
+            "kernel_efficiency": f"measurement: kernel {rate:.1f} GB/s / float32 GEMV read {read:.1f} GB/s ({where})",
+        },
+    }
+
+
+def _detect(
+    cls: type[Hardware],
+    root: Path,
+    memcpy_gbps: float | None,
+    tflops: float | None,
+    host_kernel: Mapping[str, Any] | None = None,
+) -> Hardware:
     node_root = root / "devices/system/node"
     dirs = sorted(node_root.glob("node[0-9]*"), key=lambda p: int(p.name[4:]))
     if not dirs:
@@ -687,6 +737,8 @@ def _detect(cls: type[Hardware], root: Path, memcpy_gbps: float | None, tflops: 
         "links": {"host-memcpy": {"gbps": memcpy_gbps, "pageable_gbps": memcpy_gbps, "source": measured}},
         "tiers": tiers,
     }
+    if host_kernel is not None:
+        data["host"] = _host_block(host_kernel)
     return cls.from_dict(data, origin=f"detected from {root}")
 
 
