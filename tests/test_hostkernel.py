@@ -8,12 +8,16 @@ this file's time; numba's on-disk cache makes a second run fast.
 
 from __future__ import annotations
 
+from collections import namedtuple
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 
-from moecxl.memory import hostbench, hostkernel
+import moecxl
+from moecxl.memory import fullsize, hostbench, hostkernel
 from moecxl.memory.hostkernel import (
     HostKernelError,
     KernelTable,
@@ -21,7 +25,7 @@ from moecxl.memory.hostkernel import (
     kernel_expert_s,
     supported,
 )
-from moecxl.memory.store import ExpertLayout, HostStore, quantize_int8
+from moecxl.memory.store import ExpertLayout, HostStore, expert_matrices, layout_of, quantize_int8
 from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.model import MoEDecoder
 from tests.conftest import tiny_config
@@ -29,6 +33,7 @@ from tests.reference_moe import reference_moe
 
 D, F = 22, 37  # not multiples of 4: the row loops' remainders run
 SWIGLU = ExpertLayout(((D, F), (D, F), (F, D)), "bfloat16")
+shutil_usage = namedtuple("usage", "total used free")
 
 
 def _expert(layout: ExpertLayout, seed: int = 0) -> np.ndarray:
@@ -195,3 +200,54 @@ def test_detect_takes_a_host_kernel_measurement():
     assert Hardware.detect(memcpy_gbps=10.0, tflops=0.1).host is None  # no measurement, no host block
     with pytest.raises(HardwareError, match=r"host_kernel lacks \['gflops', 'source'\]"):
         Hardware.detect(memcpy_gbps=10.0, tflops=0.1, host_kernel={"read_gbps": 1, "kernel_gbps": 1})
+
+
+# ---- the full-size checkpoint command -------------------------------------------------------------------
+def test_fullsize_plan_and_a_tiny_checkpoint_that_loads(tmp_path):
+    p = fullsize.plan(fullsize.config())  # the default: 2 MoE layers x 8 Mixtral-8x7B experts
+    assert p.expert_bytes == 2 * 8 * 3 * 4096 * 14336 * 2 and p.expert_bytes / p.total_bytes > 0.98
+    out = fullsize.make(tmp_path / "ckpt", fullsize.config(1, 2, d_model=32, d_ff=48), log=lambda s: None)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt"]  # the temporary directory is gone
+    model = moecxl.load(out, experts="host")
+    assert model.cfg.hidden_size == 32 and model.cfg.dtype == "bfloat16"
+    layout = layout_of(model)
+    (gate, up), down = expert_matrices(model)[0]
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    packed = np.empty(layout.numel, layout.np_dtype)
+    layout.pack([gate[1], up[1], down[1]], packed)
+    ref = _reference(x, [np.asarray(w[1], np.float64) for w in (gate, up, down)])
+    _close(expert_forward(x, packed, layout), ref, 1e-5)
+    with pytest.raises(fullsize.FullsizeError, match="exists"):
+        fullsize.make(out, fullsize.config(1, 2, d_model=32, d_ff=48), log=lambda s: None)
+
+
+def test_fullsize_says_how_much_disk_it_needs_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fullsize.shutil, "disk_usage", lambda p: shutil_usage(1, 1, 10**9))
+    with pytest.raises(fullsize.FullsizeError, match=r"1.0 GB free, the checkpoint .* needs 5.8 GB"):
+        fullsize.make(tmp_path / "ckpt", log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(fullsize, "mem_available_bytes", lambda: 10**9)
+    with pytest.raises(fullsize.FullsizeError, match=r"needs ~7.1 GB of host memory .* 1.0 GB is available"):
+        fullsize.check_ram(fullsize.plan(fullsize.config()))
+
+
+@pytest.mark.slow
+def test_fullsize_full_width_expert_loads_lazily_and_computes(tmp_path):
+    """One MoE layer x 2 experts at Mixtral-8x7B's width (0.7 GB): the checkpoint loads without a second
+    resident copy of its experts, and the kernel agrees with float32 BLAS on the real-size expert."""
+    out = fullsize.make(tmp_path / "ckpt", fullsize.config(1, 2), log=lambda s: None)
+    model = moecxl.load(out, experts="host")
+    layout = layout_of(model)
+    assert layout.nbytes == 352_321_536
+    status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())
+    rss_bytes = int(status["VmRSS"].split()[0]) * 1024
+    assert rss_bytes < 2 * 2 * layout.nbytes + 2 * 10**9  # the experts, the interpreter and JAX; no more
+    (gate, up), down = expert_matrices(model)[0]
+    packed = np.empty(layout.numel, layout.np_dtype)
+    layout.pack([gate[0], up[0], down[0]], packed)
+    x = np.random.default_rng(0).standard_normal((3, 4096)).astype(np.float32)
+    g, u = x @ gate[0].astype(np.float32), x @ up[0].astype(np.float32)
+    ref = (g / (1 + np.exp(-g)) * u) @ down[0].astype(np.float32)
+    np.testing.assert_allclose(
+        expert_forward(x, packed, layout), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()
+    )
