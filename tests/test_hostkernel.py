@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import namedtuple
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 import moecxl
 from moecxl.memory import fullsize, hostbench, hostkernel
@@ -27,8 +27,6 @@ from moecxl.memory.hostkernel import (
 )
 from moecxl.memory.store import ExpertLayout, HostStore, expert_matrices, layout_of, quantize_int8
 from moecxl.memory.tiers import Hardware, HardwareError
-from moecxl.model import MoEDecoder
-from tests.conftest import tiny_config
 from tests.reference_moe import reference_moe
 
 D, F = 22, 37  # not multiples of 4: the row loops' remainders run
@@ -49,6 +47,15 @@ def _reference(x_ND, mats) -> np.ndarray:
     )
 
 
+def _pinned(a: np.ndarray) -> jax.Array:
+    dev = jax.devices()[0]
+    kinds = {m.kind for m in dev.addressable_memories()}
+    return jax.device_put(
+        a,
+        jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host" if "pinned_host" in kinds else None),
+    )
+
+
 def _close(y, ref, rtol):
     assert y.dtype == np.float32 and y.shape == ref.shape
     np.testing.assert_allclose(y, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
@@ -65,8 +72,9 @@ def test_bf16_swiglu_matches_reference(n_tokens, threads, monkeypatch):
     y = expert_forward(x, packed, SWIGLU)
     # bf16 weights are exact in float32; what is left is float32 accumulation.
     _close(y, _reference(x, [m.astype(np.float64) for m in SWIGLU.unpack(packed)]), 1e-5)
-    bits = packed.view(np.uint16)  # the same expert as its bit pattern
+    bits = packed.view(np.uint16)  # the same expert as its bit pattern, and as a pinned_host jax array
     np.testing.assert_array_equal(expert_forward(x, bits, SWIGLU), y)
+    np.testing.assert_array_equal(expert_forward(x, _pinned(packed), SWIGLU), y)
 
 
 def test_int8_with_scales_matches_dequantized_reference():
@@ -84,29 +92,28 @@ def test_int8_with_scales_matches_dequantized_reference():
     _close(y, _reference(x, [m.astype(np.float64) for m in SWIGLU.unpack(packed)]), 0.05)
 
 
-def test_float32_relu_expert_matches_reference():
-    layout = ExpertLayout(((D, F), (F, D)), "float32")
+def test_relu_expert_matches_reference():
+    layout = ExpertLayout(((D, F), (F, D)), "bfloat16")
     packed = _expert(layout, seed=3)
     x = np.random.default_rng(4).standard_normal((6, D)).astype(np.float32)
     y = expert_forward(x, packed, layout, act="relu")
     _close(y, _reference(x, [m.astype(np.float64) for m in layout.unpack(packed)]), 1e-5)
 
 
-def test_reads_what_the_host_store_holds():
-    """The store's pinned_host copies (bf16) and int8 pairs go straight in: no float32 copy first."""
-    model = MoEDecoder(tiny_config(dtype="bfloat16", num_layers=1, num_experts=2), rngs=nnx.Rngs(0))
+def test_reads_what_the_host_store_holds(tiny_model):
+    """The store's pinned_host copies and int8 pairs go straight in: no float32 copy first."""
     hw = Hardware.from_yaml("configs/hardware/cpu-local.yaml")
-    store = HostStore(model, hw, {(0, e): "dram" for e in range(2)}, low_precision=True)
+    store = HostStore(tiny_model, hw, {(1, e): "dram" for e in range(2)}, low_precision=True)
     try:
         layout = store.layout
-        (gate, up), down = next(layer.experts.arrays() for layer in model.layers)
+        (gate, up), down = expert_matrices(tiny_model)[1]
         x = np.random.default_rng(5).standard_normal((3, layout.shapes[0][0])).astype(np.float32)
         for e in range(2):
             ref = _reference(x, [np.asarray(w[e], np.float64) for w in (gate, up, down)])
-            src = store.source((0, e))
+            src = store.source((1, e))
             assert type(src).__module__.startswith("jax")  # a pinned_host array, read in place
             _close(expert_forward(x, src, layout), ref, 1e-5)
-            _close(expert_forward(x, store.source((0, e), low_precision=True), layout), ref, 0.05)
+            _close(expert_forward(x, store.source((1, e), low_precision=True), layout), ref, 0.05)
     finally:
         store.close()
 
