@@ -415,8 +415,12 @@ def test_live_predictor_refuses_other_shapes_and_does_not_retrace(chain_run, tmp
         LivePredictor.load(tmp_path)
     from predictor.live import _live_probs
 
-    engine = SimpleNamespace(cfg=cfg, model=model, phase="prefill", step=0)
+    lp.bind(model)
+    engine = SimpleNamespace(phase="prefill", step=0)
     rng = np.random.default_rng(0)
+
+    def visit(m):
+        return SimpleNamespace(phase=engine.phase, step=engine.step, layer=m)
 
     def co(T_):
         ids_BTK = np.stack([rng.choice(E, K, replace=False) for _ in range(T_)])[None]
@@ -427,14 +431,14 @@ def test_live_predictor_refuses_other_shapes_and_does_not_retrace(chain_run, tmp
         )
 
     for m in range(L):
-        cands = lp.candidates(engine, m, co(6), [m + 1, m + 2])
+        cands = lp.candidates(visit(m), [m + 1, m + 2], co(6))
         assert all(m < layer <= m + 2 for (layer, _), _ in cands)
         assert [p for _, p in cands] == sorted((p for _, p in cands), reverse=True)
     size = _live_probs._cache_size()
     for step in range(1, 4):
         engine.phase, engine.step = "decode", step
         for m in range(L):
-            lp.candidates(engine, m, co(1), [m + 1])
+            lp.candidates(visit(m), [m + 1], co(1))
             if m == 0 and step > 1:
                 assert lp._prev[1] is not None  # the previous token's routing is history now
     assert _live_probs._cache_size() <= size + 1  # one trace for decode, none per token or layer

@@ -248,7 +248,9 @@ class TransferEngine:
         with self._lock:
             return self.clock.reserve_host_read(tier, nbytes, at_s)
 
-    def submit(self, key, tier: str, low_precision: bool = False) -> Transfer:
+    def submit(self, key, tier: str, low_precision: bool = False, clock_bytes: int | None = None) -> Transfer:
+        """Copy `key` from `tier`; the clock books `clock_bytes` (default: the copy's bytes, scaled to
+        the emulated expert's size)."""
         if tier in self.offline:
             raise TransferError(f"tier {tier!r} is offline; cannot copy expert {key}")
         nbytes = self.store.layout.nbytes
@@ -256,9 +258,10 @@ class TransferEngine:
             q, s = self.store.source(key, low_precision=True)
             nbytes = q.nbytes + s.nbytes
         # The clock books the bytes of the expert being emulated (e.g. a Mixtral expert), not ours.
-        clock_bytes = nbytes
-        if self.emulated_bytes:
-            clock_bytes = int(nbytes * self.emulated_bytes / self.store.layout.nbytes)
+        if clock_bytes is None:
+            clock_bytes = nbytes
+            if self.emulated_bytes:
+                clock_bytes = int(nbytes * self.emulated_bytes / self.store.layout.nbytes)
         now = self.now_s()
         with self._lock:
             _, done = self.clock.reserve(tier, clock_bytes, now)

@@ -107,9 +107,11 @@ def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD,
     return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
 
 
-@jax.jit
-def _router_scores(xn_BTD, routers_HDE):
-    return jnp.einsum("BTD,HDE->HBTE", xn_BTD.astype(jnp.float32), routers_HDE.astype(jnp.float32))
+@functools.partial(jax.jit, static_argnums=(2,))
+def _pregate_top(xn_BTD, routers_HDE, K: int):
+    """Top-k ids of the next H routers on this layer's input [H, B, T, K] (as `sim.predict` computes them)."""
+    scores = jnp.einsum("BTD,HDE->HBTE", xn_BTD.astype(jnp.float32), routers_HDE.astype(jnp.float32))
+    return jax.lax.top_k(scores, K)[1]
 
 
 class OffloadEngine:
@@ -224,7 +226,11 @@ class OffloadEngine:
             reader=reader,
         )
         self.store = HostStore(
-            model, self.hardware, self.placement, nvme_dir=nvme_dir, low_precision=policy.low_precision_on_miss
+            model,
+            self.hardware,
+            self.placement,
+            nvme_dir=nvme_dir,
+            low_precision=policy.low_precision_on_miss or quality_budget > 0,  # int8 copies may be asked for
         )
         if emulate is None:
             emulate = not _is_local(self.hardware)
@@ -372,11 +378,10 @@ class OffloadEngine:
         top_HNK = None
         if self._routers_ahead is not None and m + 1 < self.L:
             # Pre-gate: later routers on this layer's input, read back with the ids (one sync, not two).
-            scores = _router_scores(co.xn_BTD, self._routers_ahead[m])
+            top = _pregate_top(co.xn_BTD, self._routers_ahead[m], self.K)
             t_sync = time.perf_counter()
-            ids, scores = jax.device_get((co.ids_BTK, scores))
-            H, E = scores.shape[0], scores.shape[-1]
-            top_HNK = np.argsort(-scores.reshape(H, -1, E), axis=-1)[..., : self.K]
+            ids, top = jax.device_get((co.ids_BTK, top))
+            top_HNK = top.reshape(top.shape[0], -1, self.K)
         else:
             t_sync = time.perf_counter()
             ids = np.asarray(co.ids_BTK)  # the one host sync per MoE layer (waits for the layer's compute)
@@ -455,12 +460,14 @@ class OffloadEngine:
         try:
             if stripe is not None:
                 return self.transfers.submit_striped(key, stripe)
-            return self.transfers.submit(key, plan.label, low_precision=low_precision)
+            clock_bytes = self.core.lowp_bytes if low_precision else None  # as the core planned it
+            return self.transfers.submit(key, plan.label, low_precision=low_precision, clock_bytes=clock_bytes)
         except TransferError as e:
             raise CopyFailed(str(e)) from e
         finally:
-            busy = time.perf_counter() - t0 - (self._install_wait_s - install_wait_s0)
-            self.fetch_overhead_s = _ema(self.fetch_overhead_s, busy)
+            if not self.virtual:  # a virtual clock counts no measured overhead: deterministic decisions
+                busy = time.perf_counter() - t0 - (self._install_wait_s - install_wait_s0)
+                self.fetch_overhead_s = _ema(self.fetch_overhead_s, busy)
 
     def land(self, key, copy, slot: int) -> None:
         """Block until the copy is there; the write into the slot arrays waits for `_flush`, batched
@@ -543,7 +550,7 @@ class OffloadEngine:
             values = tuple(v for v, _ in group)
             slots_G = np.array([slot for _, slot in group], np.int32)
             self._cache = _install(self._cache, values, slots_G, self.layout)
-        if landed:
+        if landed and not self.virtual:
             self.install_overhead_s = _ema(self.install_overhead_s, (time.perf_counter() - t0) / len(landed))
 
     # ---- mechanisms a user asks for --------------------------------------------------------------------

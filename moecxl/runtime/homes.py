@@ -67,19 +67,24 @@ def rehome(core, key) -> None:
     core.event("rehome", layer=key[0], expert=key[1], tier=target)
 
 
+def used_target_bytes(core) -> dict:
+    """Bytes used per tier, counted in the target's experts (`core.clock_bytes` each): an emulated run's
+    store holds small experts standing in for the target's, and capacity is the target's."""
+    scale = core.clock_bytes / core.store.slot_bytes
+    return {t: b * scale for t, b in core.store.used_bytes.items()}
+
+
 def tier_with_room(core, exclude=frozenset(), prefer=("cxl", "dram", "nvme")):
-    store, hw = core.store, core.hardware
+    hw, nbytes, used = core.hardware, core.clock_bytes, used_target_bytes(core)
     for kind in prefer:
         tiers = [t for t in hw.tiers_of_kind(kind) if t.name not in exclude]
         if kind == "cxl":
-            t = placement_mod.select_cxl_device(
-                tiers, dict(store.used_bytes), hw, store.slot_bytes, {}, core.clock_bytes
-            )
+            t = placement_mod.select_cxl_device(tiers, used, hw, nbytes, {}, nbytes)
             if t is not None:
                 return t.name
             continue
         for t in tiers:
-            if store.used_bytes.get(t.name, 0) + store.slot_bytes <= t.capacity_bytes:
+            if used.get(t.name, 0) + nbytes <= t.capacity_bytes:
                 return t.name
     return None
 
@@ -117,7 +122,7 @@ def rebalance(core, max_moves: int | None = None, margin: float = MIGRATION_MARG
     hw = replace(core.hardware, tiers=tuple(t for t in core.hardware.tiers if t.name not in core.offline))
     try:
         proposal = placement_mod.initial_placement(
-            hw, core.L, core.E, core.store.slot_bytes, core.freq_ema, core.clock_bytes, reader=core.reader
+            hw, core.L, core.E, core.clock_bytes, core.freq_ema, core.clock_bytes, reader=core.reader
         )
     except placement_mod.PlacementError:
         return 0
@@ -131,7 +136,7 @@ def rebalance(core, max_moves: int | None = None, margin: float = MIGRATION_MARG
         cur, want = core.store.home(key), proposal[key]
         if cur == want or score.get(want, 0) < score.get(cur, 0) * (1 + margin):
             continue
-        if core.store.used_bytes.get(want, 0) + core.store.slot_bytes > core.hardware.tier(want).capacity_bytes:
+        if used_target_bytes(core).get(want, 0) + nbytes > core.hardware.tier(want).capacity_bytes:
             continue
         m = key[0]
         miss_rate = (c.misses[m] + 1) / (c.misses[m] + c.hits[m] + c.inflight_hits[m] + 2)

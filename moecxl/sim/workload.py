@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moecxl.runtime.visit import Visit
 from moecxl.sim.costmodel import ModelShape
 
 LAYER_MAPS = (None, "tile")
@@ -19,22 +20,6 @@ LAYER_MAPS = (None, "tile")
 
 class WorkloadError(ValueError):
     """A trace does not fit the simulated model or request; the message names both sides."""
-
-
-@dataclass(frozen=True)
-class Visit:
-    """One MoE layer of one forward pass: the distinct experts it needs and what the cost model needs."""
-
-    phase: str  # prefill | decode
-    step: int  # 0 = prefill, i = i-th decode forward
-    layer: int
-    experts: tuple[int, ...]  # distinct, ascending (np.unique order, as the engine sees them)
-    tokens_per_expert: tuple[int, ...]  # routed tokens per expert in `experts` (activation matrices)
-    max_weight: tuple[float, ...]  # largest routing weight per expert in `experts` (HOBBIT)
-    n_tokens: int
-    context: int  # keys per query: prompt length (prefill) or cache length (decode)
-    batch: int
-    pregate_top_HNK: np.ndarray | None = None  # later routers' top-k ids for this visit's tokens
 
 
 @dataclass(frozen=True)
