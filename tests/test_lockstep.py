@@ -139,9 +139,7 @@ def _run(tiny, policy: str, profile: str, budget: float, batch: int):
         replicate_hot=3 if replicated else 0,
         placement="near_data" if spec.host_compute else "uniform",
     )
-    sim = simulate(
-        reqs, shape_of(target), hw, cfg, eam_library=library or (), predictor=sim_predictor
-    )
+    sim = simulate(reqs, shape_of(target), hw, cfg, eam_library=library or (), predictor=sim_predictor)
     return res, eng, sim
 
 
@@ -177,4 +175,3 @@ def test_engine_and_simulator_take_the_same_actions(tiny, policy, profile, budge
 def test_every_policy_profile_budget_and_batch_in_lockstep(tiny, policy, profile, budget, batch):
     res, eng, sim = _run(tiny, policy, profile, budget, batch)
     assert _actions(eng.events) == _actions(sim.events)
-

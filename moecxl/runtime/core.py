@@ -44,8 +44,6 @@ BELADY_WINDOW_PASSES = 4  # Belady's look-ahead: this many passes over the MoE l
 FREQ_EMA_ALPHA = 0.2  # per decode step: activation frequencies for placement and rebalancing
 
 
-
-
 class DecisionCore:
     """The runtime state as the policies see it (cache slots, copies in flight, per-expert statistics,
     homes) and every decision over it. `store`: where copies live (`HostStore` or `VirtualStore`);
@@ -337,7 +335,9 @@ class DecisionCore:
         """Seconds of one whole-expert copy from `tier` on idle links (`copy_time_s`), remembered."""
         memo = self._copy_s_memo.get(tier)
         if memo is None:
-            memo = self._copy_s_memo[tier] = copy_time_s(tier, self.clock_bytes, self.hardware) * self.time_scale
+            memo = self._copy_s_memo[tier] = (
+                copy_time_s(tier, self.clock_bytes, self.hardware) * self.time_scale
+            )
         return memo
 
     def host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
@@ -481,7 +481,9 @@ class DecisionCore:
         if tier is not None and tier not in self.offline and self.store.stripe_of(key) is None:
             # the common case, per miss: one whole copy, not striped (what plan_fetch would pick)
             wait_s = self.clock.expected_wait_s(tier, nbytes, self.mech.now_s())
-            return striping.FetchPlan((tier,), wait_s, False, "low-precision" if low_precision else "no-stripe")
+            return striping.FetchPlan(
+                (tier,), wait_s, False, "low-precision" if low_precision else "no-stripe"
+            )
         if all(t in self.offline for t in self.store.tiers_of(key)):
             homes.rehome(self, key)
         return striping.plan_fetch(
@@ -561,7 +563,9 @@ class DecisionCore:
             else:
                 victim = self.victim(protect | self.inflight.keys(), next_use)
             if victim is None:
-                raise CoreError(f"device cache of {self.n_slots} slots has nothing evictable (all needed now)")
+                raise CoreError(
+                    f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
+                )
             self.evict(victim)
         return self.free_slots.pop()
 

@@ -461,7 +461,9 @@ class OffloadEngine:
             if stripe is not None:
                 return self.transfers.submit_striped(key, stripe)
             clock_bytes = self.core.lowp_bytes if low_precision else None  # as the core planned it
-            return self.transfers.submit(key, plan.label, low_precision=low_precision, clock_bytes=clock_bytes)
+            return self.transfers.submit(
+                key, plan.label, low_precision=low_precision, clock_bytes=clock_bytes
+            )
         except TransferError as e:
             raise CopyFailed(str(e)) from e
         finally:

@@ -186,7 +186,9 @@ def replicate(core, n: int) -> int:
     return done
 
 
-def stripe(core, n: int | None = None, max_width: int = striping.MAX_WIDTH, kinds=("cxl",), freq=None) -> dict:
+def stripe(
+    core, n: int | None = None, max_width: int = striping.MAX_WIDTH, kinds=("cxl",), freq=None
+) -> dict:
     """Stripe the hottest `n` experts (None: every one) across devices chosen by rate and load
     (`striping.stripe_placement`), where a striped read lands sooner than the home copy; the scheduler
     then picks per fetch. Returns {"striped": count, "skipped": {reason: count}}."""

@@ -89,4 +89,6 @@ def check_mechanism(mech) -> None:
         if not hasattr(mech, name)
     ]
     if missing:
-        raise TypeError(f"{type(mech).__name__} is not a Mechanism: missing {', '.join(sorted(set(missing)))}")
+        raise TypeError(
+            f"{type(mech).__name__} is not a Mechanism: missing {', '.join(sorted(set(missing)))}"
+        )

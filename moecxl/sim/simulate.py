@@ -254,7 +254,9 @@ def simulate(
             f"policy {policy.name!r} computes misses on the host but hardware {hw.name!r} has no "
             "'host:' block (gflops, mem_gbps) in its profile"
         )
-    mech = _SimMechanism(hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio))
+    mech = _SimMechanism(
+        hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio)
+    )
     knows_future = policy.prefetch == "oracle" or policy.evict == "belady"
     try:
         core = DecisionCore(
@@ -345,7 +347,20 @@ def _visit_compute_s(shape: ModelShape, hw: Hardware, v: Visit) -> float:
     return visit_s(shape, hw.gpu, v.n_tokens, len(v.experts), v.context, v.batch, v.phase == "prefill")
 
 
-def _metrics(core, mech, ttfts, tpots, tokens, wall_s, requests, cfg: SimConfig, homes_of, busy_s, control_s, shape_name):
+def _metrics(
+    core,
+    mech,
+    ttfts,
+    tpots,
+    tokens,
+    wall_s,
+    requests,
+    cfg: SimConfig,
+    homes_of,
+    busy_s,
+    control_s,
+    shape_name,
+):
     homes_n: dict = defaultdict(int)
     for t in homes_of.values():
         homes_n[t] += 1
