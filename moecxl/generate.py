@@ -21,7 +21,7 @@ from flax import nnx
 
 from moecxl.model.attention import attention_mask
 from moecxl.model.decoder import CoreOut, MoEDecoder
-from moecxl.model.moe import expert_step
+from moecxl.model.steps import _core_jit, _experts_jit, split_flat  # noqa: F401 (re-exported)
 
 
 class GenerationError(ValueError):
@@ -93,30 +93,6 @@ def _embed_fn(embed_VD, ids_BT, key_valid_BS, q_index_BT, window):
 
 
 _embed_jit = jax.jit(_embed_fn, static_argnums=(4,))
-
-
-@functools.lru_cache(maxsize=64)
-def _core_jit(graphdef, treedef):
-    # The state travels as a flat list of arrays: flattening an nnx.State per call costs ~0.4 ms.
-    def core_fn(leaves, x, pos_BT, mask_BTS, kv, start):
-        core = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        return core(x, pos_BT, mask_BTS, kv, start)
-
-    return jax.jit(core_fn, donate_argnums=(4,))
-
-
-def split_flat(module):
-    """(jitted-step key, flat leaves): nnx.split once, then keep only the list of arrays."""
-    graphdef, state = nnx.split(module)
-    leaves, treedef = jax.tree.flatten(state)
-    return (graphdef, treedef), leaves
-
-
-def _experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
-    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E)
-
-
-_experts_jit = jax.jit(_experts_fn)
 
 
 @functools.lru_cache(maxsize=16)

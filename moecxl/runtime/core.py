@@ -10,41 +10,27 @@ the same on the same clock (tests/test_lockstep.py). Memos the hot path needs li
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import replace
-
 import numpy as np
 
-from moecxl.memory.tiers import copy_time_s
 from moecxl.runtime import homes, striping
 from moecxl.runtime import prefetch as prefetch_mod
+from moecxl.runtime.cache import SlotCache
 from moecxl.runtime.gate import (
-    MissCosts,
     ReuseCalibration,
-    copy_for_later,
-    credit_of_reuses,
-    demand_pressure,
-    expected_reuses,
-    host_compute_on_tier_s,
-    miss_decision,
 )
 from moecxl.runtime.mechanism import CopyFailed, CoreError, check_mechanism
 from moecxl.runtime.metrics import MAX_SAMPLES, Counters
+from moecxl.runtime.misses import MissDecisions
 from moecxl.runtime.policies import (
-    EntryStats,
     NextUse,
     Reuse,
-    choose_victims,
-    eviction_score,
-    expected_reuse_distance,
-    reuse_distance_S,
 )
 
 BELADY_WINDOW_PASSES = 4  # Belady's look-ahead: this many passes over the MoE layers
 FREQ_EMA_ALPHA = 0.2  # per decode step: activation frequencies for placement and rebalancing
 
 
-class DecisionCore:
+class DecisionCore(MissDecisions, SlotCache):
     """The runtime state as the policies see it (cache slots, copies in flight, per-expert statistics,
     homes) and every decision over it. `store`: where copies live (`HostStore` or `VirtualStore`);
     `mech`: who carries the actions out (`Mechanism`)."""
@@ -318,146 +304,6 @@ class DecisionCore:
         if pending is not None:
             prefetch_mod.prefetch(self, *pending)
 
-    # ---- the three-way miss decision --------------------------------------------------------------------
-    def host_compute_s(self, key, n_tokens: int) -> float:
-        """Seconds of the host computing one expert where it lives (`gate.host_compute_on_tier_s`), on
-        the run's time scale; a function of the tier and the token count only, so remembered."""
-        tier = self.source(key)
-        memo = self._host_s_memo.get((tier, n_tokens))
-        if memo is None:
-            memo = self.time_scale * host_compute_on_tier_s(
-                self.hardware, tier, n_tokens, self.expert_params, self.clock_bytes, self.hidden_size
-            )
-            self._host_s_memo[(tier, n_tokens)] = memo
-        return memo
-
-    def copy_s(self, tier: str) -> float:
-        """Seconds of one whole-expert copy from `tier` on idle links (`copy_time_s`), remembered."""
-        memo = self._copy_s_memo.get(tier)
-        if memo is None:
-            memo = self._copy_s_memo[tier] = (
-                copy_time_s(tier, self.clock_bytes, self.hardware) * self.time_scale
-            )
-        return memo
-
-    def host_time_s(self, key, n_tokens: int, now: float, host_queue_s: float) -> float:
-        """The host's time for one expert once its earlier host work is done: its read after the traffic
-        booked on the expert's device, then the compute."""
-        queue_s = self.clock.device_queue_s(self.source(key), now + host_queue_s)
-        return self.host_compute_s(key, n_tokens) + queue_s
-
-    def inflight_choice(self, key, n_tokens: int, host_queue_s: float = 0.0) -> tuple[str, float]:
-        """A needed expert in flight: wait for its copy, or compute it on the host now when that is
-        sooner (`gate.miss_decision` between the two). Returns (choice, host seconds)."""
-        cp = self.inflight[key][0]
-        now = self.mech.now_s()
-        wait_s = max(0.0, cp.expected_done_s - now) + self.mech.install_overhead_s
-        host_s = self.host_time_s(key, n_tokens, now, host_queue_s) + self.mech.host_overhead_s
-        costs = MissCosts(fetch_s=float("inf"), inflight_s=wait_s, host_s=host_queue_s + host_s)
-        return miss_decision(costs), host_s
-
-    def miss_choice(self, key, n_tokens: int, host_queue_s: float = 0.0, protect=frozenset()):
-        """`gate.miss_decision` for one miss; `host_queue_s` is the host compute already chosen in this
-        visit, which the CPU does first. Returns (choice, this expert's host seconds)."""
-        now = self.mech.now_s()
-        tier_name = self.source(key)
-        host_s = self.host_time_s(key, n_tokens, now, host_queue_s)
-        if self.policy.host_only:
-            return "host", host_s
-        mech = self.mech
-        fetch_s = self.plan(key).expected_s + mech.fetch_overhead_s + mech.install_overhead_s
-        lowp_s = None
-        served = sum(self.c.miss_choices.values())
-        if self.quality_budget > 0 and self.c.miss_choices["lowp"] < self.quality_budget * max(1, served):
-            lowp_s = self.clock.expected_wait_s(tier_name, self.lowp_bytes, now)
-            lowp_s += mech.fetch_overhead_s + mech.install_overhead_s
-        credit, promised = self.reuse_credit(key, host_s, tier_name)
-        host_s += mech.host_overhead_s
-        costs = MissCosts(fetch_s=fetch_s, host_s=host_queue_s + host_s, lowp_s=lowp_s, reuse_credit_s=credit)
-        choice = miss_decision(costs)
-        if choice in ("fetch", "lowp") and not self.free_slots:
-            # A copy takes a slot: the credit is what it saves later less what the victim would have
-            # (only a copy's option can lose by it, so only then is the victim looked up).
-            lost = self.victim_credit(n_tokens, protect)
-            choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
-        if choice in ("fetch", "lowp") and self.phase == "decode":
-            # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
-            self.calibration.fetched(key, promised)
-        return choice, host_s
-
-    def copy_for_later(self, key, n_tokens: int, protect) -> bool:
-        """A miss computed on the host now: also copy it in the background for its later uses
-        (`gate.copy_for_later`, with the victim's credit and the run's demand pressure)?"""
-        if self.policy.host_only or self.policy.prefetch is None:
-            return False
-        one = self.copy_s(self.source(key))
-        host_s = self.host_compute_s(key, n_tokens)
-        credit = self.reuse_credit(key, host_s)[0]
-        if not self.free_slots:
-            credit -= self.victim_credit(n_tokens, protect)
-        hits, misses = self.c.lookups
-        fetched = max(0, misses - self.c.miss_choices["host"])
-        layer_s = self.mech.layer_s(self.phase) or one * prefetch_mod.UNMEASURED_LAYER_FRACTION
-        upv = (hits + misses) / max(1, self.tick)
-        pressure = demand_pressure(fetched, hits + misses - fetched, one, layer_s, upv)
-        return copy_for_later(credit, pressure, one, host_s)
-
-    def victim_credit(self, n_tokens: int, protect) -> float:
-        """What the copy a new one would evict is expected to save later (0 if nothing is evictable)."""
-        victim = self.visit_victim(protect)
-        if victim is None:
-            return 0.0
-        # The victim's promise holds until the cache, the copies in flight or the visit change; only the
-        # host's time depends on the miss's tokens.
-        tag = (self.epoch, self.tick, victim)
-        if self._victim_credit_memo[0] != tag:
-            self._victim_credit_memo = (tag, self.promise(victim))
-        promised, one = self._victim_credit_memo[1]
-        return credit_of_reuses(promised, self.calibration.factor, self.host_compute_s(victim, n_tokens), one)
-
-    def visit_victim(self, protect):
-        """The victim a copy issued now would evict, looked up once per cache change and visit."""
-        tag = (self.epoch, self.tick, id(protect))
-        if self._miss_victim[0] != tag:
-            self._miss_victim = (tag, self.victim(protect | self.inflight.keys()))
-        return self._miss_victim[1]
-
-    def reuse_credit(self, key, host_s: float, tier: str | None = None) -> tuple[float, float]:
-        """(Seconds a cached copy of `key` is expected to save later, the reuses promised for it)."""
-        promised, one = self.promise(key, tier)
-        return credit_of_reuses(promised, self.calibration.factor, host_s, one), promised
-
-    def promise(self, key, tier: str | None = None) -> tuple[float, float]:
-        """(`gate.expected_reuses` of a cached copy of `key`, the seconds of one copy of it): the parts of
-        its reuse credit that do not depend on the host's time."""
-        reuse = self.reuse
-        p_reuse, p_far, decay = reuse.far_near(key) if reuse is not None else (0.0, None, 0.8)
-        rounds = self.calibration.rounds(
-            reuse.rounds_cached(self.n_slots) if reuse is not None else 1.0,
-            self.step if self.phase == "decode" else None,
-        )
-        until = reuse.layers_until(key[0]) / self.L if reuse is not None else 1.0
-        return expected_reuses(p_reuse, rounds, until, p_far, decay), self.copy_s(tier or self.source(key))
-
-    def run_host(self, m: int, jobs) -> None:
-        """The CPU computes `jobs` ((key, tokens), in order) from now: each read books the expert's device
-        after the traffic there (copies in flight, earlier reads), then the compute."""
-        now = cursor = self.mech.now_s()
-        out = []
-        c = self.c
-        for key, n_tok in jobs:
-            tier = self.source(key)
-            if self.mech.books_host_reads:
-                begin = self.mech.reserve_host_read(tier, cursor)
-                dt = begin - cursor + self.host_compute_s(key, n_tok)
-                cursor += dt
-                c.host_s += dt
-            c.host_tokens += n_tok
-            c.host_read_bytes_by_tier[tier] += self.clock_bytes
-            out.append((key, tier, n_tok))
-            self.event("host_compute", layer=m, expert=key[1], tier=tier, tokens=n_tok)
-        self.mech.host_compute(m, out, max(now, cursor))
-
     # ---- copies -----------------------------------------------------------------------------------------
     def source(self, key) -> str:
         """CXL-aware scheduling: of the expert's online copies, the one that would land first."""
@@ -548,106 +394,6 @@ class DecisionCore:
     def poll(self) -> None:
         for key in [k for k, (cp, _, _) in self.inflight.items() if cp.done()]:
             self.complete(key)
-
-    # ---- eviction ---------------------------------------------------------------------------------------
-    # Recency/frequency rules read the mutable stats directly: building frozen views of every cached
-    # entry per miss costs more than the control-plane budget. Same order as `eviction_score`: fifo and
-    # lru compare one stats field (loaded_at, last_use); lfu compares (uses, last_use).
-    _FAST_EVICT = {"fifo": 2, "lru": 0, "lfu": None}
-
-    def take_slot(self, protect) -> int:
-        if not self.free_slots:
-            next_use = self.next_use() if self.policy.evict == "belady" else None
-            if next_use is None and self._miss_victim[0] == (self.epoch, self.tick, id(protect)):
-                victim = self._miss_victim[1]  # the miss decision just looked it up: nothing changed since
-            else:
-                victim = self.victim(protect | self.inflight.keys(), next_use)
-            if victim is None:
-                raise CoreError(
-                    f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
-                )
-            self.evict(victim)
-        return self.free_slots.pop()
-
-    def victim(self, skip, next_use=None):
-        """The cached expert `choose_victims` would evict, never one in `skip` (None: nothing evictable).
-        Rules whose score reads no frozen stats are scored here without building them (same choice)."""
-        evict, cands = self.policy.evict, (k for k in self.slot_of if k not in skip)
-        if evict in self._FAST_EVICT:
-            field, stats = self._FAST_EVICT[evict], self.stats
-            if field is None:
-                return min(cands, key=lambda k: (stats[k][1], stats[k][0]), default=None)
-            return min(cands, key=lambda k: stats[k][field], default=None)
-        if evict == "predicted" and self.reuse is not None:
-            slot_key, seq_S = self.slot_key, self.slot_seq_S
-            for _, seq, s, key in self.ranking():
-                if slot_key[s] == key and seq_S[s] == seq and key not in skip:
-                    return key
-            return None
-        if evict == "belady":
-            nu = next_use if next_use is not None else self.next_use()
-            return min(cands, key=lambda k: eviction_score("belady", k, None, next_use=nu), default=None)
-        cached = {k: EntryStats(*self.stats[k]) for k in self.slot_of}
-        victims = choose_victims(evict, cached, 1, skip, next_use=next_use, prob=self.probs, reuse=self.reuse)
-        return victims[0] if victims else None
-
-    def set_probs(self, probs: dict) -> None:
-        self.probs = probs
-        self.probs_version += 1
-        self.epoch += 1
-
-    def ranking(self) -> list:
-        """The "predicted" rule's victims in order, kept across a visit's evictions: scores change only with
-        the reuse estimate (each visit) and the predictions (each prefetch round), so one vectorised scan
-        ranks every cached expert, a landing copy is inserted, and an evicted one is skipped when met."""
-        tag = (self.reuse.version, self.probs_version)
-        if self._rank_tag != tag:
-            occupied_S = self.slot_layer_S >= 0
-            dist_S = reuse_distance_S(
-                self.slot_layer_S, self.slot_expert_S, occupied_S, self.probs, self.slot_of, self.reuse
-            )
-            slots = np.flatnonzero(occupied_S)
-            seq_S = self.slot_seq_S
-            order = slots[np.lexsort((seq_S[slots], -dist_S[slots]))]
-            order_l = order.tolist()
-            self._rank = list(
-                zip(
-                    (-dist_S[order]).tolist(),
-                    seq_S[order].tolist(),
-                    order_l,
-                    [self.slot_key[s] for s in order_l],
-                )
-            )
-            self._rank_tag = tag
-        return self._rank
-
-    def ranked_landing(self, key, slot: int) -> None:
-        """A copy landed in `slot`: rank it among the victims (if a ranking is current)."""
-        if self._rank_tag is not None and self._rank_tag == (self.reuse.version, self.probs_version):
-            d = expected_reuse_distance(key, self.probs, self.reuse)
-            bisect.insort(self._rank, (-d, int(self.slot_seq_S[slot]), slot, key))
-
-    def evict(self, key) -> None:
-        self.epoch += 1
-        slot = self.slot_of.pop(key)
-        self.slot_key[slot] = None
-        self.slot_layer_S[slot] = -1
-        self.slot_E[key[0]][key[1]] = -1
-        st = self.stats.pop(key, None)
-        if st is not None and st[3] and st[1] == 0:
-            self.c.wasted_prefetch_bytes += self.slot_bytes
-        if st is not None and self.policy.host_compute:
-            # the miss that fetched it was its first use; residence in rounds of the pass's layers
-            cycle = len(self.reuse.pos_in_cycle) if self.reuse is not None else self.L
-            self.calibration.evicted(key, st[1] - 1, (self.tick - st[2]) / max(1, cycle))
-        self.lowp.discard(key)
-        self.free_slots.append(slot)
-        self.c.evictions += 1
-        if self.record_events:
-            self.event("evict", layer=key[0], expert=key[1])
-
-    def next_use(self):
-        return self.belady.at(self.pos) if self.belady is not None else {}
 
     # ---- visibility -------------------------------------------------------------------------------------
     def distribution(self) -> dict:

@@ -1,15 +1,12 @@
-"""OffloadEngine: the per-layer loop that keeps the experts a layer needs on the device.
+"""OffloadEngine: an `ExpertProvider` for `generate` and the decision core's mechanism on this machine.
 
-It is an `ExpertProvider` for `generate`: for each MoE layer it reads the top-k ids (the one host
-sync per layer), waits for copies in flight, fetches misses from their home tiers, installs them in
-a fixed-size device cache, then lets the policy issue prefetches for the layers ahead. The device
-cache is C slot arrays of the expert shape; the expert step reads them through a slot map, so the
-arithmetic never depends on where an expert was (bit-identical to the resident path).
+Per MoE layer it reads the top-k ids (the one host sync), hands the visit to `DecisionCore`, and carries
+out its actions: real copies, installs into fixed slot arrays (read through a slot map, so outputs are
+bit-identical to the resident path), experts computed on the host by `memory.hostkernel`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from dataclasses import replace
@@ -19,16 +16,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moecxl.memory.store import ExpertLayout, HostStore, layout_of
+from moecxl.memory.hostkernel import expert_forward
+from moecxl.memory.store import HostStore, layout_of
 from moecxl.memory.tiers import Hardware
-from moecxl.memory.transfer import TransferEngine, TransferError, dequantize_int8
+from moecxl.memory.transfer import TransferEngine, TransferError
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
+from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s  # noqa: F401
 from moecxl.runtime.core import DecisionCore
 from moecxl.runtime.mechanism import CopyFailed, CoreError
-from moecxl.runtime.metrics import core_metrics
+from moecxl.runtime.metrics import engine_metrics, where
 from moecxl.runtime.policies import PolicySpec, get_policy
-from moecxl.runtime.visit import visit_of_ids
+from moecxl.runtime.slots import (
+    _install,
+    _install_int8,
+    _mixed_jit,
+    _pregate_top,
+    _stored_step_jit,
+    _view_jit,
+    budget_slots,
+    storage_dtype,
+)
+from moecxl.runtime.visit import future_from, visit_of_ids
+
+PREDICTOR_ENTRY_POINTS = "moecxl.predictors"  # how a package above the runtime offers predictor loaders
 
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
 
@@ -38,80 +49,6 @@ def _ema(old: float, new: float, alpha: float = 0.1) -> float:
 
 
 EngineError = CoreError  # bad engine configuration or a request it cannot serve; names the value at fault
-
-
-def storage_dtype(dtype) -> np.dtype:
-    """The slot arrays' dtype for experts of `dtype`: 16-bit floats are kept as their uint16 bit patterns.
-    XLA:CPU rewrites a whole bf16 array on each in-place slot update (~0.4 ms for a small cache, growing
-    with its size) but updates uint16 in place; the bitcasts back are exact and free inside the step."""
-    dt = np.dtype(dtype)
-    return np.dtype(np.uint16) if jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 2 else dt
-
-
-def _stored(x, stored_dtype, compute_dtype):
-    """`x` as the slot arrays store it (see `storage_dtype`)."""
-    if x.dtype == stored_dtype:
-        return x
-    if stored_dtype == np.uint16 and np.dtype(compute_dtype) != np.uint16:
-        return jax.lax.bitcast_convert_type(x.astype(compute_dtype), jnp.uint16)
-    return x.astype(stored_dtype)
-
-
-def _computed(a, compute_dtype):
-    """A slot array read back in the experts' dtype (a bitcast of the stored bits)."""
-    return a if a.dtype == compute_dtype else jax.lax.bitcast_convert_type(a, compute_dtype)
-
-
-def _write_slot(arrays, packed_P, slot, layout: ExpertLayout):
-    mats = layout.unpack(packed_P)
-    return tuple(
-        jax.lax.dynamic_update_slice(a, _stored(m[None], a.dtype, layout.np_dtype), (slot,) + (0,) * m.ndim)
-        for a, m in zip(arrays, mats)
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _stored_step_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype):
-    """`generate`'s expert step over the engine's stored slot arrays (bit-identical: only bitcasts)."""
-    from moecxl.model.moe import expert_step
-
-    ins = tuple(_computed(w, dtype) for w in ins)
-    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, _computed(out, dtype), slot_E)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _view_jit(arrays, dtype):
-    return tuple(_computed(a, dtype) for a in arrays)
-
-
-@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
-def _install(arrays, packed_GP, slots_G, layout: ExpertLayout):
-    """Write G landed experts into their slots, in order: one dispatch per layer, not one per copy.
-    G is fixed per engine (its staging size); a short group repeats its last pair (same bytes again)."""
-    for g, packed_P in enumerate(packed_GP):
-        arrays = _write_slot(arrays, packed_P, slots_G[g], layout)
-    return arrays
-
-
-@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
-def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
-    return _write_slot(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD, dtype):
-    from moecxl.model.moe import expert_step
-
-    ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
-    on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
-    return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _pregate_top(xn_BTD, routers_HDE, K: int):
-    """Top-k ids of the next H routers on this layer's input [H, B, T, K] (as `sim.predict` computes them)."""
-    scores = jnp.einsum("BTD,HDE->HBTE", xn_BTD.astype(jnp.float32), routers_HDE.astype(jnp.float32))
-    return jax.lax.top_k(scores, K)[1]
 
 
 class OffloadEngine:
@@ -174,22 +111,10 @@ class OffloadEngine:
             i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None
         ]
         self.L, self.E, self.K = len(self.moe_layers), self.cfg.num_experts, self.cfg.top_k
-        total = self.L * self.E * self.expert_bytes
-        if device_budget is None or device_budget <= 0:
-            raise EngineError(
-                f"device_budget must be a positive fraction or byte count, got {device_budget!r}"
-            )
-        budget_bytes = int(device_budget * total) if device_budget <= 1 else int(device_budget)
         self.max_inflight = int(max_inflight if max_inflight is not None else max(2, self.K))
-        self.budget_bytes = budget_bytes
-        self.n_slots = budget_bytes // self.expert_bytes - self.max_inflight
-        if self.n_slots < self.K:  # batch 1 decode; larger steps are checked when they come
-            need = (self.K + self.max_inflight) * self.expert_bytes
-            raise EngineError(
-                f"device_budget {device_budget!r} = {budget_bytes} bytes holds {budget_bytes // self.expert_bytes} "
-                f"experts of {self.expert_bytes} bytes; one layer's top-{self.K} plus {self.max_inflight} copies in "
-                f"flight need at least {need} bytes ({need / total:.3f} of expert bytes)"
-            )
+        self.budget_bytes, self.n_slots = budget_slots(
+            device_budget, self.expert_bytes, self.L * self.E, self.K, self.max_inflight
+        )
         if policy.prefetch == "oracle" and trace is None:
             raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
         if not 0.0 <= quality_budget <= 1.0:
@@ -203,9 +128,7 @@ class OffloadEngine:
                 "with moecxl.memory.measure_host_matmul_tflops / measure_host_memcpy_gbps"
             )
         if isinstance(predictor, (str, os.PathLike)):
-            from predictor.live import LivePredictor  # noqa: PLC0415 (predictor sits above the runtime)
-
-            predictor = LivePredictor.load(predictor)
+            predictor = load_predictor(predictor)
         if predictor is not None:
             if hasattr(predictor, "bind"):
                 predictor.bind(model)  # a predictor trained for another L/E/K is refused here
@@ -233,7 +156,7 @@ class OffloadEngine:
             low_precision=policy.low_precision_on_miss or quality_budget > 0,  # int8 copies may be asked for
         )
         if emulate is None:
-            emulate = not _is_local(self.hardware)
+            emulate = self.hardware.gpu.name.lower() != "cpu"  # a local profile: copies as they come
         self.emulate = emulate or self.virtual
         if time_scale is None:
             time_scale = calibrate_time_scale(model, self.hardware, self.target_model) if emulate else 1.0
@@ -282,7 +205,7 @@ class OffloadEngine:
             K=self.K,
             n_slots=self.n_slots,
             max_inflight=self.max_inflight,
-            budget_bytes=budget_bytes,
+            budget_bytes=self.budget_bytes,
             slot_bytes=self.expert_bytes,
             clock_bytes=self.emulated_expert_bytes,
             expert_params=self.target_model.expert_params,
@@ -305,7 +228,7 @@ class OffloadEngine:
         if warm_start:
             homes.warm_start(self.core)
 
-    # ---- the core's state, read through --------------------------------------------------------------
+    # ---- the core's state, read through (the decisions' state lives in `self.core`) ------------------
     slot_of = property(lambda self: self.core.slot_of)
     stats = property(lambda self: self.core.stats)
     inflight = property(lambda self: self.core.inflight)
@@ -316,9 +239,6 @@ class OffloadEngine:
     phase = property(lambda self: self.core.phase)
     step = property(lambda self: self.core.step)
     freq_ema = property(lambda self: self.core.freq_ema)
-
-    def device_expert_bytes(self) -> int:
-        return self.core.device_expert_bytes()
 
     @property
     def cache(self) -> tuple:
@@ -508,17 +428,11 @@ class OffloadEngine:
         w = np.asarray(co.weights_BTK, np.float32)
         extra = np.zeros(xn.shape, np.float32) if self._extra is None else self._extra.astype(np.float32)
         for key, tier, _ in jobs:
-            packed = np.asarray(self.store.source(key, tier=tier), np.float32)
-            mats = self.layout.unpack(packed)
             sel = ids == key[1]  # [B, T, K]
             rows = sel.any(-1)
-            x = xn[rows]
-            if len(mats) == 3:
-                g, u = x @ mats[0], x @ mats[1]
-                h = g / (1.0 + np.exp(-g)) * u
-            else:
-                h = np.maximum(x @ mats[0], 0.0)
-            extra[rows] += (w * sel).sum(-1)[rows][:, None] * (h @ mats[-1])
+            # the host kernel reads the stored bytes where they live (no float32 copy of the expert)
+            y = expert_forward(xn[rows], self.store.source(key, tier=tier), self.layout)
+            extra[rows] += (w * sel).sum(-1)[rows][:, None] * y
         self._extra = extra.astype(self.compute_dtype)
         if self.virtual:
             before = self.now_s()
@@ -568,56 +482,10 @@ class OffloadEngine:
     # ---- visibility ------------------------------------------------------------------------------------
     def where(self) -> dict:
         """Where every expert is: its home tier, and whether it is on the device or in flight."""
-        core = self.core
-        return {
-            "device": [
-                {"layer": k[0], "expert": k[1], "slot": core.slot_of[k], "low_precision": k in core.lowp}
-                for k in sorted(core.slot_of)
-            ],
-            "in_flight": [
-                {"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in core.inflight.items()
-            ],
-            "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(self.store.home_of.items())},
-            "copies": {t: len(self.store.experts_on(t)) for t in self.hardware.tier_names},
-            "stripes": {f"{k[0]}:{k[1]}": list(s.tiers) for k, s in sorted(self.store.stripes.items())},
-            "tiers": {t: len(self.store.homed_on(t)) for t in self.hardware.tier_names},
-            "distribution": core.distribution(),
-            "offline": sorted(core.offline),
-            "numa": self.store.node_report,
-        }
+        return where(self.core)
 
     def metrics(self) -> dict:
-        c = self.core.c
-        out = core_metrics(self.core)
-        out.update(
-            {
-                "install_wait_s": self._install_wait_s,
-                "local_overhead_us": {  # measured here per expert (EMAs), added to the miss decision's times
-                    "fetch_issue": self.fetch_overhead_s * 1e6,
-                    "install": self.install_overhead_s * 1e6,
-                    "host_beyond_emulated": self.host_overhead_s * 1e6,
-                },
-                "utilisation_by_tier": self.utilisation(),
-                "control_us_per_layer": c.control_s / max(1, self.core.tick) * 1e6,
-                "control_us_median_decode": float(np.median(c.control_samples_us))
-                if c.control_samples_us
-                else None,
-                "control_after_us_median_decode": float(np.median(c.control_after_samples_us))
-                if c.control_after_samples_us
-                else None,
-                "timing": "virtual"
-                if self.virtual
-                else "emulated"
-                if self.emulate
-                else ("measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu"),
-                "time_scale": self.time_scale,
-                "target_model": getattr(self.target_model, "name", "") or "self",
-            }
-        )
-        return out
-
-    def distribution(self) -> dict:
-        return self.core.distribution()
+        return engine_metrics(self)
 
     def utilisation(self) -> dict:
         """Busy fraction of each tier's device since the engine started (emulated clock)."""
@@ -629,67 +497,16 @@ class OffloadEngine:
         self.store.close()
 
 
-def future_from(trace, L: int) -> list[tuple[int, np.ndarray]]:
-    """Visits (moe_layer, needed experts) in the order the engine will see them.
+def load_predictor(path):
+    """A predictor checkpoint through the loader a package registers under the entry-point group
+    `moecxl.predictors` (the project's own: `predictor.live:LivePredictor`), so the runtime imports nothing
+    above it."""
+    from importlib.metadata import entry_points
 
-    `trace`: a GenerateResult of the same prompt (its expert_ids per layer [B, T_prompt+T_new-1, K]),
-    or a list of per-step lists of per-layer id arrays.
-    """
-    if hasattr(trace, "expert_ids"):
-        ids = trace.expert_ids
-        T_p = trace.prompt_len
-        visits = [(m, np.unique(ids[m][:, :T_p])) for m in range(L)]
-        total = ids[0].shape[1]
-        for t in range(T_p, total):
-            visits += [(m, np.unique(ids[m][:, t])) for m in range(L)]
-        return visits
-    return [(m, np.unique(np.asarray(step[m]))) for step in trace for m in range(L)]
-
-
-def _is_local(hw: Hardware) -> bool:
-    return hw.gpu.name.lower() == "cpu"
-
-
-def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
-    """Measured seconds of one decode-step MoE layer (core + experts, resident) on this machine."""
-    from moecxl.generate import _core_jit, _experts_jit, split_flat
-
-    cfg = model.cfg
-    li = next(i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None)
-    key, leaves = split_flat(model.layers[li].core)
-    core = _core_jit(*key)
-    S = 64
-    dt = model.embed_VD[...].dtype
-    x = jnp.zeros((batch, 1, cfg.hidden_size), dt) + 0.1
-    pos = np.zeros((batch, 1), np.int32)
-    mask = np.ones((batch, 1, S), bool)
-    ins, out = model.layers[li].experts.arrays()
-    slot_E = np.arange(cfg.num_experts, dtype=np.int32)
-    times = []
-    for _ in range(repeats + 2):
-        kv = tuple(jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt) for _ in range(2))
-        t0 = time.perf_counter()
-        co, kv = core(leaves, x, pos, mask, kv, np.int32(0))
-        y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
-        y.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:]))
-
-
-def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512) -> float:
-    """Roofline seconds of one decode MoE layer of the target model on the profile's GPU."""
-    D, K = target_cfg.hidden_size, target_cfg.top_k
-    H, G, Dh = target_cfg.num_heads, target_cfg.num_kv_heads, target_cfg.dim_head
-    bpe = 2  # bf16 weights on the target
-    attn_params = D * (H * Dh) * 2 + D * (G * Dh) * 2
-    experts_touched = min(target_cfg.num_experts, batch * K)
-    bytes_ = (
-        attn_params + experts_touched * target_cfg.expert_params
-    ) * bpe + 2 * batch * context * G * Dh * bpe
-    flops = 2 * batch * (attn_params + K * target_cfg.expert_params) + 4 * batch * context * H * Dh
-    return max(bytes_ / (hw.gpu.memory_gbps * 1e9), flops / (hw.gpu.bf16_tflops * 1e12))
-
-
-def calibrate_time_scale(model, hw: Hardware, target_cfg) -> float:
-    """Measured layer time here over the target's roofline layer time: emulated copies use this scale."""
-    return layer_compute_s(model) / target_layer_s(target_cfg, hw)
+    loaders = {ep.name: ep for ep in entry_points(group=PREDICTOR_ENTRY_POINTS)}
+    if "live" not in loaders:
+        raise EngineError(
+            f"predictor {str(path)!r}: no loader registered under entry points {PREDICTOR_ENTRY_POINTS!r} "
+            "(install moecxl with `pip install -e .`, which registers predictor.live)"
+        )
+    return loaders["live"].load().load(path)

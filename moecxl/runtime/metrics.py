@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import jax
+import numpy as np
+
 MAX_SAMPLES = 100_000  # control-plane samples kept per run (medians), enough for any benchmark
 
 
@@ -87,3 +90,55 @@ def core_metrics(core) -> dict:
         "distribution": core.distribution(),
         "hardware": core.hardware.name,
     }
+
+
+def where(core) -> dict:
+    """Where every expert is: its home tier, and whether it is on the device or in flight."""
+    return {
+        "device": [
+            {"layer": k[0], "expert": k[1], "slot": core.slot_of[k], "low_precision": k in core.lowp}
+            for k in sorted(core.slot_of)
+        ],
+        "in_flight": [
+            {"layer": k[0], "expert": k[1], "tier": tr.tier} for k, (tr, _, _) in core.inflight.items()
+        ],
+        "home": {f"{k[0]}:{k[1]}": t for k, t in sorted(core.store.home_of.items())},
+        "copies": {t: len(core.store.experts_on(t)) for t in core.hardware.tier_names},
+        "stripes": {f"{k[0]}:{k[1]}": list(s.tiers) for k, s in sorted(core.store.stripes.items())},
+        "tiers": {t: len(core.store.homed_on(t)) for t in core.hardware.tier_names},
+        "distribution": core.distribution(),
+        "offline": sorted(core.offline),
+        "numa": core.store.node_report,
+    }
+
+
+def engine_metrics(eng) -> dict:
+    """`core_metrics` plus what only a run on this machine has: measured overheads, control-plane time."""
+    c = eng.core.c
+    out = core_metrics(eng.core)
+    out.update(
+        {
+            "install_wait_s": eng._install_wait_s,
+            "local_overhead_us": {  # measured here per expert (EMAs), added to the miss decision's times
+                "fetch_issue": eng.fetch_overhead_s * 1e6,
+                "install": eng.install_overhead_s * 1e6,
+                "host_beyond_emulated": eng.host_overhead_s * 1e6,
+            },
+            "utilisation_by_tier": eng.utilisation(),
+            "control_us_per_layer": c.control_s / max(1, eng.core.tick) * 1e6,
+            "control_us_median_decode": float(np.median(c.control_samples_us))
+            if c.control_samples_us
+            else None,
+            "control_after_us_median_decode": float(np.median(c.control_after_samples_us))
+            if c.control_after_samples_us
+            else None,
+            "timing": "virtual"
+            if eng.virtual
+            else "emulated"
+            if eng.emulate
+            else ("measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu"),
+            "time_scale": eng.time_scale,
+            "target_model": getattr(eng.target_model, "name", "") or "self",
+        }
+    )
+    return out

@@ -62,3 +62,20 @@ def visit_of_ids(
         B,
         pregate_top_HNK,
     )
+
+
+def future_from(trace, L: int) -> list[tuple[int, np.ndarray]]:
+    """Visits (moe_layer, needed experts) in the order the engine will see them.
+
+    `trace`: a GenerateResult of the same prompt (its expert_ids per layer [B, T_prompt+T_new-1, K]),
+    or a list of per-step lists of per-layer id arrays.
+    """
+    if hasattr(trace, "expert_ids"):
+        ids = trace.expert_ids
+        T_p = trace.prompt_len
+        visits = [(m, np.unique(ids[m][:, :T_p])) for m in range(L)]
+        total = ids[0].shape[1]
+        for t in range(T_p, total):
+            visits += [(m, np.unique(ids[m][:, t])) for m in range(L)]
+        return visits
+    return [(m, np.unique(np.asarray(step[m]))) for step in trace for m in range(L)]
