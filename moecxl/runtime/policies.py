@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -352,15 +352,6 @@ def topk_candidates(
     return out
 
 
-def pregate_probs(router_scores_HNE: np.ndarray, top_k: int) -> np.ndarray:
-    """P(expert used by any of the N tokens) per future layer, from later routers on this layer's input.
-
-    Each token's top-k under the later router counts as a vote of 1; see `pregate_vote_probs`: [H, E].
-    """
-    H, N, E = router_scores_HNE.shape
-    return pregate_vote_probs(np.argsort(-router_scores_HNE, axis=-1)[..., :top_k], E)
-
-
 def pregate_vote_probs(top_HNK: np.ndarray, E: int) -> np.ndarray:
     """Votes of N tokens' predicted top-k ids [H, N, K] as probabilities [H, E]: the fraction of tokens
     voting, scaled by min(N, E/K) and capped at 1 (one token: 1 per vote). The simulator replays
@@ -396,16 +387,3 @@ def eam_probs(
     src = (ref if ref is not None else current_LE).astype(float)
     rows = src[list(layers)]
     return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * top_k
-
-
-def oracle_candidates(
-    future: Sequence[tuple[int, Sequence[int]]], horizon: int
-) -> list[tuple[tuple[int, int], float]]:
-    """The next `horizon` (layer, needed experts) visits from a trace, each certain (p = 1)."""
-    out = []
-    for layer, experts in list(future)[:horizon]:
-        out.extend(((layer, int(e)), 1.0) for e in experts)
-    return out
-
-
-PrefetchFn = Callable[..., list]
