@@ -302,6 +302,10 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
     for i, req in enumerate(requests):
         if i == cfg.warmup_requests:
             core.c = Counters(core.L)
+            # prefetches issued while warming up are not the measured window's: their use is not counted
+            for st in core.stats.values():
+                st[3] = False
+            core.inflight = {k: (cp, slot, False) for k, (cp, slot, _) in core.inflight.items()}
             mech.clock.bytes_by_tier.clear()
             mech.clock.busy_s_by_tier.clear()
             t_begin = mech.now
