@@ -32,6 +32,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from moecxl.model.family import FamilyError, family_of
+
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIGS = ("config.json", "generation_config.json")
 TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
@@ -367,11 +369,13 @@ def _tokenizer_strings(dirs: list[Path]) -> dict:
 
 def _is_encoder_decoder(model_cfg: dict, cfg) -> bool:
     if cfg is not None:
-        return cfg.family == "switch"
+        return family_of(cfg).encoder_decoder
+    try:
+        listed = family_of(model_cfg["family"]).encoder_decoder
+    except (KeyError, FamilyError):  # no family (a transformers config.json), or one the loader will refuse
+        listed = False
     return bool(
-        model_cfg.get("is_encoder_decoder")
-        or model_cfg.get("model_type") in ENCODER_DECODER_TYPES
-        or model_cfg.get("family") == "switch"
+        model_cfg.get("is_encoder_decoder") or model_cfg.get("model_type") in ENCODER_DECODER_TYPES or listed
     )
 
 

@@ -50,6 +50,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from flax import nnx
 
+from moecxl.model.family import family_of
+
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
 SHARD_GLOB = "shard-*.parquet"
@@ -460,16 +462,16 @@ class _Collector:
         self.proj_DP = np.asarray(proj_DP, np.float32)
         self.want_logits, self.want_sketch = router_logits, proj_DP.shape[1] > 0
         self.graphdef, self.state = nnx.split(model)
-        self.is_switch = self.cfg.family == "switch"
+        self.encoder_decoder = family_of(self.cfg).encoder_decoder
         if mesh is None:
-            route = _switch_encoder_routing if self.is_switch else _decoder_routing
+            route = _switch_encoder_routing if self.encoder_decoder else _decoder_routing
             self._route, self._route_state = partial(route, self.graphdef), self.state
         else:
             from moecxl.distributed import DATA, replicate_tree
 
             n = mesh.shape[DATA]
             self.B = -(-batch // n) * n
-            self._route = _dp_routing(self.graphdef, mesh, self.is_switch)
+            self._route = _dp_routing(self.graphdef, mesh, self.encoder_decoder)
             self._route_state = replicate_tree(self.state, mesh)
 
     def rows(self, seqs: Sequence[TraceSeq]) -> dict:
@@ -495,7 +497,7 @@ class _Collector:
         ids, mask = _padded_batch(seqs, self.T, self.B, self.pad_id)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         lg, e, w, sk = (np.asarray(a) for a in self._route(self._route_state, ids, mask, self.proj_DP))
-        if self.is_switch:  # encoder rows: the encoder's layers come first, the decoder's are not passed
+        if self.encoder_decoder:  # encoder rows: the encoder's layers first; the decoder's not passed
             lg, e, w, sk = (
                 self._pad_layers(lg, np.nan, True),
                 self._pad_layers(e, -1, True),
@@ -515,7 +517,7 @@ class _Collector:
         )
 
     def _decode(self, seqs):
-        if self.is_switch:
+        if self.encoder_decoder:
             return self._decode_switch(seqs)
         from moecxl.generate import generate
 
@@ -608,9 +610,7 @@ def model_hash(model) -> str:
 
 def layer_names(cfg) -> list[str]:
     """Names of the traced layers in order: decoder 'layer.i'; Switch 'encoder.i' then 'decoder.i'."""
-    if cfg.family != "switch":
-        return [f"layer.{i}" for i in cfg.moe_layers]
-    return [f"encoder.{i}" if i < cfg.num_layers else f"decoder.{i - cfg.num_layers}" for i in cfg.moe_layers]
+    return family_of(cfg).layer_names(cfg)
 
 
 def sketch_projection(D: int, P: int, seed: int = 0) -> np.ndarray:
@@ -712,18 +712,14 @@ def collect(
         except MeshError as e:
             raise TraceError(f"collect: --data-parallel {data_parallel}: {e}") from e
         data_parallel = mesh.shape[DATA]
-    if cfg.family != "switch" and prompt_len + decode_tokens + 1 > cfg.max_position_embeddings:
+    family = family_of(cfg)
+    if family.bounded_positions and prompt_len + decode_tokens + 1 > cfg.max_position_embeddings:
         raise TraceError(
             f"collect: prompt_len + decode_tokens + 1 = {prompt_len + decode_tokens + 1} exceeds "
             f"the model's max_position_embeddings {cfg.max_position_embeddings}"
         )
     out = Path(out)
-    L, E, K, D = (
-        cfg.num_moe_layers,
-        cfg.num_experts,
-        1 if cfg.family == "switch" else cfg.top_k,
-        cfg.hidden_size,
-    )
+    L, E, K, D = cfg.num_moe_layers, cfg.num_experts, family.routed_k(cfg), cfg.hidden_size
     proj_DP = sketch_projection(D, sketch, sketch_seed)
     args = {
         "corpus": corpus,

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from moecxl import data
 from moecxl.config import ConfigError, ModelConfig, TrainConfig, from_dict, load_yaml
+from moecxl.model.family import family_of
 from moecxl.model.layers import DTYPES
 
 
@@ -80,7 +81,7 @@ def dense_config(cfg: ModelConfig) -> ModelConfig:
 
 def build_model(cfg: ModelConfig, seed: int = 0):
     """A freshly initialised model of `cfg` (MoEDecoder or SwitchModel)."""
-    if cfg.family == "switch":
+    if family_of(cfg).encoder_decoder:
         from moecxl.model.switch import SwitchModel
 
         return SwitchModel(cfg, rngs=nnx.Rngs(seed))
@@ -145,7 +146,7 @@ def split_batch(cfg: ModelConfig, rows_BT1):
     encoder rows[:, :T/2], targets rows[:, T/2:T], decoder inputs the targets shifted right after
     `decoder_start_token_id`.
     """
-    if cfg.family != "switch":
+    if not family_of(cfg).encoder_decoder:
         return (rows_BT1[:, :-1],), rows_BT1[:, 1:]
     T = rows_BT1.shape[1] - 1
     half = T // 2
@@ -306,7 +307,7 @@ def _with_token_ids(cfg: ModelConfig, tok) -> ModelConfig:
             f"tokenizer has {tok.get_vocab_size()} tokens but ModelConfig.vocab_size={cfg.vocab_size}"
         )
     changes = dict(pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
-    if cfg.family == "switch":
+    if family_of(cfg).encoder_decoder:
         changes["decoder_start_token_id"] = ids["pad"]  # T5 convention: start = pad
     return cfg.replace(**changes)
 

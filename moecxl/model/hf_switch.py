@@ -23,9 +23,10 @@ import numpy as np
 from flax import nnx
 
 from moecxl.config import ConfigError, ModelConfig
+from moecxl.model.family import sparse_layers
 from moecxl.model.layers import DTYPES
 from moecxl.model.safetensors_io import CheckpointError, TensorSource, write_checkpoint
-from moecxl.model.switch import SwitchModel, sparse_layers
+from moecxl.model.switch import SwitchModel
 
 MODEL_TYPE = "switch_transformers"
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")

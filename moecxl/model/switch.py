@@ -22,18 +22,12 @@ import numpy as np
 from flax import nnx, struct
 
 from moecxl.config import ModelConfig
+from moecxl.model.family import sparse_layers
 from moecxl.model.layers import DTYPES, Dense, RMSNorm, init_normal
 from moecxl.model.moe import ExpertBank, expert_step
 from moecxl.model.router import switch_top1
 
 NEG_INF = -1e30
-
-
-def sparse_layers(num_layers: int, step: int) -> tuple[int, ...]:
-    """Indices of the sparse (MoE) blocks of a stack: transformers' `i % step == 1 or step == 1`."""
-    if step <= 0:
-        return ()
-    return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
 
 
 def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_distance: int):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moecxl.config import ConfigError, ModelConfig, load_yaml
 from moecxl.memory.tiers import GPU
+from moecxl.model.family import family_of
 
 WEIGHT_BYTES = 2  # bf16 weights and KV cache on the target
 
@@ -66,12 +67,7 @@ class ModelShape:
 def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
     """The cost-model view of a ModelConfig (its MoE layers, expert and attention widths)."""
     L = cfg.num_moe_layers
-    if cfg.family == "switch":
-        blocks = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers)
-        dense_ffn = 2 * cfg.hidden_size * cfg.intermediate_size
-    else:
-        blocks = cfg.num_layers
-        dense_ffn = 0
+    family = family_of(cfg)
     return ModelShape(
         name=cfg.name or cfg.family,
         family=cfg.family,
@@ -85,8 +81,8 @@ def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
         Dh=cfg.dim_head,
         V=cfg.vocab_size,
         expert_params=cfg.expert_params,
-        blocks_per_moe_layer=blocks / L,
-        dense_ffn_params=dense_ffn,
+        blocks_per_moe_layer=family.num_blocks(cfg) / L,
+        dense_ffn_params=family.dense_ffn_params(cfg),
         shape_only=shape_only,
     )
 
