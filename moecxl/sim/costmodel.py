@@ -4,12 +4,15 @@ Compute of one visit is max(FLOPs / bf16 peak, bytes / HBM bandwidth) on the pro
 once per visit (attention, router, each distinct expert touched), the KV cache read (decode) or written
 (prefill), FLOPs for every token (dense matmuls, each token's K experts, attention over its context).
 Copies are not here: they go through `moecxl.memory.transfer.LinkClock`, the clock the engine's emulated
-links use. Units: bytes, FLOPs, seconds. Weights are bf16 on the target (2 bytes).
+links use. Units: bytes, FLOPs, seconds. Weights are bf16 on the target (2 bytes) unless the shape says
+otherwise: `expert_bytes_per_param` and `dense_bytes_per_param` carry a stored precision
+(`moecxl.sim.precision`, e.g. HQQ 2-bit experts at 0.377 bytes per parameter) into every copy and every
+weight read; embeddings, LM head and KV cache stay 16-bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moecxl.config import ConfigError, ModelConfig, load_yaml
@@ -42,10 +45,23 @@ class ModelShape:
     blocks_per_moe_layer: float  # transformer blocks per MoE layer (Switch: 2, every other block sparse)
     dense_ffn_params: int  # params of a dense FFN block between sparse ones (Switch), else 0
     shape_only: bool = False
+    expert_bytes_per_param: float = WEIGHT_BYTES  # stored precision of the experts (copies and reads)
+    dense_bytes_per_param: float = WEIGHT_BYTES  # of the non-expert linear layers (embeddings stay 16-bit)
+    # Share of the GPU's memory bandwidth the kernels reading each part reach at decode (a quantised
+    # kernel that dequantises on the fly reads its bytes slower than a bf16 GEMV): visit reads cost
+    # bytes / share. 1.0: the datasheet roofline (the default, as before).
+    expert_read_efficiency: float = 1.0
+    dense_read_efficiency: float = 1.0
 
     @property
     def expert_bytes(self) -> int:
-        return self.expert_params * WEIGHT_BYTES
+        return int(-(-self.expert_params * self.expert_bytes_per_param // 1))
+
+    @property
+    def dense_linear_params(self) -> float:
+        """Non-expert linear parameters of one MoE layer's blocks: attention, router, dense FFNs."""
+        nb = self.blocks_per_moe_layer
+        return nb * self.attn_params + self.D * self.E + (nb - 1) * self.dense_ffn_params
 
     @property
     def attn_params(self) -> int:
@@ -59,9 +75,33 @@ class ModelShape:
     @property
     def dense_bytes(self) -> int:
         """Non-expert weights (attention, routers, dense FFNs, embeddings): always resident on the GPU."""
-        per_moe = self.blocks_per_moe_layer * self.attn_params + self.D * self.E
-        per_moe += (self.blocks_per_moe_layer - 1) * self.dense_ffn_params
-        return int((self.L * per_moe + 2 * self.V * self.D) * WEIGHT_BYTES)
+        linear = self.L * self.dense_linear_params * self.dense_bytes_per_param
+        return int(linear + 2 * self.V * self.D * WEIGHT_BYTES)
+
+
+def with_precision(
+    shape: ModelShape,
+    expert_bytes_per_param: float,
+    dense_bytes_per_param: float,
+    expert_read_efficiency: float = 1.0,
+    dense_read_efficiency: float = 1.0,
+) -> ModelShape:
+    """The same model with its experts and dense linear layers stored at other precisions, read by
+    kernels reaching the given shares of the GPU's memory bandwidth."""
+    if expert_bytes_per_param <= 0 or dense_bytes_per_param <= 0:
+        raise CostModelError(
+            f"bytes per parameter must be > 0, got experts {expert_bytes_per_param}, dense {dense_bytes_per_param}"
+        )
+    for name, eff in (("expert", expert_read_efficiency), ("dense", dense_read_efficiency)):
+        if not 0 < eff <= 1:
+            raise CostModelError(f"{name}_read_efficiency must be in (0, 1], got {eff}")
+    return replace(
+        shape,
+        expert_bytes_per_param=expert_bytes_per_param,
+        dense_bytes_per_param=dense_bytes_per_param,
+        expert_read_efficiency=expert_read_efficiency,
+        dense_read_efficiency=dense_read_efficiency,
+    )
 
 
 def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
@@ -111,8 +151,11 @@ def visit_cost(
             f"visit_cost: n_tokens={n_tokens}, batch={batch}, context={context} must be >= 1"
         )
     nb = shape.blocks_per_moe_layer
-    dense_params = nb * shape.attn_params + shape.D * shape.E + (nb - 1) * shape.dense_ffn_params
-    w_bytes = (dense_params + n_distinct * shape.expert_params) * WEIGHT_BYTES
+    dense_params = shape.dense_linear_params
+    w_bytes = (
+        dense_params * shape.dense_bytes_per_param / shape.dense_read_efficiency
+        + n_distinct * shape.expert_params * shape.expert_bytes_per_param / shape.expert_read_efficiency
+    )
     kv_row = 2 * shape.G * shape.Dh * WEIGHT_BYTES  # one token's K and V in one block
     if prefill:
         kv_bytes = nb * n_tokens * kv_row  # written once; flash attention keeps scores on chip
