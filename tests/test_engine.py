@@ -166,9 +166,7 @@ def test_emulated_links_slow_misses_to_the_profile(model):
 
 
 def test_fast_eviction_path_picks_what_the_pure_rule_picks():
-    from types import SimpleNamespace
-
-    from moecxl.runtime.policies import EntryStats, NextUse, Reuse, choose_victims
+    from moecxl.runtime.policies import EntryStats, NextUse, Policy, Reuse, choose_victims
 
     rng = np.random.default_rng(0)
     L, E = 4, 6
@@ -177,7 +175,7 @@ def test_fast_eviction_path_picks_what_the_pure_rule_picks():
         for _ in range(100):
             eng = object.__new__(DecisionCore)  # only the state `victim` reads
             eng._rank_tag, eng._rank, eng.probs_version = None, [], 0
-            eng.policy = SimpleNamespace(evict=rule)
+            eng.policy = Policy("under-test", evict=rule)
             keys = [(int(rng.integers(0, L)), int(rng.integers(0, E))) for _ in range(14)]
             cached_keys = list(dict.fromkeys(keys))
             slots = rng.permutation(20)[: len(cached_keys)]  # slot numbers unrelated to caching order
@@ -234,8 +232,8 @@ def test_the_ranked_victims_of_a_real_run_are_the_pure_rules_victims(model, poli
     picked = []
     fast = eng.core.victim
 
-    def checked(skip, next_use=None):
-        got = fast(skip, next_use)
+    def checked(skip, next_use=None, incoming=None):
+        got = fast(skip, next_use, incoming)
         cached = {k: EntryStats(*eng.stats[k]) for k in eng.slot_of}
         core = eng.core
         pure = choose_victims("predicted", cached, 1, set(skip), prob=core.probs, reuse=core.reuse)

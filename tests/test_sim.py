@@ -266,10 +266,18 @@ def test_expected_reuse_distance_orders_by_layer_distance_and_chance():
     assert d((3, 0), {(3, 0): 1.0}) < d((3, 3), {(3, 3): 0.0})  # a prediction overrides the estimate
 
 
-def test_the_engines_vectorised_victim_is_the_pure_rules_victim():
-    """The engine's hot-path victim (`farthest_reuse_slot`) is the victim `choose_victims("predicted")`
-    picks, over random caches, predictions and protected sets."""
-    from moecxl.runtime.policies import EntryStats, Reuse, choose_victims, farthest_reuse_slot
+def test_the_vectorised_reuse_distance_picks_the_pure_rules_victim():
+    """The core's vectorised ranking (`reuse_distance_S`: the largest distance, ties to the earliest
+    cached) picks the victim `choose_victims("predicted")` picks, over random caches, predictions and
+    protected sets."""
+    from moecxl.runtime.policies import EntryStats, Reuse, choose_victims, reuse_distance_S
+
+    def farthest_reuse_slot(layer_S, expert_S, seq_S, evictable_S, prob, slot_of, r):
+        if not evictable_S.any():
+            return None
+        dist_S = reuse_distance_S(layer_S, expert_S, evictable_S, prob, slot_of, r)
+        best_S = evictable_S & (dist_S == dist_S.max())
+        return int(np.argmin(np.where(best_S, seq_S, np.iinfo(np.int64).max)))
 
     rng = np.random.default_rng(11)
     L, E, S = 6, 8, 12

@@ -1,8 +1,8 @@
 """The device cache's slot map and eviction: which cached expert makes room, by the policy's rule.
 
-A part of `DecisionCore` (its state), kept in its own module: the pure rules are `policies.py`'s; here
-are their fast paths (the same victims, checked in tests/test_engine.py) and the "predicted" rule's
-ranking memo, once for the engine and the simulator.
+A part of `DecisionCore` (its state), kept in its own module: the rules are the policy's
+(`policies/eviction.py`); here are the slot map and the "predicted" rule's ranking memo, once for the
+engine and the simulator.
 """
 
 from __future__ import annotations
@@ -12,30 +12,24 @@ import bisect
 import numpy as np
 
 from moecxl.runtime.mechanism import CoreError
-from moecxl.runtime.policies import (
-    EntryStats,
-    choose_victims,
-    eviction_score,
-    expected_reuse_distance,
-    reuse_distance_S,
-)
+from moecxl.runtime.policies.reuse import expected_reuse_distance, reuse_distance_S
 
 
 class SlotCache:
     """`DecisionCore`'s slots and victims (a mixin: the state is the core's)."""
 
-    # Recency/frequency rules read the mutable stats directly: building frozen views of every cached
-    # entry per miss costs more than the control-plane budget. Same order as `eviction_score`: fifo and
-    # lru compare one stats field (loaded_at, last_use); lfu compares (uses, last_use).
-    _FAST_EVICT = {"fifo": 2, "lru": 0, "lfu": None}
+    def victim_scope(self, incoming):
+        """What a memoised victim depends on beyond the cache: the incoming expert's layer for a
+        per-layer cache (the policy's optional `victim_per_layer` trait), else nothing."""
+        return incoming[0] if incoming is not None and self.victim_per_layer else None
 
-    def take_slot(self, protect) -> int:
+    def take_slot(self, protect, incoming=None) -> int:
         if not self.free_slots:
-            next_use = self.next_use() if self.policy.evict == "belady" else None
-            if next_use is None and self._miss_victim[0] == (self.epoch, self.tick, id(protect)):
+            tag = (self.epoch, self.tick, id(protect), self.victim_scope(incoming))
+            if not self.policy.needs_future and self._miss_victim[0] == tag:
                 victim = self._miss_victim[1]  # the miss decision just looked it up: nothing changed since
             else:
-                victim = self.victim(protect | self.inflight.keys(), next_use)
+                victim = self.victim(protect | self.inflight.keys(), incoming=incoming)
             if victim is None:
                 raise CoreError(
                     f"device cache of {self.n_slots} slots has nothing evictable (all needed now)"
@@ -43,27 +37,9 @@ class SlotCache:
             self.evict(victim)
         return self.free_slots.pop()
 
-    def victim(self, skip, next_use=None):
-        """The cached expert `choose_victims` would evict, never one in `skip` (None: nothing evictable).
-        Rules whose score reads no frozen stats are scored here without building them (same choice)."""
-        evict, cands = self.policy.evict, (k for k in self.slot_of if k not in skip)
-        if evict in self._FAST_EVICT:
-            field, stats = self._FAST_EVICT[evict], self.stats
-            if field is None:
-                return min(cands, key=lambda k: (stats[k][1], stats[k][0]), default=None)
-            return min(cands, key=lambda k: stats[k][field], default=None)
-        if evict == "predicted" and self.reuse is not None:
-            slot_key, seq_S = self.slot_key, self.slot_seq_S
-            for _, seq, s, key in self.ranking():
-                if slot_key[s] == key and seq_S[s] == seq and key not in skip:
-                    return key
-            return None
-        if evict == "belady":
-            nu = next_use if next_use is not None else self.next_use()
-            return min(cands, key=lambda k: eviction_score("belady", k, None, next_use=nu), default=None)
-        cached = {k: EntryStats(*self.stats[k]) for k in self.slot_of}
-        victims = choose_victims(evict, cached, 1, skip, next_use=next_use, prob=self.probs, reuse=self.reuse)
-        return victims[0] if victims else None
+    def victim(self, skip, next_use=None, incoming=None):
+        """The cached expert the policy evicts for `incoming`, never one in `skip` (None: nothing)."""
+        return self.policy.victim(self, skip, incoming, next_use)
 
     def set_probs(self, probs: dict) -> None:
         self.probs = probs

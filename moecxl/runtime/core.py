@@ -21,10 +21,9 @@ from moecxl.runtime.gate import (
 from moecxl.runtime.mechanism import CopyFailed, CoreError, check_mechanism
 from moecxl.runtime.metrics import MAX_SAMPLES, Counters
 from moecxl.runtime.misses import MissDecisions
-from moecxl.runtime.policies import (
-    NextUse,
-    Reuse,
-)
+from moecxl.runtime.policies import check_policy
+from moecxl.runtime.policies.eviction import NextUse
+from moecxl.runtime.policies.reuse import Reuse
 
 BELADY_WINDOW_PASSES = 4  # Belady's look-ahead: this many passes over the MoE layers
 FREQ_EMA_ALPHA = 0.2  # per decode step: activation frequencies for placement and rebalancing
@@ -67,6 +66,7 @@ class DecisionCore(MissDecisions, SlotCache):
         reader: str = "gpu",
     ):
         check_mechanism(mech)
+        check_policy(policy)
         self.policy, self.hardware, self.store, self.mech = policy, hardware, store, mech
         self.clock = mech.clock
         self.L, self.E, self.K = L, E, K
@@ -82,7 +82,8 @@ class DecisionCore(MissDecisions, SlotCache):
         self.future = list(future) if future is not None else None
         self.belady = NextUse(self.future, BELADY_WINDOW_PASSES * L) if self.future is not None else None
         self.pos = 0  # visits done: Belady's look-ahead starts at the next one
-        self.reuse = Reuse(L, E) if policy.evict == "predicted" else None
+        self.reuse = Reuse(L, E) if policy.needs_reuse else None
+        self.victim_per_layer = bool(getattr(policy, "victim_per_layer", False))
         self.calibration = ReuseCalibration()  # promised vs served reuses of copies fetched on a miss
         self.predictor = predictor
         self.predictor_name = prefetch_mod.predictor_name(policy, predictor)
@@ -181,32 +182,31 @@ class DecisionCore(MissDecisions, SlotCache):
         live predictor reads beyond the visit (the engine's layer output)."""
         if self.pending is not None:
             self.after()
-        m = v.layer
+        m, pol = v.layer, self.policy
         self.tick += 1
         needed = v.experts
-        if len(needed) > self.n_slots:
-            need = (len(needed) + self.max_inflight) * self.slot_bytes
+        keys = [(m, e) for e in pol.demand(self, v)]
+        if len(keys) > self.n_slots:
+            need = (len(keys) + self.max_inflight) * self.slot_bytes
             raise CoreError(
-                f"layer {m} needs {len(needed)} distinct experts at once ({v.n_tokens} tokens, top-{self.K}) "
+                f"layer {m} needs {len(keys)} distinct experts at once ({v.n_tokens} tokens, top-{self.K}) "
                 f"but the device cache holds {self.n_slots}; use a device_budget of at least {need} bytes, "
                 "or a smaller batch or prompt"
             )
-        keys = [(m, e) for e in needed]
         if self.reuse is not None:
             self.reuse.observe(m, needed)
         counts_m = self.step_counts[m]
         for e in needed:
             counts_m[e] += 1
-        if self.policy.prefetch == "eam":
-            self.eam_current[m, list(needed)] += v.tokens_per_expert
+        pol.on_visit(self, v)
         lowp_ok = set()
-        if self.policy.low_precision_on_miss:
+        if pol.low_precision_on_miss:
             lowp_ok = {(m, e) for e, w in zip(needed, v.max_weight) if w < self.lowp_threshold}
         if self.inflight:
             self.poll()
         protect = set(keys)
         wait, later = [], []
-        c, slot_of, lowp, rec, pol = self.c, self.slot_of, self.lowp, self.record_events, self.policy
+        c, slot_of, lowp, rec = self.c, self.slot_of, self.lowp, self.record_events
         blocked0 = self.mech.blocked_s()
         misses_before, host_before = c.misses[m], c.miss_choices["host"]
         host_queue_s = 0.0
@@ -241,9 +241,10 @@ class DecisionCore(MissDecisions, SlotCache):
                 c.misses[m] += 1
                 if key in slot_of:  # a low-precision copy where an exact one is wanted
                     self.evict(key)
-                if pol.host_compute:
-                    n_tok = v.tokens(key[1])
-                    choice, host_s = self.miss_choice(key, n_tok, host_queue_s, protect)
+                n_tok = v.tokens(key[1])
+                decided = pol.miss(self, key, n_tok, host_queue_s, protect)
+                if decided is not None:
+                    choice, host_s = decided
                     c.miss_choices[choice] += 1
                     if choice == "host":
                         host_queue_s += host_s
@@ -346,7 +347,7 @@ class DecisionCore(MissDecisions, SlotCache):
     def fetch(self, key, protect, prefetched: bool, low_precision: bool = False) -> None:
         """Issue one copy: staging room, a slot (evicting the policy's victim), the source plan."""
         self.mech.before_issue(len(self.inflight))
-        slot = self.take_slot(protect)
+        slot = self.take_slot(protect, key)
         plan = self.plan(key, low_precision)
         stripe = self.store.stripe_of(key) if plan.striped else None
         cp = self.mech.submit(key, plan, low_precision, stripe)

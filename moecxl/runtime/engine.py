@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -23,10 +22,11 @@ from moecxl.memory.transfer import TransferEngine, TransferError
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s  # noqa: F401
-from moecxl.runtime.core import DecisionCore
+from moecxl.runtime.core import FREQ_EMA_ALPHA, DecisionCore
 from moecxl.runtime.mechanism import CopyFailed, CoreError
 from moecxl.runtime.metrics import engine_metrics, where
-from moecxl.runtime.policies import PolicySpec, get_policy
+from moecxl.runtime.policies import PolicyProtocol, get_policy
+from moecxl.runtime.predictors import PREDICTOR_ENTRY_POINTS, check_predictor, load_predictor  # noqa: F401
 from moecxl.runtime.slots import (
     _install,
     _install_int8,
@@ -39,12 +39,14 @@ from moecxl.runtime.slots import (
 )
 from moecxl.runtime.visit import future_from, visit_of_ids
 
-PREDICTOR_ENTRY_POINTS = "moecxl.predictors"  # how a package above the runtime offers predictor loaders
-
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
 
 
-def _ema(old: float, new: float, alpha: float = 0.1) -> float:
+OVERHEAD_EMA_ALPHA = 0.1  # measured per-copy and per-host-expert overheads: ~10 samples of memory
+LAYER_S_EMA_ALPHA = 0.2  # measured compute per layer visit, per phase: ~5 visits of memory
+
+
+def _ema(old: float, new: float, alpha: float = OVERHEAD_EMA_ALPHA) -> float:
     return (1.0 - alpha) * old + alpha * new
 
 
@@ -68,7 +70,7 @@ class OffloadEngine:
         self,
         model,
         hardware: Hardware | str | os.PathLike | None = None,
-        policy: str | PolicySpec = "lru",
+        policy: str | PolicyProtocol = "lru",
         device_budget: float = 0.25,
         *,
         predictor=None,
@@ -83,7 +85,7 @@ class OffloadEngine:
         nvme_dir=None,
         record_events: bool = False,
         rebalance_every: int = 0,
-        ema_alpha: float = 0.2,
+        ema_alpha: float = FREQ_EMA_ALPHA,
         replicate_hot: int = 0,
         warm_start: bool = False,
         quality_budget: float = 0.0,
@@ -95,7 +97,7 @@ class OffloadEngine:
     ):
         self.model = model
         self.cfg = model.cfg
-        policy = policy if isinstance(policy, PolicySpec) else get_policy(policy)
+        policy = get_policy(policy)
         if isinstance(hardware, (str, os.PathLike)):
             hardware = Hardware.from_yaml(hardware)
         self.hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
@@ -115,8 +117,12 @@ class OffloadEngine:
         self.budget_bytes, self.n_slots = budget_slots(
             device_budget, self.expert_bytes, self.L * self.E, self.K, self.max_inflight
         )
-        if policy.prefetch == "oracle" and trace is None:
-            raise EngineError("policy 'oracle' needs trace= (the routing it will see, e.g. a resident run)")
+        self.n_slots = policy.cache_slots(self.L, self.E, self.n_slots)
+        if policy.needs_future and trace is None:
+            raise EngineError(
+                f"policy {policy.name!r} reads the future: it needs trace= (the routing it will see, e.g. a "
+                "resident run)"
+            )
         if not 0.0 <= quality_budget <= 1.0:
             raise EngineError(
                 f"quality_budget must be in [0, 1] (fraction of misses served in int8), got {quality_budget!r}"
@@ -130,10 +136,10 @@ class OffloadEngine:
         if isinstance(predictor, (str, os.PathLike)):
             predictor = load_predictor(predictor)
         if predictor is not None:
+            check_predictor(predictor, self.L, self.E)
             if hasattr(predictor, "bind"):
                 predictor.bind(model)  # a predictor trained for another L/E/K is refused here
-            if policy.prefetch not in (None, "oracle"):
-                policy = replace(policy, prefetch="predictor")
+            policy = policy.with_predictor()
         self.policy = policy
         self.predictor = predictor
         freq = np.asarray(frequencies, float) if frequencies is not None else None
@@ -191,7 +197,7 @@ class OffloadEngine:
         self._co = self._ids = None  # the visit's layer output and routing (host compute reads them)
         self._extra = None
         self._routers_ahead = None  # pre-gate: each layer's next `horizon` routers, sliced once
-        if policy.prefetch == "pregate":
+        if policy.needs_pregate:
             routers = jnp.stack([model.layers[i].core.router_DE[...] for i in self.moe_layers])
             H = policy.horizon
             self._routers_ahead = [routers[m + 1 : m + 1 + H] for m in range(self.L)]
@@ -294,7 +300,7 @@ class OffloadEngine:
         if prev is not None and m > 0 and prev[2] == self.core.phase:  # the gate's layer time, within a step
             dt = max(0.0, t_enter - prev[0] - prev[1])
             old = self._layer_s.get(self.core.phase)
-            self._layer_s[self.core.phase] = dt if old is None else 0.8 * old + 0.2 * dt
+            self._layer_s[self.core.phase] = dt if old is None else _ema(old, dt, LAYER_S_EMA_ALPHA)
         top_HNK = None
         if self._routers_ahead is not None and m + 1 < self.L:
             # Pre-gate: later routers on this layer's input, read back with the ids (one sync, not two).
@@ -495,18 +501,3 @@ class OffloadEngine:
     def close(self):
         self.transfers.close()
         self.store.close()
-
-
-def load_predictor(path):
-    """A predictor checkpoint through the loader a package registers under the entry-point group
-    `moecxl.predictors` (the project's own: `predictor.live:LivePredictor`), so the runtime imports nothing
-    above it."""
-    from importlib.metadata import entry_points
-
-    loaders = {ep.name: ep for ep in entry_points(group=PREDICTOR_ENTRY_POINTS)}
-    if "live" not in loaders:
-        raise EngineError(
-            f"predictor {str(path)!r}: no loader registered under entry points {PREDICTOR_ENTRY_POINTS!r} "
-            "(install moecxl with `pip install -e .`, which registers predictor.live)"
-        )
-    return loaders["live"].load().load(path)

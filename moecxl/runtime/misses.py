@@ -84,7 +84,7 @@ class MissDecisions:
         if choice in ("fetch", "lowp") and not self.free_slots:
             # A copy takes a slot: the credit is what it saves later less what the victim would have
             # (only a copy's option can lose by it, so only then is the victim looked up).
-            lost = self.victim_credit(n_tokens, protect)
+            lost = self.victim_credit(n_tokens, protect, key)
             choice = miss_decision(replace(costs, reuse_credit_s=credit - lost))
         if choice in ("fetch", "lowp") and self.phase == "decode":
             # calibrated on decode copies: a prefill's pass pattern (a Switch encoder's layers) ends with it
@@ -100,7 +100,7 @@ class MissDecisions:
         host_s = self.host_compute_s(key, n_tokens)
         credit = self.reuse_credit(key, host_s)[0]
         if not self.free_slots:
-            credit -= self.victim_credit(n_tokens, protect)
+            credit -= self.victim_credit(n_tokens, protect, key)
         hits, misses = self.c.lookups
         fetched = max(0, misses - self.c.miss_choices["host"])
         layer_s = self.mech.layer_s(self.phase) or one * prefetch_mod.UNMEASURED_LAYER_FRACTION
@@ -108,9 +108,9 @@ class MissDecisions:
         pressure = demand_pressure(fetched, hits + misses - fetched, one, layer_s, upv)
         return copy_for_later(credit, pressure, one, host_s)
 
-    def victim_credit(self, n_tokens: int, protect) -> float:
-        """What the copy a new one would evict is expected to save later (0 if nothing is evictable)."""
-        victim = self.visit_victim(protect)
+    def victim_credit(self, n_tokens: int, protect, incoming=None) -> float:
+        """What the copy a new one (`incoming`) would evict is expected to save later (0: none evictable)."""
+        victim = self.visit_victim(protect, incoming)
         if victim is None:
             return 0.0
         # The victim's promise holds until the cache, the copies in flight or the visit change; only the
@@ -121,11 +121,11 @@ class MissDecisions:
         promised, one = self._victim_credit_memo[1]
         return credit_of_reuses(promised, self.calibration.factor, self.host_compute_s(victim, n_tokens), one)
 
-    def visit_victim(self, protect):
+    def visit_victim(self, protect, incoming=None):
         """The victim a copy issued now would evict, looked up once per cache change and visit."""
-        tag = (self.epoch, self.tick, id(protect))
+        tag = (self.epoch, self.tick, id(protect), self.victim_scope(incoming))
         if self._miss_victim[0] != tag:
-            self._miss_victim = (tag, self.victim(protect | self.inflight.keys()))
+            self._miss_victim = (tag, self.victim(protect | self.inflight.keys(), incoming=incoming))
         return self._miss_victim[1]
 
     def reuse_credit(self, key, host_s: float, tier: str | None = None) -> tuple[float, float]:

@@ -28,7 +28,11 @@ class Visit:
     pregate_top_HNK: np.ndarray | None = None  # later routers' top-k ids for this visit's tokens
 
     def tokens(self, e: int) -> int:
-        return self.tokens_per_expert[self.experts.index(e)]
+        """Tokens routed to expert `e` at this visit (0: made resident without being routed)."""
+        try:
+            return self.tokens_per_expert[self.experts.index(e)]
+        except ValueError:
+            return 0
 
 
 def visit_of_ids(

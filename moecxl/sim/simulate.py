@@ -24,7 +24,7 @@ from moecxl.runtime.core import DecisionCore
 from moecxl.runtime.locations import VirtualStore
 from moecxl.runtime.mechanism import CoreError
 from moecxl.runtime.metrics import Counters, core_metrics
-from moecxl.runtime.policies import PolicySpec, get_policy
+from moecxl.runtime.policies import PolicyProtocol, get_policy
 from moecxl.runtime.striping import MAX_WIDTH, MIN_GAIN
 from moecxl.sim.costmodel import ModelShape, head_s, visit_s
 from moecxl.sim.energy import EnergyModel, run_energy
@@ -53,7 +53,7 @@ class SimConfig:
     on an online tier with room).
     """
 
-    policy: PolicySpec | str = "lru"
+    policy: PolicyProtocol | str = "lru"
     device_budget: float = 0.25
     max_inflight: int | None = None
     lowp_threshold: float = 0.3
@@ -234,7 +234,7 @@ def simulate(
     for tier, *_ in faults:
         if tier not in known:
             raise SimError(f"fault names unknown tier {tier!r}; tiers of {hw.name!r}: {sorted(known)}")
-    policy = get_policy(cfg.policy) if isinstance(cfg.policy, str) else cfg.policy
+    policy = get_policy(cfg.policy)
     how = cfg.placement or default_placement(policy)
     homes_of = placement or make_placement(hw, shape, how, freq_LE)
     total = shape.L * shape.E * shape.expert_bytes
@@ -243,7 +243,7 @@ def simulate(
         raise SimError(f"device_budget must be a positive fraction or byte count, got {b!r}")
     budget_bytes = int(b * total) if b <= 1 else int(b)
     max_inflight = int(cfg.max_inflight if cfg.max_inflight is not None else max(2, shape.K))
-    n_slots = budget_bytes // shape.expert_bytes - max_inflight
+    n_slots = policy.cache_slots(shape.L, shape.E, budget_bytes // shape.expert_bytes - max_inflight)
     if n_slots < shape.K:
         raise SimError(
             f"device_budget {b!r} = {budget_bytes} bytes holds {budget_bytes // shape.expert_bytes} experts of "
@@ -257,7 +257,7 @@ def simulate(
     mech = _SimMechanism(
         hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio)
     )
-    knows_future = policy.prefetch == "oracle" or policy.evict == "belady"
+    knows_future = policy.needs_future
     try:
         core = DecisionCore(
             policy=policy,
