@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moecxl.model.family import family_of
 from moecxl.sim.costmodel import ModelShape
 from moecxl.sim.precision import Precision
 
@@ -33,8 +34,8 @@ def dense_linear_params(shape: ModelShape) -> int:
 
 
 def embedding_params(shape: ModelShape) -> int:
-    """Input embeddings and LM head (tied in Switch: counted once)."""
-    return shape.V * shape.D * (1 if shape.family == "switch" else 2)
+    """Input embeddings and LM head (tied in Switch, the encoder-decoder family: counted once)."""
+    return shape.V * shape.D * (1 if family_of(shape.family).encoder_decoder else 2)
 
 
 def dense_bytes(shape: ModelShape, dense: Precision) -> int:
