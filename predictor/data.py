@@ -53,7 +53,7 @@ class TraceArrays:
     decode_N: np.ndarray  # bool
     domain_N: np.ndarray  # str
     sketch_NLP: np.ndarray | None = None  # float32
-    pregate_NLGE: np.ndarray | None = None  # float16 raw logits of router l+g on layer l's input
+    pregate_NLGE: np.ndarray | None = None  # float16 (or 32) raw logits of router l+g on layer l's input
     sketch_DP: np.ndarray | None = None  # float32 projection from the trace metadata
     meta: dict = field(default_factory=dict)
 
@@ -67,10 +67,12 @@ def load_arrays(
     features: tuple[str, ...] = FEATURES,
     horizon: int = 4,
     model=None,
+    pregate_dtype=np.float16,
 ) -> TraceArrays:
     """Read a trace directory into `TraceArrays`, computing pre-gate logits when "pregate" is wanted.
 
     `model`: a model object or checkpoint path for "pregate"; default: the path in the trace metadata.
+    `pregate_dtype`: float16 for training (memory), float32 where the logits must be the live ones.
     """
     ts = traces if isinstance(traces, TraceSet) else read_traces(traces)
     meta = ts.metadata
@@ -91,7 +93,7 @@ def load_arrays(
     ids = ts.expert_ids
     pregate = None
     if "pregate" in features:
-        pregate = pregate_logits(ts, horizon, model)
+        pregate = pregate_logits(ts, horizon, model, dtype=pregate_dtype)
     return TraceArrays(
         path=str(ts.path),
         L=meta["L"],
@@ -161,8 +163,8 @@ def routers_of(model) -> jax.Array:
     )
 
 
-def pregate_logits(ts: TraceSet, horizon: int, model=None, batch: int = 8) -> np.ndarray:
-    """float16 [N, L, H+1, E]: router l+g on layer l's MoE input for every trace row, recomputed with the
+def pregate_logits(ts: TraceSet, horizon: int, model=None, batch: int = 8, dtype=np.float16) -> np.ndarray:
+    """[N, L, H+1, E] of `dtype`: router l+g on layer l's MoE input for every trace row, recomputed with the
     model (one teacher-forced forward per sequence, the way the traces were collected). The recomputed
     routing must reproduce the traced expert ids, else the traces are refused as another model's."""
     model = _open_model(ts, model)
@@ -176,7 +178,7 @@ def pregate_logits(ts: TraceSet, horizon: int, model=None, batch: int = 8) -> np
         )
     bounds = ts.seq_bounds()
     tok = ts.column("token_id")
-    out = np.zeros((len(ts), L, G, E), np.float16)
+    out = np.zeros((len(ts), L, G, E), dtype)
     ids_ref = ts.expert_ids
     agree = total = 0
     if model.cfg.family == "switch":

@@ -254,6 +254,15 @@ def simulate(
             f"policy {policy.name!r} computes misses on the host but hardware {hw.name!r} has no "
             "'host:' block (gflops, mem_gbps) in its profile"
         )
+    if getattr(policy, "prefetch", None) == "predictor":
+        if predictor is None:
+            raise SimError(
+                f"policy {policy.name!r} prefetches from a learned predictor but none was given: pass "
+                "predictor=moecxl.sim.stored.StoredPredictions.load(<traces>/predictions/learned.safetensors, "
+                "ts, shape) (`python train_predictor.py predict` writes them)"
+            )
+        if hasattr(predictor, "check_shape"):
+            predictor.check_shape(shape, policy.horizon)
     mech = _SimMechanism(
         hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio)
     )
@@ -313,16 +322,16 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
         measured = i >= cfg.warmup_requests
         t0 = mech.now
         steps: dict = defaultdict(list)
-        for v in req.visits:
-            steps[v.step].append(v)
+        for j, v in enumerate(req.visits):  # with its trace rows: a stored predictor's features
+            steps[v.step].append((v, req.rows[j] if req.rows else None))
         out_s = []
         for step in sorted(steps):
             phase = "prefill" if step == 0 else "decode"
             core.begin(phase, step)
-            for v in steps[step]:
+            for v, rows in steps[step]:
                 dt = cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
                 mech.visit_layer_s = dt  # the engine measures its layer time; the replay knows it beforehand
-                core.visit(v)
+                core.visit(v, rows)
                 core.after()
                 mech.now += dt + cfg.control_s
                 busy_s += dt

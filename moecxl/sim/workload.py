@@ -24,13 +24,15 @@ class WorkloadError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """One generate call: its visits in engine order."""
+    """One generate call: its visits in engine order, and per visit the rows of the arrays it was cut
+    from (trace rows for `requests_from_trace`): what a stored predictor looks its predictions up by."""
 
     seq_ids: tuple[int, ...]
     batch: int
     prompt_len: int
     new_tokens: int
     visits: tuple[Visit, ...]
+    rows: tuple[np.ndarray, ...] = ()  # int64 [tokens of visit j], parallel to `visits`
 
 
 def check_topology(trace_LEK: tuple[int, int, int], shape: ModelShape, layer_map: str | None = None) -> None:
@@ -133,21 +135,24 @@ def requests_from_arrays(
                 rows.append(prefill_rows_all[i % len(seqs)])
                 i += 1
             pre, T = rows, prompt_tokens
-        pre_rows = np.concatenate(pre)
-        visits = []
+        pre_rows = np.concatenate(pre).astype(np.int64)
+        visits, visit_rows = [], []
         for m in range(L):
             top = pregate_NLHK[pre_rows, m].transpose(1, 0, 2) if pregate_NLHK is not None else None
             v = _visit("prefill", 0, m, ids_NLK[pre_rows, m], w[pre_rows, m], batch * T, T, batch, top)
             if v is not None:
                 visits.append(v)
+                visit_rows.append(pre_rows)
         for i in range(n_new):
-            rows = np.array([d[i] for d in dec])
+            rows = np.array([d[i] for d in dec], np.int64)
             for m in range(L):
                 top = pregate_NLHK[rows, m].transpose(1, 0, 2) if pregate_NLHK is not None else None
                 v = _visit("decode", i + 1, m, ids_NLK[rows, m], w[rows, m], batch, T + i + 1, batch, top)
                 if v is not None:
                     visits.append(v)
-        out.append(Request(tuple(int(seq_id_N[a]) for a, _ in group), batch, T, n_new + 1, tuple(visits)))
+                    visit_rows.append(rows)
+        seqs_of = tuple(int(seq_id_N[a]) for a, _ in group)
+        out.append(Request(seqs_of, batch, T, n_new + 1, tuple(visits), tuple(visit_rows)))
     return out
 
 
@@ -166,7 +171,8 @@ def requests_from_trace(
 
 def requests_from_generate(res, pregate_NLHK: np.ndarray | None = None) -> list[Request]:
     """One request from a resident `GenerateResult` (its routing per layer [B, T+T_new-1, K]): the
-    exact visits an engine sees when it runs the same prompt (used to validate against the engine)."""
+    exact visits an engine sees when it runs the same prompt (used to validate against the engine).
+    Its rows (`Request.rows`) count sequence-major: sequence b's prompt tokens, then its decode tokens."""
     L = len(res.expert_ids)
     B, T = res.expert_ids[0].shape[0], res.prompt_len
     ids_BSLK = np.stack([np.asarray(x) for x in res.expert_ids], axis=2)
