@@ -24,8 +24,8 @@ from moecxl.distributed.expert_parallel import (
     shard_model,
 )
 from moecxl.distributed.host_runtime import (
-    ExpertSubset,
     OffloadedExpertParallel,
+    expert_subset,
     host_metrics,
     owned_experts,
     rollup,
@@ -39,7 +39,7 @@ __all__ = [
     "DistributedError",
     "EPProvider",
     "ExpertParallel",
-    "ExpertSubset",
+    "expert_subset",
     "MeshError",
     "OffloadedExpertParallel",
     "Watchdog",

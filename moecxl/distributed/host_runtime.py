@@ -26,6 +26,7 @@ from moecxl.distributed.expert_parallel import (
     check_mesh,
     to_global,
 )
+from moecxl.model.bank import ModelBank, SubsetBank
 
 
 def shard_owners(mesh: Mesh) -> dict[int, list[int]]:
@@ -60,46 +61,9 @@ def owned_rows(a, expert_ids) -> np.ndarray:
     return np.stack([rows[e] for e in expert_ids])
 
 
-class _BankView:
-    def __init__(self, ins, out):
-        self._ins, self._out = tuple(ins), out
-        self.gated = len(ins) == 2
-
-    def arrays(self):
-        return self._ins, self._out
-
-    @property
-    def num_experts(self) -> int:
-        return self._out.shape[0]
-
-
-class _CoreView:
-    def __init__(self, router_DE):
-        self.router_DE = router_DE
-
-
-class _LayerView:
-    def __init__(self, core, experts):
-        self.core, self.experts = core, experts
-
-
-class ExpertSubset:
-    """A model seen through the experts one host owns: what an `OffloadEngine` needs, nothing more."""
-
-    def __init__(self, model, expert_ids):
-        ids = np.asarray(expert_ids)
-        cfg = model.cfg
-        self.cfg = dataclasses.replace(cfg, num_experts=len(ids), top_k=min(cfg.top_k, len(ids)))
-        self.expert_ids = [int(e) for e in ids]
-        self.layers = []
-        for layer in model.layers:
-            if layer.experts is None:
-                self.layers.append(_LayerView(layer.core, None))
-                continue
-            ins, out = layer.experts.arrays()
-            bank = _BankView([owned_rows(w, ids) for w in ins], owned_rows(out, ids))
-            router = np.asarray(layer.core.router_DE[...])[:, ids]
-            self.layers.append(_LayerView(_CoreView(router), bank))
+def expert_subset(model, expert_ids) -> SubsetBank:
+    """The experts one host owns, as an `ExpertBank` (rows read from this process's shards)."""
+    return ModelBank(model).subset(expert_ids, take_rows=owned_rows)
 
 
 @dataclasses.dataclass
@@ -132,7 +96,7 @@ class OffloadedExpertParallel(ExpertParallel):
         self.local_of = np.full(E, -1, np.int64)
         self.local_of[self.owned] = np.arange(len(self.owned))
         self.device = jax.local_devices()[0]
-        self.engine = OffloadEngine(ExpertSubset(model, self.owned), device=self.device, **engine_kwargs)
+        self.engine = OffloadEngine(expert_subset(model, self.owned), device=self.device, **engine_kwargs)
         me = jax.process_index()
         # This host's devices in mesh order, each with the shard (column) it computes.
         self._mine = [(dev, j) for (_, j), dev in np.ndenumerate(mesh.devices) if dev.process_index == me]

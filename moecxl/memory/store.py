@@ -22,6 +22,7 @@ import numpy as np
 
 from moecxl.memory import numa
 from moecxl.memory.tiers import Hardware
+from moecxl.model.bank import bank_of
 
 ALIGN_BYTES = 4096  # copies start on page boundaries: aligned for pinned_host aliasing and O_DIRECT
 
@@ -77,19 +78,20 @@ class ExpertLayout:
         return tuple(mats)
 
 
-def layout_of(model) -> ExpertLayout:
-    """The expert layout of a model (every MoE layer of a model shares it)."""
-    for layer in model.layers:
-        if getattr(layer, "experts", None) is not None:
-            ins, out = layer.experts.arrays()
-            shapes = tuple(tuple(w.shape[1:]) for w in ins) + (tuple(out.shape[1:]),)
-            return ExpertLayout(shapes, str(np.dtype(out.dtype)))
-    raise StoreError("model has no MoE layer: nothing to offload")
+def layout_of(source) -> ExpertLayout:
+    """The expert layout of a model or `ExpertBank` (every MoE layer shares it)."""
+    bank = bank_of(source)
+    if bank.num_layers < 1:
+        raise StoreError("model has no MoE layer: nothing to offload")
+    ins, out = bank.arrays(0)
+    shapes = tuple(tuple(w.shape[1:]) for w in ins) + (tuple(out.shape[1:]),)
+    return ExpertLayout(shapes, str(np.dtype(out.dtype)))
 
 
-def expert_matrices(model):
-    """Per MoE layer: (ins, out) stacked arrays, in MoE-layer order."""
-    return [layer.experts.arrays() for layer in model.layers if getattr(layer, "experts", None) is not None]
+def expert_matrices(source):
+    """Per MoE layer of a model or `ExpertBank`: (ins, out) stacked arrays, in MoE-layer order."""
+    bank = bank_of(source)
+    return [bank.arrays(m) for m in range(bank.num_layers)]
 
 
 def quantize_int8(packed: np.ndarray, layout: ExpertLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
-import jax.numpy as jnp
-import numpy as np
-
 from moecxl.memory.tiers import Hardware
-from moecxl.model.steps import _core_jit, _experts_jit, split_flat
+from moecxl.model.bank import bank_of
 
 
 def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
-    """Measured seconds of one decode-step MoE layer (core + experts, resident) on this machine."""
-
-    cfg = model.cfg
-    li = next(i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None)
-    key, leaves = split_flat(model.layers[li].core)
-    core = _core_jit(*key)
-    S = 64
-    dt = model.embed_VD[...].dtype
-    x = jnp.zeros((batch, 1, cfg.hidden_size), dt) + 0.1
-    pos = np.zeros((batch, 1), np.int32)
-    mask = np.ones((batch, 1, S), bool)
-    ins, out = model.layers[li].experts.arrays()
-    slot_E = np.arange(cfg.num_experts, dtype=np.int32)
-    times = []
-    for _ in range(repeats + 2):
-        kv = tuple(jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt) for _ in range(2))
-        t0 = time.perf_counter()
-        co, kv = core(leaves, x, pos, mask, kv, np.int32(0))
-        y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
-        y.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:]))
+    """Measured seconds of one decode-step MoE layer (core + experts, resident) on this machine (the
+    model's `ExpertBank` times it: the runtime knows no transformer)."""
+    return bank_of(model).layer_compute_s(batch, repeats)
 
 
 def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512) -> float:

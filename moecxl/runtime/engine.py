@@ -19,14 +19,16 @@ from moecxl.memory.hostkernel import expert_forward
 from moecxl.memory.store import HostStore, layout_of
 from moecxl.memory.tiers import Hardware
 from moecxl.memory.transfer import TransferEngine, TransferError
+from moecxl.model.bank import bank_of
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
+from moecxl.runtime.bank import check_bank
 from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s  # noqa: F401
 from moecxl.runtime.core import FREQ_EMA_ALPHA, DecisionCore
 from moecxl.runtime.mechanism import CopyFailed, CoreError
 from moecxl.runtime.metrics import engine_metrics, where
 from moecxl.runtime.policies import PolicyProtocol, get_policy
-from moecxl.runtime.predictors import PREDICTOR_ENTRY_POINTS, check_predictor, load_predictor  # noqa: F401
+from moecxl.runtime.predictors import check_predictor, load_predictor
 from moecxl.runtime.slots import (
     _install,
     _install_int8,
@@ -40,8 +42,6 @@ from moecxl.runtime.slots import (
 from moecxl.runtime.visit import future_from, visit_of_ids
 
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "configs" / "hardware" / "cpu-local.yaml"
-
-
 OVERHEAD_EMA_ALPHA = 0.1  # measured per-copy and per-host-expert overheads: ~10 samples of memory
 LAYER_S_EMA_ALPHA = 0.2  # measured compute per layer visit, per phase: ~5 visits of memory
 
@@ -95,8 +95,9 @@ class OffloadEngine:
         compute_s: float | None = None,
         head_s: float = 0.0,
     ):
-        self.model = model
-        self.cfg = model.cfg
+        self.bank = bank_of(model)  # what the runtime reads of the model: experts and routers per MoE layer
+        check_bank(self.bank)
+        self.cfg = self.bank.cfg
         policy = get_policy(policy)
         if isinstance(hardware, (str, os.PathLike)):
             hardware = Hardware.from_yaml(hardware)
@@ -107,12 +108,9 @@ class OffloadEngine:
             raise EngineError("clock='virtual' needs compute_s (seconds of compute per MoE layer visit)")
         self.virtual = clock == "virtual"
         self._compute_s, self._head_s = compute_s, head_s
-        self.layout = layout_of(model)
+        self.layout = layout_of(self.bank)
         self.expert_bytes = self.layout.nbytes
-        self.moe_layers = [
-            i for i, layer in enumerate(model.layers) if getattr(layer, "experts", None) is not None
-        ]
-        self.L, self.E, self.K = len(self.moe_layers), self.cfg.num_experts, self.cfg.top_k
+        self.L, self.E, self.K = self.bank.num_layers, self.cfg.num_experts, self.cfg.top_k
         self.max_inflight = int(max_inflight if max_inflight is not None else max(2, self.K))
         self.budget_bytes, self.n_slots = budget_slots(
             device_budget, self.expert_bytes, self.L * self.E, self.K, self.max_inflight
@@ -138,7 +136,9 @@ class OffloadEngine:
         if predictor is not None:
             check_predictor(predictor, self.L, self.E)
             if hasattr(predictor, "bind"):
-                predictor.bind(model)  # a predictor trained for another L/E/K is refused here
+                predictor.bind(
+                    self.bank.model if self.bank.model is not None else self.bank
+                )  # wrong L/E/K: refused
             policy = policy.with_predictor()
         self.policy = policy
         self.predictor = predictor
@@ -155,7 +155,7 @@ class OffloadEngine:
             reader=reader,
         )
         self.store = HostStore(
-            model,
+            self.bank,
             self.hardware,
             self.placement,
             nvme_dir=nvme_dir,
@@ -165,7 +165,7 @@ class OffloadEngine:
             emulate = self.hardware.gpu.name.lower() != "cpu"  # a local profile: copies as they come
         self.emulate = emulate or self.virtual
         if time_scale is None:
-            time_scale = calibrate_time_scale(model, self.hardware, self.target_model) if emulate else 1.0
+            time_scale = calibrate_time_scale(self.bank, self.hardware, self.target_model) if emulate else 1.0
         self.time_scale = time_scale
         self.transfers = TransferEngine(
             self.store, self.hardware, emulate=self.emulate, time_scale=time_scale, virtual=self.virtual
@@ -198,7 +198,7 @@ class OffloadEngine:
         self._extra = None
         self._routers_ahead = None  # pre-gate: each layer's next `horizon` routers, sliced once
         if policy.needs_pregate:
-            routers = jnp.stack([model.layers[i].core.router_DE[...] for i in self.moe_layers])
+            routers = jnp.stack([jnp.asarray(self.bank.router_DE(m)) for m in range(self.L)])
             H = policy.horizon
             self._routers_ahead = [routers[m + 1 : m + 1 + H] for m in range(self.L)]
         self.core = DecisionCore(
@@ -235,16 +235,12 @@ class OffloadEngine:
             homes.warm_start(self.core)
 
     # ---- the core's state, read through (the decisions' state lives in `self.core`) ------------------
-    slot_of = property(lambda self: self.core.slot_of)
-    stats = property(lambda self: self.core.stats)
-    inflight = property(lambda self: self.core.inflight)
-    events = property(lambda self: self.core.events)
-    offline = property(lambda self: self.core.offline)
-    c = property(lambda self: self.core.c)
-    tick = property(lambda self: self.core.tick)
-    phase = property(lambda self: self.core.phase)
-    step = property(lambda self: self.core.step)
-    freq_ema = property(lambda self: self.core.freq_ema)
+    _CORE_STATE = frozenset("slot_of stats inflight events offline c tick phase step freq_ema".split())
+
+    def __getattr__(self, name: str):
+        if name in OffloadEngine._CORE_STATE and "core" in self.__dict__:
+            return getattr(self.core, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def cache(self) -> tuple:
@@ -407,15 +403,19 @@ class OffloadEngine:
             raise CopyFailed(str(e)) from e
         finally:
             if self.virtual:
-                before = self.now_s()
-                self.transfers.advance_to(copy.expected_done_s)
-                self._blocked_s += self.now_s() - before
+                self._advance_to(copy.expected_done_s)
             else:
                 self._blocked_s += time.perf_counter() - t0
         if copy.low_precision:
             self._cache = _install_int8(self.cache, value, np.int32(slot), self.layout)
         else:
             self._landed.append((value, slot))
+
+    def _advance_to(self, t_s: float) -> None:
+        """Virtual clock: wait (blocked) until `t_s`."""
+        before = self.now_s()
+        self.transfers.advance_to(t_s)
+        self._blocked_s += self.now_s() - before
 
     def reserve_host_read(self, tier: str, at_s: float) -> float:
         return self.transfers.reserve_host_read(tier, at_s)
@@ -441,10 +441,7 @@ class OffloadEngine:
             extra[rows] += (w * sel).sum(-1)[rows][:, None] * y
         self._extra = extra.astype(self.compute_dtype)
         if self.virtual:
-            before = self.now_s()
-            self.transfers.advance_to(until_s)
-            self._blocked_s += self.now_s() - before
-            return
+            return self._advance_to(until_s)
         if self.emulate:
             left = until_s - self.transfers.now_s()
             if left > 0:
