@@ -50,6 +50,7 @@ def _ema(old: float, new: float, alpha: float = OVERHEAD_EMA_ALPHA) -> float:
     return (1.0 - alpha) * old + alpha * new
 
 
+_CORE_STATE = {"slot_of", "stats", "inflight", "events", "offline", "c", "tick", "phase", "step", "freq_ema"}
 EngineError = CoreError  # bad engine configuration or a request it cannot serve; names the value at fault
 
 
@@ -235,10 +236,8 @@ class OffloadEngine:
             homes.warm_start(self.core)
 
     # ---- the core's state, read through (the decisions' state lives in `self.core`) ------------------
-    _CORE_STATE = frozenset("slot_of stats inflight events offline c tick phase step freq_ema".split())
-
     def __getattr__(self, name: str):
-        if name in OffloadEngine._CORE_STATE and "core" in self.__dict__:
+        if name in _CORE_STATE and "core" in self.__dict__:
             return getattr(self.core, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
