@@ -65,6 +65,14 @@ _BUILTIN = (
     "moecxl",
     "moecxl_nd",
     "moecxl_host",
+    # the published systems, as they behave (docs/systems.md)
+    "accelerate",
+    "deepspeed_zero",
+    "mixtral_offloading",
+    "fiddler",
+    "prefetch_all",
+    "pregated",
+    "gpu_only",
 )
 
 POLICIES: dict[str, PolicyProtocol] = {}

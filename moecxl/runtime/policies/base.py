@@ -14,12 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from moecxl.runtime import prefetch as prefetch_mod
+from moecxl.runtime.policies.errors import PolicyError
 from moecxl.runtime.policies.eviction import EvictionRule, rule_of
 from moecxl.runtime.policies.sources import PrefetchSource, source_of
-
-
-class PolicyError(ValueError):
-    """Unknown policy name or option, or an object that is not a policy; the message names the value."""
 
 
 @runtime_checkable

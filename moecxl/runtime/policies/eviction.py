@@ -8,6 +8,7 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from moecxl.runtime.policies.errors import PolicyError
 from moecxl.runtime.policies.reuse import Reuse, expected_reuse_distance
 
 FAR_FUTURE = 1 << 60  # Belady: an expert not used again within the look-ahead
@@ -156,8 +157,6 @@ def rule_of(evict) -> EvictionRule:
     if isinstance(evict, EvictionRule):
         return evict
     if evict not in RULES:
-        from moecxl.runtime.policies.base import PolicyError
-
         raise PolicyError(f"unknown eviction rule {evict!r}; known: {', '.join(RULES)}")
     return RULES[evict]
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moecxl.runtime.mechanism import CoreError
+from moecxl.runtime.policies.errors import PolicyError
 
 
 class PrefetchSource:
@@ -123,8 +124,6 @@ def source_of(prefetch) -> PrefetchSource | None:
     if prefetch is None or isinstance(prefetch, PrefetchSource):
         return prefetch
     if prefetch not in SOURCES:
-        from moecxl.runtime.policies.base import PolicyError
-
         raise PolicyError(f"unknown prefetch source {prefetch!r}; known: {', '.join(SOURCES)}")
     return SOURCES[prefetch]
 
