@@ -21,14 +21,9 @@ import jax
 import numpy as np
 
 from moecxl.memory import numa
+from moecxl.memory.locations import ALIGN_BYTES, Locations, StoreError, pages  # noqa: F401 (re-exported)
 from moecxl.memory.tiers import Hardware
 from moecxl.model.bank import bank_of
-
-ALIGN_BYTES = 4096  # copies start on page boundaries: aligned for pinned_host aliasing and O_DIRECT
-
-
-class StoreError(ValueError):
-    """The host store cannot hold or read an expert; the message names the tier, file and expert."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class ExpertLayout:
     @property
     def slot_bytes(self) -> int:
         """Bytes one copy occupies in a tier (page-aligned)."""
-        return -(-self.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        return pages(self.nbytes)
 
     @property
     def np_dtype(self):
@@ -134,7 +129,7 @@ class _NvmeFile:
             os.fsync(f.fileno())
 
 
-class HostStore:
+class HostStore(Locations):
     """Copies of every expert across host tiers; `placement` gives each expert's home tier."""
 
     def __init__(
@@ -146,19 +141,13 @@ class HostStore:
         low_precision: bool = False,
     ):
         self.layout = layout_of(model)
-        self.hardware = hardware
-        self.slot_bytes = self.layout.slot_bytes
+        super().__init__(hardware, self.layout.slot_bytes)
         self._mats = expert_matrices(model)  # the master: the model's own host arrays
         self._nvme_dir = Path(nvme_dir) if nvme_dir is not None else None
         self._tmpdir = None
         self._nvme: dict[str, _NvmeFile] = {}
-        self._copies: dict[tuple[int, int], dict[str, object]] = {}  # key -> tier -> buffer | nvme slot
         self._crc: dict[tuple[tuple[int, int], str], int] = {}
-        self.used_bytes: dict[str, int] = {}
-        self.home_of: dict[tuple[int, int], str] = {}
-        self.node_report: dict[str, dict] = {}
         self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self.stripes: dict[tuple[int, int], object] = {}  # key -> runtime.striping.StripeSet
         self._chunks: dict[tuple[int, int], dict[str, tuple]] = {}  # key -> tier -> (buffer, pinned array)
         self.low_precision = low_precision
         for key, tier in sorted(placement.items()):
@@ -180,24 +169,15 @@ class HostStore:
 
     def add_copy(self, key, tier_name: str, data: np.ndarray | None = None) -> int:
         """Place a copy of `key` on `tier_name` (from `data` or the master); returns bytes written."""
-        if tier_name not in self.hardware.tier_names:
-            raise StoreError(
-                f"expert {key}: unknown tier {tier_name!r}; tiers: {', '.join(self.hardware.tier_names)}"
-            )
-        tier = self.hardware.tier(tier_name)
-        if tier.kind == "hbm":
+        if tier_name in self.hardware.tier_names and self.hardware.tier(tier_name).kind == "hbm":
             raise StoreError(
                 f"expert {key}: tier {tier_name!r} is the device; host copies live in other tiers"
             )
-        copies = self._copies.setdefault(key, {})
-        if tier_name in copies:
+        if tier_name in self._copies.get(key, {}):
             return 0
+        self.check_room(key, tier_name, self.slot_bytes)
+        tier, copies = self.hardware.tier(tier_name), self._copies.setdefault(key, {})
         used = self.used_bytes.get(tier_name, 0)
-        if used + self.slot_bytes > tier.capacity_bytes:
-            raise StoreError(
-                f"tier {tier_name!r} is full: {used} of {tier.capacity_bytes} bytes used, expert {key} needs "
-                f"{self.slot_bytes} more"
-            )
         packed = self.master(key) if data is None else data
         if tier.kind == "nvme":
             f = self._nvme_file(tier_name)
@@ -240,17 +220,13 @@ class HostStore:
                 raise StoreError(
                     f"expert {key}: stripe chunk on {t!r} ({self.hardware.tier(t).kind}); memory tiers only"
                 )
-        pages = [-(-n // ALIGN_BYTES) * ALIGN_BYTES for n in stripe.chunk_bytes]
-        for t, n in zip(stripe.tiers, pages):
-            if self.used_bytes.get(t, 0) + n > self.hardware.tier(t).capacity_bytes:
-                raise StoreError(
-                    f"tier {t!r} is full: {self.used_bytes.get(t, 0)} of {self.hardware.tier(t).capacity_bytes} "
-                    f"bytes used, a chunk of expert {key} needs {n} more"
-                )
+        sizes = [pages(n) for n in stripe.chunk_bytes]
+        for t, n in zip(stripe.tiers, sizes):
+            self.check_room(key, t, n, what="a chunk of expert")
         self.drop_stripe(key)
         raw = np.ascontiguousarray(self.master(key) if data is None else data).view(np.uint8)
         chunks = {}
-        for t, lo, hi, n in zip(stripe.tiers, stripe.bounds, stripe.bounds[1:], pages):
+        for t, lo, hi, n in zip(stripe.tiers, stripe.bounds, stripe.bounds[1:], sizes):
             node = self.hardware.tier(t).numa_node
             buf = self._alloc_on_tier(t, node, n)
             view = buf[: hi - lo]
@@ -261,15 +237,8 @@ class HostStore:
         return self.layout.nbytes
 
     def drop_stripe(self, key) -> None:
-        stripe = self.stripes.pop(key, None)
-        if stripe is None:
-            return
-        self._chunks.pop(key)
-        for t, n in zip(stripe.tiers, stripe.chunk_bytes):
-            self.used_bytes[t] -= -(-n // ALIGN_BYTES) * ALIGN_BYTES
-
-    def stripe_of(self, key):
-        return self.stripes.get(key)
+        self._chunks.pop(key, None)
+        super().drop_stripe(key)
 
     def chunk_source(self, key, tier: str):
         """What a chunk copy reads: the pinned_host array of `key`'s chunk on `tier`."""
@@ -279,32 +248,6 @@ class HostStore:
                 f"expert {key} has no stripe chunk on tier {tier!r} (stripe: {self.stripes.get(key)})"
             )
         return chunk[1]
-
-    def tiers_of(self, key) -> tuple[str, ...]:
-        return tuple(self._copies.get(key, {}))
-
-    def only_copy(self, key) -> str | None:
-        """The tier of `key`'s one whole copy, or None when it has several (or none): the engine's fast
-        path for the common case, without building `tiers_of`'s tuple."""
-        copies = self._copies.get(key)
-        if copies is None or len(copies) != 1:
-            return None
-        (tier,) = copies
-        return tier
-
-    def home(self, key) -> str:
-        return self.home_of[key]
-
-    def set_home(self, key, tier_name: str) -> None:
-        if tier_name not in self._copies.get(key, {}):
-            raise StoreError(f"expert {key} has no copy on {tier_name!r} to make its home")
-        self.home_of[key] = tier_name
-
-    def experts_on(self, tier: str) -> list[tuple[int, int]]:
-        return [k for k, c in self._copies.items() if tier in c]
-
-    def homed_on(self, tier: str) -> list[tuple[int, int]]:
-        return [k for k, t in self.home_of.items() if t == tier]
 
     # ---- reading -------------------------------------------------------------------------------------
     def source(self, key, low_precision: bool = False, tier: str | None = None):
@@ -347,9 +290,9 @@ class HostStore:
                 "emulated": node is not None and not present,
             }
             if numa.supported():
-                pages = numa.node_of_pages(buf)
+                node_of_page = numa.node_of_pages(buf)
                 report["pages_on_nodes"] = {
-                    int(n): int(c) for n, c in zip(*np.unique(pages, return_counts=True))
+                    int(n): int(c) for n, c in zip(*np.unique(node_of_page, return_counts=True))
                 }
             self.node_report[tier_name] = report
         return buf
