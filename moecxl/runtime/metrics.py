@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TypedDict
 
 import jax
 import numpy as np
@@ -40,56 +41,106 @@ class Counters:
         return sum(self.hits) + sum(self.inflight_hits), sum(self.misses)
 
 
-def core_metrics(core) -> dict:
+class StripingMetrics(TypedDict):
+    stripe_sets: int
+    striped_fetches: int
+    not_striped: dict  # reason -> fetches that read one whole copy (striping.REASONS)
+    sets_skipped: dict
+
+
+class CoreMetrics(TypedDict):
+    """The keys engine and simulator both report (the simulator adds latency and energy, the engine
+    measured overheads and control-plane time; `tests/test_lockstep.py` compares these)."""
+
+    policy: str
+    exact: bool
+    predictor: str | None
+    hit_rate: float
+    hit_rate_by_layer: list
+    hits: int
+    inflight_hits: int
+    misses: int
+    misses_by_layer: list
+    stall_s: float
+    stall_s_by_layer: list
+    bytes_by_tier: dict
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_precision: float | None
+    late_prefetches: int
+    wasted_prefetch_bytes: int
+    gated_prefetches: int
+    evictions: int
+    migrations: int
+    migration_bytes: dict
+    rehomed: int
+    rehomed_fetches: int
+    refetches: int
+    miss_choices: dict
+    host_computed_tokens: int
+    host_compute_s: float
+    host_read_bytes_by_tier: dict
+    inflight_host_computed: int
+    copied_for_later: int
+    striping: StripingMetrics
+    faults: list
+    max_inflight: int
+    device_budget_bytes: int
+    device_slots: int
+    distribution: dict
+    hardware: str
+
+
+def core_metrics(core) -> CoreMetrics:
     """The keys engine and simulator report alike, from the decision core's counters and state."""
     c = core.c
     hits, misses = c.lookups
-    return {
-        "policy": core.policy.name,
-        "exact": core.policy.exact,
-        "predictor": core.predictor_name,
-        "hit_rate": hits / max(1, hits + misses),
-        "hit_rate_by_layer": [
+    return CoreMetrics(
+        policy=core.policy.name,
+        exact=core.policy.exact,
+        predictor=core.predictor_name,
+        hit_rate=hits / max(1, hits + misses),
+        hit_rate_by_layer=[
             (h + i) / max(1, h + i + mi) for h, i, mi in zip(c.hits, c.inflight_hits, c.misses)
         ],
-        "hits": sum(c.hits),
-        "inflight_hits": sum(c.inflight_hits),
-        "misses": misses,
-        "misses_by_layer": list(c.misses),
-        "stall_s": c.stall_s,
-        "stall_s_by_layer": list(c.stall_by_layer),
-        "bytes_by_tier": dict(c.bytes_by_tier),
-        "prefetch_issued": c.prefetch_issued,
-        "prefetch_used": c.prefetch_used,
-        "prefetch_precision": c.prefetch_used / c.prefetch_issued if c.prefetch_issued else None,
-        "late_prefetches": c.late_prefetch,
-        "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
-        "gated_prefetches": c.gated,
-        "evictions": c.evictions,
-        "migrations": c.migrations,
-        "migration_bytes": dict(c.migration_bytes),
-        "rehomed": c.rehomed,
-        "rehomed_fetches": c.rehomed,
-        "refetches": c.refetches,
-        "miss_choices": dict(c.miss_choices),
-        "host_computed_tokens": c.host_tokens,
-        "host_compute_s": c.host_s,
-        "host_read_bytes_by_tier": dict(c.host_read_bytes_by_tier),
-        "inflight_host_computed": c.inflight_host,
-        "copied_for_later": c.copied_for_later,
-        "striping": {
-            "stripe_sets": len(core.store.stripes),
-            "striped_fetches": c.striped_fetches,
-            "not_striped": dict(c.not_striped),
-            "sets_skipped": dict(core.stripe_report["skipped"]),
-        },
-        "faults": list(c.fault_events),
-        "max_inflight": c.max_queue,
-        "device_budget_bytes": core.budget_bytes,
-        "device_slots": core.n_slots,
-        "distribution": core.distribution(),
-        "hardware": core.hardware.name,
-    }
+        hits=sum(c.hits),
+        inflight_hits=sum(c.inflight_hits),
+        misses=misses,
+        misses_by_layer=list(c.misses),
+        stall_s=c.stall_s,
+        stall_s_by_layer=list(c.stall_by_layer),
+        bytes_by_tier=dict(c.bytes_by_tier),
+        prefetch_issued=c.prefetch_issued,
+        prefetch_used=c.prefetch_used,
+        prefetch_precision=c.prefetch_used / c.prefetch_issued if c.prefetch_issued else None,
+        late_prefetches=c.late_prefetch,
+        wasted_prefetch_bytes=c.wasted_prefetch_bytes,
+        gated_prefetches=c.gated,
+        evictions=c.evictions,
+        migrations=c.migrations,
+        migration_bytes=dict(c.migration_bytes),
+        rehomed=c.rehomed,
+        rehomed_fetches=c.rehomed,
+        refetches=c.refetches,
+        miss_choices=dict(c.miss_choices),
+        host_computed_tokens=c.host_tokens,
+        host_compute_s=c.host_s,
+        host_read_bytes_by_tier=dict(c.host_read_bytes_by_tier),
+        inflight_host_computed=c.inflight_host,
+        copied_for_later=c.copied_for_later,
+        striping=StripingMetrics(
+            stripe_sets=len(core.store.stripes),
+            striped_fetches=c.striped_fetches,
+            not_striped=dict(c.not_striped),
+            sets_skipped=dict(core.stripe_report["skipped"]),
+        ),
+        faults=list(c.fault_events),
+        max_inflight=c.max_queue,
+        device_budget_bytes=core.budget_bytes,
+        device_slots=core.n_slots,
+        distribution=core.distribution(),
+        hardware=core.hardware.name,
+    )
 
 
 def where(core) -> dict:
