@@ -53,12 +53,16 @@ class MissCosts:
     reuse_credit_s: float = 0.0  # what caching saves later: P(used again) x the cheapest way to serve it then
 
 
+DEFAULT_DECAY = 0.8  # per-round fall of the reuse chance towards popularity when no `Reuse` estimate says
+# (1 - the recency memory's EMA rate, `policies.reuse.REUSE_ALPHAS`[1] = 0.2)
+
+
 def expected_reuses(
     p_reuse: float,
     rounds: float = 1.0,
     rounds_until: float = 1.0,
     p_far: float | None = None,
-    decay: float = 0.8,
+    decay: float = DEFAULT_DECAY,
 ) -> float:
     """Uses a copy is expected to serve while cached for `rounds` layer rounds: the sum over those rounds
     of the chance its layer routes to it. A cached copy serves every use during its stay, not only an
@@ -92,7 +96,7 @@ def reuse_credit_s(
     calibration: float = 1.0,
     rounds_until: float = 1.0,
     p_far: float | None = None,
-    decay: float = 0.8,
+    decay: float = DEFAULT_DECAY,
 ) -> float:
     """A copy stays cached; host compute leaves nothing behind. Each expected reuse (`expected_reuses`,
     times the `calibration` the run has measured) saves serving a miss the cheapest way."""

@@ -12,6 +12,7 @@ from dataclasses import replace
 from moecxl.memory.tiers import copy_time_s
 from moecxl.runtime import prefetch as prefetch_mod
 from moecxl.runtime.gate import (
+    DEFAULT_DECAY,
     MissCosts,
     copy_for_later,
     credit_of_reuses,
@@ -137,7 +138,7 @@ class MissDecisions:
         """(`gate.expected_reuses` of a cached copy of `key`, the seconds of one copy of it): the parts of
         its reuse credit that do not depend on the host's time."""
         reuse = self.reuse
-        p_reuse, p_far, decay = reuse.far_near(key) if reuse is not None else (0.0, None, 0.8)
+        p_reuse, p_far, decay = reuse.far_near(key) if reuse is not None else (0.0, None, DEFAULT_DECAY)
         rounds = self.calibration.rounds(
             reuse.rounds_cached(self.n_slots) if reuse is not None else 1.0,
             self.step if self.phase == "decode" else None,
