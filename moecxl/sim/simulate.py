@@ -26,6 +26,7 @@ from moecxl.runtime.mechanism import CoreError
 from moecxl.runtime.metrics import Counters, core_metrics
 from moecxl.runtime.policies import PolicyProtocol, get_policy
 from moecxl.runtime.striping import MAX_WIDTH, MIN_GAIN
+from moecxl.sim.control import ControlCosts
 from moecxl.sim.costmodel import ModelShape, head_s, visit_s
 from moecxl.sim.energy import EnergyModel, run_energy
 from moecxl.sim.workload import Request, Visit, oracle_future
@@ -50,7 +51,9 @@ class SimConfig:
     `faults`: (tier, offline_at_decode_step, online_at_decode_step or None), decode steps counted over
     the whole workload from 1 (as the engine counts them); the profile's own faults are added. While a
     tier is offline its experts are re-homed as the engine re-homes them (a replica, else a copy made
-    on an online tier with room).
+    on an online tier with room). `control`: the engine's measured control-plane time per visit, by
+    policy, batch and hit/miss (`moecxl.sim.control`; None charges nothing: the idealisation, reported
+    as such); `control_s` adds a flat number of seconds per visit on top.
     """
 
     policy: PolicyProtocol | str = "lru"
@@ -64,7 +67,8 @@ class SimConfig:
     placement: str | None = None
     warmup_requests: int = 0
     faults: tuple = ()
-    control_s: float = 0.0  # control-plane seconds charged per visit (0: the stated idealisation)
+    control_s: float = 0.0  # flat control-plane seconds per visit, added to `control`'s
+    control: ControlCosts | None = None
     quality_budget: float = 0.0  # fraction of misses a policy with host_compute may serve in int8
     record_events: bool = False
     striping: bool = False  # stripe experts across CXL devices where that lands sooner (runtime.striping)
@@ -263,6 +267,8 @@ def simulate(
             )
         if hasattr(predictor, "check_shape"):
             predictor.check_shape(shape, policy.horizon)
+    if cfg.control is not None:
+        cfg.control.check(policy.name)
     mech = _SimMechanism(
         hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio)
     )
@@ -307,7 +313,8 @@ def simulate(
 def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult:
     step_times, ttfts, tpots, tokens = [], [], [], 0
     t_begin = None
-    busy_s = control_s = 0.0
+    busy_s = control_s = decode_control_s = 0.0
+    control, policy_name = cfg.control, core.policy.name
     for i, req in enumerate(requests):
         if i == cfg.warmup_requests:
             core.c = Counters(core.L)
@@ -318,7 +325,7 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
             mech.clock.bytes_by_tier.clear()
             mech.clock.busy_s_by_tier.clear()
             t_begin = mech.now
-            busy_s = control_s = 0.0
+            busy_s = control_s = decode_control_s = 0.0
         measured = i >= cfg.warmup_requests
         t0 = mech.now
         steps: dict = defaultdict(list)
@@ -331,11 +338,18 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
             for v, rows in steps[step]:
                 dt = cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
                 mech.visit_layer_s = dt  # the engine measures its layer time; the replay knows it beforehand
+                misses0 = core.c.misses[v.layer]
                 core.visit(v, rows)
                 core.after()
-                mech.now += dt + cfg.control_s
+                ctl_s = cfg.control_s
+                if control is not None:  # the engine's decisions for this visit, as its bench measured them
+                    missed = core.c.misses[v.layer] > misses0
+                    ctl_s += control.visit_s(policy_name, v.n_tokens, missed, dt)
+                mech.now += dt + ctl_s
                 busy_s += dt
-                control_s += cfg.control_s
+                control_s += ctl_s
+                if phase == "decode":
+                    decode_control_s += ctl_s
             dt = cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
             mech.now += dt
             busy_s += dt
@@ -348,9 +362,12 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
             step_times.extend(diffs.tolist())
             tokens += req.batch * len(out_s)
     wall_s = mech.now - (t_begin if t_begin is not None else 0.0)
+    control_tpot_s = decode_control_s / len(tpots) if tpots else float("nan")
     metrics = _metrics(
         core, mech, ttfts, tpots, tokens, wall_s, requests, cfg, homes_of, busy_s, control_s, shape.name
     )
+    metrics["control_tpot_s"] = control_tpot_s  # control-plane seconds in a decode step (TPOT's share)
+    metrics["control_share_of_tpot"] = control_tpot_s / metrics["tpot_s"] if tpots else float("nan")
     if energy is not None and tokens:
         metrics["energy"] = run_energy(metrics, hw, energy, tokens)
     return SimResult(metrics, step_times, core.events)
@@ -388,7 +405,10 @@ def _metrics(
             "tokens": tokens,
             "wall_s": wall_s,
             "gpu_busy_s": busy_s,
-            "control_s": control_s,  # charged per visit (SimConfig.control_s: the engine's measured control)
+            "control_s": control_s,  # charged over the measured window (SimConfig.control / control_s)
+            "control": cfg.control.describe()
+            if cfg.control is not None
+            else {"idealised": True, "file": None, "source": {"note": "SimConfig.control is None"}},
             "busy_s_by_tier": dict(clock.busy_s_by_tier),
             "utilisation_by_tier": {t: s / wall_s for t, s in clock.busy_s_by_tier.items()} if wall_s else {},
             "placement": {
@@ -400,7 +420,11 @@ def _metrics(
             "prompt_len": requests[0].prompt_len,
             "timing": "simulated",
             "target_model": shape_name,
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
+            "config": {
+                k: v
+                for k, v in dataclasses.asdict(dataclasses.replace(cfg, control=None)).items()
+                if k != "policy"
+            },
         }
     )
     return out
