@@ -19,6 +19,22 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as e:
         sys.exit(f"eval/simulate.py: {e}")
     print(f"wrote {args.out}/results.json (simulated; commit {res['git_commit']})")
+    ctl = res["control"]
+    print(
+        "control-plane time: "
+        + (
+            "idealised (none charged)"
+            if ctl["idealised"]
+            else f"{ctl['file']} (measured {ctl['source'].get('date')})"
+        )
+    )
+    lp = res["learned_predictor"]
+    if lp.get("row"):
+        print(
+            f"{lp['row']}: learned predictor {lp['predictor']} (sha256 {lp['predictor_hash'][:12]}) from {lp['file']}"
+        )
+    else:
+        print(f"no learned-predictor row: {lp['skipped']}")
 
 
 if __name__ == "__main__":

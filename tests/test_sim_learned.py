@@ -15,6 +15,7 @@ from dataclasses import replace
 import jax
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 
 import moecxl
@@ -26,6 +27,7 @@ from moecxl.model import MoEDecoder
 from moecxl.runtime.engine import OffloadEngine
 from moecxl.runtime.policies import get_policy
 from moecxl.sim.costmodel import shape_of
+from moecxl.sim.experiments import ExperimentError, _Ctx, run_experiment
 from moecxl.sim.simulate import SimConfig, SimError, simulate
 from moecxl.sim.stored import (
     StoredPredictions,
@@ -297,3 +299,73 @@ def test_predictions_of_another_trace_set_or_shape_are_refused(setup, tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(StoredPredictionsError, match=f"{junk}: unreadable stored predictions"):
         StoredPredictions.load(junk)
+
+
+# ------------------------------------------------------------------------------------------ experiments
+
+
+def _experiment(setup, tmp_path, trace_dir, **kw) -> dict:
+    _, target, _, d = setup
+    tfile = tmp_path / "target.yaml"
+    tfile.write_text(yaml.safe_dump({"model": target.to_dict()}))
+    return {
+        "trace": str(trace_dir),
+        "predictor_model": str(d / "model"),
+        "target": str(tfile),
+        "device_budget": 0.5,
+        "requests": 1,
+        "warmup_requests": 0,
+        "library_sequences": 1,
+        "policies": ["on_demand", "moecxl"],
+        "control": "idealised",
+        **kw,
+    }
+
+
+def test_experiments_gain_a_learned_row_naming_predictor_and_file(setup, tmp_path):
+    """Where the trace has stored predictions, moecxl_learned joins moecxl; the results name the file,
+    the predictor checkpoint and its hash, and the control-plane source."""
+    _, _, runs, d = setup
+    trace_dir = runs[2][2]
+    exp = _experiment(
+        setup,
+        tmp_path,
+        trace_dir,
+        headline={"hardware": ["h100-cxl"], "baseline": {"hardware": "h100-cxl", "policy": "on_demand"}},
+    )
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    res = run_experiment(tmp_path / "exp.yaml", tmp_path / "out")
+    rows = res["sections"]["headline"]["rows"]
+    assert list(rows) == ["h100-cxl/on_demand", "h100-cxl/moecxl", "h100-cxl/moecxl_learned"]
+    lp = res["learned_predictor"]
+    assert lp["row"] == "moecxl_learned" and lp["file"] == str(predictions_path(trace_dir))
+    assert lp["predictor"] == str((d / "predictor").absolute()) and len(lp["predictor_hash"]) == 64
+    assert rows["h100-cxl/moecxl_learned"]["predictor"] == f"learned ({predictions_path(trace_dir)})"
+    assert rows["h100-cxl/moecxl"]["predictor"] == "pregate"
+    assert res["control"]["idealised"] and rows["h100-cxl/moecxl"]["control_s"] == 0.0
+
+
+def test_an_experiment_asking_for_the_learned_row_needs_stored_predictions(setup, tmp_path):
+    _, _, runs, _ = setup
+    bare = tmp_path / "bare"  # the trace set without its predictions/
+    bare.mkdir()
+    for f in ("metadata.json", "shard-00000.parquet"):
+        (bare / f).write_bytes((runs[2][2] / f).read_bytes())
+    exp = _experiment(setup, tmp_path, bare, policies=["moecxl", "moecxl_learned"])
+    with pytest.raises(ExperimentError, match=f"{bare / 'predictions' / 'learned.safetensors'}: no stored"):
+        _Ctx(exp, tmp_path / "exp.yaml")
+    named = tmp_path / "elsewhere.safetensors"
+    with pytest.raises(ExperimentError, match=f"{named}: no stored predictions"):
+        _Ctx({**exp, "policies": ["moecxl"], "learned_predictions": str(named)}, tmp_path / "exp.yaml")
+    # predictions of another trace set named explicitly
+    other = predictions_path(runs[1][2])
+    with pytest.raises(ExperimentError, match=f"{other}: made for a trace set with rows="):
+        _Ctx({**exp, "policies": ["moecxl"], "learned_predictions": str(other)}, tmp_path / "exp.yaml")
+    # neither named nor listed: the learned row is left out, and the results say why
+    ctx = _Ctx({**exp, "policies": ["moecxl"]}, tmp_path / "exp.yaml")
+    assert ctx.learned is None and "no stored predictions at" in ctx.learned_note
+    assert "moecxl_learned" not in ctx.policies
+    with pytest.raises(ExperimentError, match="key 'control': .*no such config file"):
+        _Ctx(
+            {**exp, "policies": ["moecxl"], "control": "configs/control/nothing.yaml"}, tmp_path / "exp.yaml"
+        )

@@ -4,6 +4,14 @@
 section (headline, batch, long_context, ablation, failure, cost) with every policy on the same trace
 and cost model, and writes `results.json` (schema-versioned, with trace, profiles and git commit) and
 plots, every figure labelled "simulated". `load_results` refuses other schema versions.
+
+Two keys of an experiment besides its sections:
+- `control`: the control-plane time charged per visit (a file of `moecxl.sim.control`, default
+  configs/control/cpu-2core.yaml, measured by bench/bench_control.py --table; `idealised` charges none).
+- `learned_predictions`: stored predictions of a trained predictor for the trace (default
+  `<trace>/predictions/learned.safetensors`, written by `train_predictor.py predict`). When they exist,
+  the headline and batch sections gain a `moecxl_learned` row (moecxl with the learned predictor)
+  beside `moecxl` (pre-gating); naming the file, or listing `moecxl_learned`, makes them required.
 """
 
 from __future__ import annotations
@@ -20,12 +28,21 @@ import numpy as np
 from moecxl.config import load_yaml
 from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.runtime.policies import get_policy
+from moecxl.sim.control import ControlCosts, ControlError
 from moecxl.sim.costmodel import ModelShape, load_shape
 from moecxl.sim.energy import DEFAULT_ENERGY, EnergyError, EnergyModel
 from moecxl.sim.simulate import SimConfig, SimError, default_placement, simulate
+from moecxl.sim.stored import (
+    StoredPredictions,
+    StoredPredictionsError,
+    learned_policy,
+    predictions_path,
+)
 from moecxl.sim.workload import activation_matrix, requests_from_trace
 
 SCHEMA_VERSION = 2  # 2: section rows carry batch, budget, prompt_len (report rows)
+DEFAULT_CONTROL = "configs/control/cpu-2core.yaml"
+LEARNED = "moecxl_learned"  # moecxl with the learned predictor replayed from stored predictions
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
 PREGATING = ("pregate", "moecxl")
@@ -96,8 +113,12 @@ class _Ctx:
         self.warmup = int(exp.get("warmup_requests", 1))
         self.library_seqs = int(exp.get("library_sequences", 4))
         self.policies = list(exp.get("policies", ["on_demand", "lru", "oracle", "moecxl"]))
+        self.control = self._load_control(exp.get("control", DEFAULT_CONTROL))
+        self.learned, self.learned_note = self._load_learned(exp)
+        if self.learned is not None and "moecxl" in self.policies and LEARNED not in self.policies:
+            self.policies.insert(self.policies.index("moecxl") + 1, LEARNED)
         for p in self.policies:
-            get_policy(p)
+            self.spec(p)
         self.pregate = None
         self.skipped: dict = {}
         try:
@@ -111,12 +132,42 @@ class _Ctx:
             else set()
         )
         for p in self.used:
-            get_policy(p)
-        if any(get_policy(p).prefetch == "pregate" for p in self.used):
+            self.control.check(self.spec(p).name)
+        if any(self.spec(p).prefetch == "pregate" for p in self.used):
             self._load_pregate(exp.get("predictor_model"))
         lib = self.requests(batch=1, library=True)
         self.library = [activation_matrix(r, self.shape.L, self.shape.E) for r in lib]
         self.freq = np.sum(self.library, axis=0) + 1e-3 if self.library else None
+
+    def spec(self, name: str):
+        """The policy of a name; `moecxl_learned` is moecxl with the learned predictor as its source."""
+        if name == LEARNED:
+            if self.learned is None:
+                raise ExperimentError(f"{self.path}: policy {LEARNED!r} asked for, but {self.learned_note}")
+            return learned_policy(get_policy("moecxl"))
+        return get_policy(name)
+
+    def _load_control(self, spec):
+        where = spec if spec == "idealised" else _path(str(spec))
+        try:
+            return ControlCosts.load(where)
+        except (ControlError, ValueError) as e:
+            raise ExperimentError(f"{self.path}: key 'control': {e}") from e
+
+    def _load_learned(self, exp: dict):
+        """(StoredPredictions or None, why none): required where the experiment names them."""
+        named = exp.get("learned_predictions")
+        wanted = named is not None or LEARNED in self.policies
+        file = _path(named) if named is not None else predictions_path(self.trace_dir)
+        if not file.is_file() and not wanted:
+            return None, (
+                f"no stored predictions at {file} (python train_predictor.py predict --predictor DIR --traces "
+                f"{self.trace_dir})"
+            )
+        try:
+            return StoredPredictions.load(file, self.ts, self.shape), None
+        except StoredPredictionsError as e:
+            raise ExperimentError(f"{self.path}: learned predictor: {e}") from e
 
     def _load_pregate(self, model_path):
         if not model_path:
@@ -124,7 +175,7 @@ class _Ctx:
                 {
                     p: "no predictor_model: pre-gating needs the trace's small model"
                     for p in self.used
-                    if get_policy(p).prefetch == "pregate"
+                    if self.spec(p).prefetch == "pregate"
                 }
             )
             return
@@ -132,11 +183,12 @@ class _Ctx:
         from moecxl.sim.predict import PredictError, pregate_tops_for_trace
 
         model = moecxl.load(_path(model_path))
-        horizon = max(get_policy(p).horizon for p in self.used if get_policy(p).prefetch == "pregate")
+        pregating = [p for p in self.used if self.spec(p).prefetch == "pregate"]
+        horizon = max(self.spec(p).horizon for p in pregating)
         try:
             self.pregate = pregate_tops_for_trace(model, self.ts, horizon)
         except PredictError as e:
-            self.skipped.update({p: str(e) for p in self.used if get_policy(p).prefetch == "pregate"})
+            self.skipped.update({p: str(e) for p in pregating})
 
     def requests(self, batch: int, library: bool = False, prompt_tokens=None):
         kw = dict(layer_map=self.layer_map, pregate_NLHK=self.pregate, batch=batch)
@@ -160,7 +212,7 @@ class _Ctx:
         return reqs
 
     def run(self, hw: Hardware, policy, requests, **cfg_kw) -> dict:
-        spec = get_policy(policy) if isinstance(policy, str) else policy
+        spec = self.spec(policy) if isinstance(policy, str) else policy
         note = None
         if spec.name in self.skipped and spec.name.startswith("moecxl"):
             # moecxl without a pre-gate: its eviction, gate and miss decision still apply; say so.
@@ -168,7 +220,8 @@ class _Ctx:
             spec = dataclasses.replace(spec, prefetch=None, horizon=0)
         elif spec.name in self.skipped:
             return {"skipped": self.skipped[spec.name]}
-        placement = cfg_kw.pop("placement", "frequency" if spec.name == "moecxl" else default_placement(spec))
+        moecxl = spec.name in ("moecxl", LEARNED)
+        placement = cfg_kw.pop("placement", "frequency" if moecxl else default_placement(spec))
         homes = None
         if placement.startswith("tier:"):
             homes = {(m, e): placement[5:] for m in range(self.shape.L) for e in range(self.shape.E)}
@@ -177,6 +230,7 @@ class _Ctx:
             device_budget=cfg_kw.pop("device_budget", self.budget),
             placement="uniform" if homes else placement,
             warmup_requests=self.warmup,
+            control=self.control,
             **cfg_kw,
         )
         res = simulate(
@@ -188,6 +242,7 @@ class _Ctx:
             eam_library=self.library,
             placement=homes,
             energy=self.energy,
+            predictor=self.learned if spec.name == LEARNED else None,
         )
         m = res.metrics
         if note:
@@ -215,6 +270,10 @@ def _brief(m: dict) -> dict:
         "prompt_len",
         "note",
         "exact",
+        "predictor",
+        "control_s",
+        "control_tpot_s",
+        "control_share_of_tpot",
     )
     out = {k: m[k] for k in keys if k in m}
     if "energy" in m:
@@ -251,10 +310,20 @@ def _batches(ctx: _Ctx, batches, rows: dict):
             rows[str(b)] = {"skipped": str(e)}
 
 
+def _with_learned(ctx: _Ctx, runs) -> list:
+    """Each (hardware, moecxl) run followed by its learned-predictor twin, where predictions exist."""
+    out = []
+    for hw_name, p in runs:
+        out.append((hw_name, p))
+        if p == "moecxl" and ctx.learned is not None and [hw_name, LEARNED] not in runs:
+            out.append((hw_name, LEARNED))
+    return out
+
+
 def section_batch(ctx: _Ctx, spec: dict) -> dict:
     rows: dict = {}
     for b, reqs in _batches(ctx, spec["batches"], rows):
-        for hw_name, p in spec["runs"]:
+        for hw_name, p in _with_learned(ctx, spec["runs"]):
             rows.setdefault(str(b), {})[f"{hw_name}/{p}"] = _brief(ctx.run(load_hardware(hw_name), p, reqs))
     return {"rows": rows}
 
@@ -414,6 +483,12 @@ def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections
             "rows": len(ctx.ts),
         },
         "target": dataclasses.asdict(ctx.shape),
+        "control": ctx.control.describe(),
+        "learned_predictor": (
+            ctx.learned.describe() | {"row": LEARNED}
+            if ctx.learned is not None
+            else {"row": None, "skipped": ctx.learned_note}
+        ),
         "skipped_policies": ctx.skipped,
         "energy_sources": ctx.energy.sources,
         "profiles": {},
