@@ -7,8 +7,9 @@ Measures, in one run and labelled measured-cpu:
   load    `moecxl.load(experts="host")`: wall time, peak RSS and RSS after, against the experts' bytes;
   kernel  `hostkernel.expert_forward` on the checkpoint's own experts (1, 4, 16, 32 tokens) against a
           float32 GEMV read of 512 MiB (this machine's read rate), measured beside it;
-  copy    a stored expert (pinned_host, as `HostStore` keeps it) to the JAX device with `jax.device_put`,
-          against a numpy copy of the same bytes (this machine's memcpy rate);
+  copy    a stored expert (pinned_host, as `HostStore` keeps it) to the JAX device through the transfer
+          engine (and a bare `jax.device_put`), and its install into the slot arrays, against a numpy
+          copy of the same bytes (this machine's memcpy rate);
   engine  (--engine) `moecxl.generate` with `OffloadEngine(policy="lru", device_budget=0.5)`, unemulated,
           if the engine runs on this checkpoint; its error is recorded otherwise.
 """
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +37,7 @@ from moecxl.memory.hostbench import ReadProbe  # noqa: E402
 from moecxl.memory.hostkernel import expert_forward  # noqa: E402
 from moecxl.memory.store import HostStore, expert_matrices, layout_of  # noqa: E402
 from moecxl.memory.tiers import Hardware  # noqa: E402
+from moecxl.memory.transfer import TransferEngine  # noqa: E402
 
 GB = 1e9
 
@@ -96,36 +99,65 @@ def bench_kernel(model, repeats: int, n_experts: int = 3) -> dict:
 
 
 def bench_copy(model, repeats: int, n_experts: int = 3) -> dict:
-    """Store -> device copies against numpy memcpy of the same bytes."""
+    """Store -> device copies through the transfer engine (and, for comparison, a bare `device_put`),
+    the install of a landed copy into the slot arrays, against numpy memcpy of the same bytes."""
+    from moecxl.runtime.slots import _install, storage_dtype  # noqa: PLC0415 (the runtime is above memory)
+
     hw = Hardware.from_yaml(Path(__file__).resolve().parents[1] / "configs/hardware/cpu-local.yaml")
     keys = [(0, e) for e in range(min(n_experts, model.cfg.num_experts))]
     store = HostStore(model, hw, dict.fromkeys(keys, "dram"))
+    transfers = TransferEngine(store, hw, emulate=False)
     try:
-        nbytes = store.layout.nbytes
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as the transfer engine copies
+        layout, nbytes = store.layout, store.layout.nbytes
+        dev = transfers.device_sharding
         srcs = [store.source(k) for k in keys]
-        t_copy = best_s(lambda i: jax.device_put(srcs[i % len(srcs)], dev).block_until_ready(), repeats)
+        t_put = best_s(lambda i: jax.device_put(srcs[i % len(srcs)], dev).block_until_ready(), repeats)
+        t_copy = best_s(
+            lambda i: transfers.submit(keys[i % len(keys)], "dram").result().block_until_ready(), repeats
+        )
+        held = {
+            "slots": tuple(
+                jnp.zeros((2, *s), storage_dtype(layout.np_dtype), device=dev) for s in layout.shapes
+            ),
+            "landed": transfers.submit(keys[0], "dram").result(),
+        }
+
+        def install(i):
+            held["slots"] = _install(held["slots"], (held["landed"],), np.array([i % 2], np.int32), layout)
+            jax.block_until_ready(held["slots"])
+
+        t_install = best_s(install, repeats)
+        held.clear()
         a = [np.asarray(s).view(np.uint8) for s in srcs]
         dst = np.empty(nbytes, np.uint8)
         t_mem = best_s(lambda i: np.copyto(dst, a[i % len(a)]), repeats)
         t_fresh = best_s(lambda i: np.copyto(np.empty(nbytes, np.uint8), a[i % len(a)]), repeats)
         rss_with_store = rss()
+        staging_buffers = transfers.staging.allocated
     finally:
+        transfers.close()
         store.close()
     out = {
         "expert_bytes": nbytes,
-        "device_put_gbps": nbytes / t_copy / GB,
+        "transfer_gbps": nbytes / t_copy / GB,
         "memcpy_gbps": nbytes / t_mem / GB,
         "ratio": t_mem / t_copy,
+        "device_put_gbps": nbytes / t_put / GB,
+        "device_put_ratio": t_mem / t_put,
+        "install_gbps": nbytes / t_install / GB,
+        "store_to_slot_gbps": nbytes / (t_copy + t_install) / GB,
         "memcpy_fresh_gbps": nbytes / t_fresh / GB,
-        "ratio_to_fresh": t_fresh / t_copy,
+        "staging_buffers_allocated": staging_buffers,
         "rss_with_store_of_n_experts": rss_with_store,
-        "how": "jax.device_put(pinned_host expert from HostStore, CPU device).block_until_ready() vs "
-        "np.copyto of the same bytes into a reused buffer (memcpy_gbps) and into a fresh one (page faults "
-        "included: memcpy_fresh_gbps), best of repeats, cycling over experts",
+        "how": "transfer: TransferEngine(HostStore, cpu-local, emulate=False).submit(key, 'dram').result() "
+        "(as the engine copies; ratio = memcpy time / this); device_put: a bare jax.device_put of the "
+        "stored pinned_host expert (the path before Staging); install: runtime.slots._install of a landed "
+        "copy into 2-slot arrays; memcpy: np.copyto of the same bytes into a reused buffer (fresh: into a "
+        "new one, page faults included). Best of repeats, cycling over experts",
     }
     print(
-        f"copy: device_put {out['device_put_gbps']:.1f} GB/s, memcpy {out['memcpy_gbps']:.1f} GB/s",
+        f"copy: transfer {out['transfer_gbps']:.1f} GB/s, bare device_put {out['device_put_gbps']:.1f}, "
+        f"install {out['install_gbps']:.1f}, memcpy {out['memcpy_gbps']:.1f} GB/s",
         flush=True,
     )
     return out
