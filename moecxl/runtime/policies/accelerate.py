@@ -32,7 +32,7 @@ class Accelerate(Policy):
         """Layers kept on the GPU for a budget of `budget_slots` experts."""
         if self.resident_layers == "auto":
             return L if budget_slots >= L * E else max(0, budget_slots // E - 1)
-        return min(L, int(self.resident_layers))
+        return min(L, int(self.resident_layers), max(0, budget_slots // E - 1))
 
     def cache_slots(self, L: int, E: int, budget_slots: int) -> int:
         r = self.resident(L, E, budget_slots)

@@ -11,7 +11,7 @@ from moecxl.runtime.policies.base import Policy
 @dataclass(frozen=True)
 class GpuOnly(Policy):
     def cache_slots(self, L: int, E: int, budget_slots: int) -> int:
-        return L * E
+        return min(L * E, budget_slots)  # all of them where the budget holds them (it should)
 
     def demand(self, core, v):
         return tuple(range(core.E))

@@ -1,5 +1,5 @@
 """One least-recently-used expert cache over all layers, fetch on miss. (mixtral-offloading's cache is
-per layer, k experts each: that system is its own policy.)"""
+per layer, k experts each: that system is `mixtral_offloading`.)"""
 
 from moecxl.runtime.policies.base import Policy
 

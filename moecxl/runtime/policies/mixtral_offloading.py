@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from moecxl.runtime.policies.base import Policy, PolicyError
 from moecxl.runtime.policies.eviction import EvictionRule
+from moecxl.runtime.policies.streaming import release
 
 
 class PerLayerLru(EvictionRule):
@@ -80,8 +81,13 @@ class MixtralOffloading(Policy):
         super().__post_init__()
 
     def cache_slots(self, L: int, E: int, budget_slots: int) -> int:
-        """k per layer; with k = 0, only the staging slots the budget gives (a layer's routed experts)."""
-        return self.experts_per_layer * L if self.experts_per_layer else budget_slots
+        """k per layer (within the budget); with k = 0, only the staging slots the budget gives."""
+        return min(self.experts_per_layer * L, budget_slots) if self.experts_per_layer else budget_slots
+
+    def on_visit(self, core, v) -> None:
+        super().on_visit(core, v)
+        if not self.experts_per_layer:  # staging buffers only: the last layer's experts are gone
+            release(core, {v.layer})
 
 
 POLICY = MixtralOffloading(

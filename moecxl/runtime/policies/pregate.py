@@ -1,6 +1,7 @@
-"""Pre-gated MoE / AdapMoE: layer l+1's router applied to layer l's hidden state names the experts to
-prefetch one layer ahead; LRU cache. (Also mixtral-offloading's speculative loading, without its
-per-layer cache.)"""
+"""Pre-gating as AdapMoE does it: layer l+1's router applied to layer l's hidden state guesses the experts
+to prefetch one layer ahead; one global LRU cache. A moecxl baseline, not a published system: Pre-gated
+MoE (a trained pre-gate that *is* the next routing, memory-minimal) is `pregated`, and mixtral-
+offloading's speculative loading is `mixtral_offloading(speculative=True)`."""
 
 from moecxl.runtime.policies.base import Policy
 
@@ -9,5 +10,6 @@ POLICY = Policy(
     evict="lru",
     prefetch="pregate",
     horizon=1,
-    description="Pre-gated MoE / AdapMoE: layer l+1's router on layer l's hidden state, LRU cache",
+    description="pre-gating (AdapMoE-style guess: layer l+1's router on layer l's hidden state), LRU cache "
+    "(Pre-gated MoE itself is `pregated`)",
 )
