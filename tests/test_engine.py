@@ -31,7 +31,7 @@ def _engine(model, policy, budget, ref=None, **kw):
         model,
         policy=policy,
         device_budget=budget,
-        trace=ref if policy == "oracle" else None,
+        trace=ref if POLICIES[policy].needs_future else None,
         emulate=False,
         record_events=True,
         **kw,
