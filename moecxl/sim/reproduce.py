@@ -377,16 +377,20 @@ def run_one(case: Case, system_name: str, given_args: dict, traces: _Traces) -> 
     except WorkloadError as e:
         raise CaseError(f"{where}: trace: {p}: {e}") from e
     library = [activation_matrix(r, shape.L, shape.E) for r in lib]
-    max_inflight = max(2, shape.K)
+    max_inflight = shape.E if system.stages_layer else max(2, shape.K)
     # A fixed cache or gpu_only: the policy sizes its cache; give it the bytes it says (+ copies in flight).
-    slots = fixed if fixed is not None else (shape.L * shape.E if system.fits_all else args["expert_slots"])
+    # k = 0 (nothing cached): staging for one layer's routed experts (a prefill may route to all E).
+    slots = fixed if fixed else (shape.E if fixed == 0 else None)
+    if slots is None:
+        slots = shape.L * shape.E if system.fits_all else args["expert_slots"]
     dev = (slots + max_inflight) * shape.expert_bytes if slots is not None else budget.experts_bytes
+    budget_slots = int(dev // shape.expert_bytes) - max_inflight
     cfg = SimConfig(
         policy=policy,
         device_budget=float(dev),
         max_inflight=max_inflight,
         warmup_requests=case.warmup_requests,
-        control_s=stack.layer_overhead_s,
+        control_s=stack.layer_overhead_s + _dense_stream_s(system, policy, shape, hw_eff, budget_slots),
     )
     try:
         res = simulate(reqs, shape, hw_eff, cfg, freq_LE=np.sum(library, axis=0) + 1e-3, eam_library=library)
@@ -395,6 +399,18 @@ def run_one(case: Case, system_name: str, given_args: dict, traces: _Traces) -> 
     m = res.metrics
     m["budget"] = budget.as_dict()
     return m
+
+
+def _dense_stream_s(system, policy, shape: ModelShape, hw: Hardware, budget_slots: int) -> float:
+    """Seconds per MoE-layer visit a system spends copying the non-expert weights of offloaded layers
+    (synchronous, at the copies' link rate), averaged over the layers: 0 unless it offloads them."""
+    if not system.offloads_dense:
+        return 0.0
+    resident = getattr(policy, "resident", None)
+    r = resident(shape.L, shape.E, budget_slots) if callable(resident) else 0
+    share = max(0, shape.L - r) / shape.L
+    layer_bytes = int(shape.dense_linear_params * shape.dense_bytes_per_param)
+    return share * copy_time_s(_host_tier(hw), layer_bytes, hw)
 
 
 def _load_over_compute(shape: ModelShape, hw: Hardware, stack, wl: dict) -> dict:

@@ -28,7 +28,9 @@ class System:
     `fixed_cache`: the system sizes its cache itself (experts_per_layer x L) instead of taking the
     budget left on the GPU. `write_back`: every copy also moves an evicted expert back to the host over
     the same link before the next copy (one CUDA stream). `fits_all`: the system needs every expert on
-    the GPU (gpu_only)."""
+    the GPU (gpu_only). `offloads_dense`: the system streams the non-expert weights of an offloaded layer
+    too (Accelerate's whole-layer hook, ZeRO-3's partitioned attention), synchronously, each visit.
+    `stages_layer`: copies of a whole layer may be in flight at once (prefetch-all)."""
 
     name: str
     policy: str
@@ -39,6 +41,8 @@ class System:
     fixed_cache: bool = False
     write_back: bool = False
     fits_all: bool = False
+    offloads_dense: bool = False
+    stages_layer: bool = False
     description: str = ""
 
 
@@ -52,6 +56,7 @@ SYSTEMS: dict[str, System] = {
             pinned=False,
             args={"pinned": False, "resident_layers": "auto"},
             policy_args=("resident_layers",),
+            offloads_dense=True,
             description="Hugging Face Accelerate (device_map): whole decoder layers on the GPU while they fit "
             "(resident_layers 'auto'), the rest copied in whole, synchronously, when the layer runs, "
             "tensor by tensor from pageable host memory, and dropped after",
@@ -62,6 +67,7 @@ SYSTEMS: dict[str, System] = {
             "deepspeed",
             pinned=False,
             args={"pinned": False},
+            offloads_dense=True,
             description="ZeRO-3 parameter offload (ZeRO-Inference / DeepSpeed-MII): each submodule's parameters "
             "fetched when it is called (a MoE block calls only its routed experts) and released after; the "
             "prefetcher replays the recorded module order, which changes with routing",
@@ -97,6 +103,7 @@ SYSTEMS: dict[str, System] = {
             "prefetch_all",
             "prefetch_all",
             "hf-eager",
+            stages_layer=True,
             description="SE-MoE-style: all experts of the next MoE layer prefetched while the current one computes",
         ),
         System(
@@ -105,6 +112,13 @@ SYSTEMS: dict[str, System] = {
             "pregated",
             description="Pre-gated MoE: layer l+1's experts chosen by a pre-gate on layer l's input and copied "
             "while layer l computes; only they are resident besides the current layer's",
+        ),
+        System(
+            "moe_ondemand",
+            "deepspeed_zero",
+            "hf-eager",
+            description="Pre-gated MoE's MoE-OnDemand baseline: the routed experts copied after the gate and "
+            "released after use (ZeRO-3's decisions without its hooks or pageable copies)",
         ),
         System(
             "gpu_only",
