@@ -194,7 +194,7 @@ def _load_yaml(path: Path, ctx: _Ctx) -> dict:
 
 
 def _load_library(ctx: _Ctx, base_dir: Path | None, include: Any) -> dict[str, dict]:
-    lib: dict[str, dict] = {"gpus": {}, "links": {}, "tiers": {}}
+    lib: dict[str, dict] = {"gpus": {}, "links": {}, "tiers": {}, "hosts": {}}
     names = [include] if isinstance(include, str) else include or []
     for name in names:
         if base_dir is None:
@@ -205,7 +205,7 @@ def _load_library(ctx: _Ctx, base_dir: Path | None, include: Any) -> dict[str, d
         data = _load_yaml(p, _Ctx(str(p)))
         for section, entries in data.items():
             if section not in lib or not isinstance(entries, dict):
-                raise HardwareError(f"{p}: {section}: expected sections gpus, links, tiers (mappings)")
+                raise HardwareError(f"{p}: {section}: expected sections gpus, links, tiers, hosts (mappings)")
             lib[section].update(entries)
     return lib
 
@@ -281,7 +281,7 @@ def _build(cls: type[Hardware], data: dict, ctx: _Ctx, base_dir: Path | None, de
 
     host = None
     if data.get("host") is not None:
-        hv, hs = _resolve(ctx, "host", data["host"], {}, _HOST_FIELDS)
+        hv, hs = _resolve(ctx, "host", data["host"], lib["hosts"], _HOST_FIELDS)
         host = Host(**hv, sources=hs)
     name = data.get("name", default_name)
     return cls(
