@@ -144,3 +144,9 @@ def test_a_gpu_too_small_says_by_how_much():
             workspace_bytes=1_000_000_000,
             fixed_experts=128,
         )
+
+
+def test_a_profile_uses_a_library_host():
+    hw = Hardware.from_yaml(REPO / "configs" / "hardware" / "published" / "quadro-rtx6000-skylake.yaml")
+    assert hw.host is not None and hw.host.name == "xeon-skylake-48c" and hw.host.mem_gbps == 50
+    assert hw.host.source_of("mem_gbps").startswith("measurement: efeslab/fiddler")
