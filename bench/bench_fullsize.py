@@ -17,6 +17,7 @@ Measures, in one run and labelled measured-cpu:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -163,26 +164,78 @@ def bench_copy(model, repeats: int, n_experts: int = 3) -> dict:
     return out
 
 
-def bench_engine(model, new_tokens: int) -> dict:
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so a later peak is that stage's own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def bench_engine(model, new_tokens: int, runs, prompt_len: int) -> dict:
+    """`moecxl.generate` through the offload engine for each (policy, budget) in `runs`, unemulated;
+    each run's peak RSS is its own (reset before it), split into the device cache and staging (device
+    memory, which is host RAM on this machine) and the rest (the experts held once, the interpreter)."""
     from moecxl.runtime.engine import OffloadEngine  # noqa: PLC0415 (optional part; the runtime is above memory)
 
     expert_bytes = sum(w.nbytes for ins, out in expert_matrices(model) for w in (*ins, out))
-    avail = fullsize.mem_available_bytes()
-    if avail is not None and avail < 1.6 * expert_bytes:
-        return {
-            "skipped": f"{avail / GB:.1f} GB available; the engine's store and cache need ~{1.6 * expert_bytes / GB:.1f}"
-        }
-    try:
-        hw = Hardware.detect(memcpy_gbps=10.0, tflops=0.1)
-        engine = OffloadEngine(model, hardware=hw, policy="lru", device_budget=0.5, emulate=False)
-        ids = np.array([[1, 5, 9, 13]], np.int32)
-        t0 = time.perf_counter()
-        res = moecxl.generate(model, ids, max_new_tokens=new_tokens, engine=engine)
-        wall = time.perf_counter() - t0
-        keep = ("ttft_s", "tpot_s", "tokens_per_s", "hit_rate", "stall_s", "bytes_by_tier", "timing")
-        return {"wall_s": wall, "metrics": {k: res.metrics.get(k) for k in keep}, "rss": rss()}
-    except Exception as e:  # noqa: BLE001 - recorded, not hidden: the engine may not take this model yet
-        return {"error": f"{type(e).__name__}: {e}"}
+    layer_expert_bytes = layout_of(model).nbytes
+    ids = (np.arange(prompt_len, dtype=np.int32)[None] * 4 + 1) % model.cfg.vocab_size
+    hw = Hardware.detect(memcpy_gbps=10.0, tflops=0.1, host_kernel=hostbench_host_kernel())
+    out = {"prompt": ids.tolist(), "new_tokens": new_tokens, "runs": []}
+    keep = ("ttft_s", "tpot_s", "tokens_per_s", "hit_rate", "stall_s", "bytes_by_tier", "timing")
+    for policy, budget in runs:
+        rec = {"policy": policy, "device_budget": budget}
+        out["runs"].append(rec)
+        gc.collect()
+        need = (budget if budget <= 1 else budget / expert_bytes) * expert_bytes + 3 * layer_expert_bytes
+        avail = fullsize.mem_available_bytes()
+        if avail is not None and avail < 1.1 * need:
+            rec["skipped"] = (
+                f"{avail / GB:.1f} GB available; the device cache and staging need ~{need / GB:.1f}"
+            )
+            continue
+        reset_peak_rss()
+        engine = None
+        try:
+            engine = OffloadEngine(model, hardware=hw, policy=policy, device_budget=budget, emulate=False)
+            t0 = time.perf_counter()
+            res = moecxl.generate(model, ids, max_new_tokens=new_tokens, engine=engine)
+            rec["wall_s"] = time.perf_counter() - t0
+            rec["metrics"] = {k: res.metrics.get(k) for k in keep}
+            now = rss()
+            cache_bytes = engine.n_slots * layer_expert_bytes
+            staging_bytes = engine.transfers.staging.allocated * layer_expert_bytes
+            rec["rss"] = now
+            rec["device_cache_bytes"] = cache_bytes
+            rec["staging_bytes"] = staging_bytes
+            rec["peak_rss_over_expert_bytes"] = now["VmHWM"] / expert_bytes
+            rec["peak_rss_less_device_over_expert_bytes"] = (
+                now["VmHWM"] - cache_bytes - staging_bytes
+            ) / expert_bytes
+            rec["store_aliases_model_arrays"] = all(
+                r.get("aliases_model_arrays", False) for r in engine.store.node_report.values()
+            )
+            print(
+                f"engine {policy} @ {budget}: TPOT {rec['metrics']['tpot_s']:.2f} s, peak RSS "
+                f"{rec['peak_rss_over_expert_bytes']:.2f}x experts "
+                f"({rec['peak_rss_less_device_over_expert_bytes']:.2f}x less device cache and staging)",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 - recorded, not hidden: the engine may refuse a budget
+            rec["error"] = f"{type(e).__name__}: {e}"
+            print(f"engine {policy} @ {budget}: {rec['error'][:160]}", flush=True)
+        finally:
+            if engine is not None:
+                engine.close()
+            del engine
+    return out
+
+
+def hostbench_host_kernel() -> dict | None:
+    """This machine's host-kernel measurement (bench/results/hostbench-cpu-2core.json), for host runs."""
+    from moecxl.memory.hostbench import host_kernel_of  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parent / "results" / "hostbench-cpu-2core.json"
+    return host_kernel_of(json.loads(path.read_text())) if path.is_file() else None
 
 
 def main(argv=None) -> dict:
@@ -192,6 +245,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", action="store_true", help="also run moecxl.generate with the offload engine")
     ap.add_argument("--new-tokens", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=1, help="prompt tokens (a 25%% budget holds 2 slots)")
+    ap.add_argument(
+        "--runs",
+        default="lru:0.5",
+        help="engine runs, policy:budget comma-separated (fetch-only lru, host-only moecxl_host, "
+        "three-way moecxl_nd), e.g. lru:0.25,lru:0.5,moecxl_host:0.25,moecxl_nd:0.5",
+    )
     args = ap.parse_args(argv)
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
@@ -235,7 +295,8 @@ def main(argv=None) -> dict:
     rec["copy"] = bench_copy(model, args.repeats)
     gc.collect()
     if args.engine:
-        rec["engine"] = bench_engine(model, args.new_tokens)
+        runs = [(r.split(":")[0], float(r.split(":")[1])) for r in args.runs.split(",")]
+        rec["engine"] = bench_engine(model, args.new_tokens, runs, args.prompt_len)
     rec["load_avg_after"] = list(os.getloadavg())
     if args.out:
         write_json(args.out, rec)

@@ -225,6 +225,22 @@ def measure_host_kernel(
     }
 
 
+def host_kernel_of(record: dict, dtype: str = "bfloat16") -> dict:
+    """`Hardware.detect(host_kernel=...)`'s measurement from a stored `run` record (1-token rate, the
+    GFLOP/s at its largest batch), citing the record's machine, date and load."""
+    rows = sorted((r for r in record["kernel"] if r["dtype"] == dtype), key=lambda r: r["n_tokens"])
+    if not rows:
+        raise KeyError(f"record has no {dtype} rows")
+    m = record["machine"]
+    return {
+        "read_gbps": rows[0]["read_gbps"],
+        "kernel_gbps": rows[0]["kernel_gbps"],
+        "gflops": rows[-1]["kernel_gflops"],
+        "source": f"{record.get('command', 'moecxl.memory.hostbench')} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['hostname']}), {record['date']}, load {record['load_avg_before'][0]:.2f}",
+    }
+
+
 def detect_hardware(**kw) -> Hardware:
     """`Hardware.detect(**kw)` with a `host:` block measured by `measure_host_kernel()`."""
     return Hardware.detect(host_kernel=measure_host_kernel(), **kw)

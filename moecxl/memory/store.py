@@ -6,6 +6,12 @@ array; the NVMe tier keeps copies in a file read back with real `pread`s and che
 may have copies on several tiers (its home plus replicas); the model's own host arrays are the
 master from which a copy is (re)made when a device fails or placement moves an expert. Packing all
 of an expert's matrices into one buffer makes a transfer one copy.
+
+Held once: a checkpoint loaded by `moecxl.load` lays each expert out as one page-aligned packed slab
+(`packed_slab`), and a memory tier that asks for no NUMA node of this machine, or for the node those
+pages already lie on, holds the slab itself as its copy. The bytes are then the master's by
+construction, so exact policies cannot tell the difference; a tier bound to another node still gets
+its own buffer there. Int8 copies are quantised a block of rows at a time (no float32 expert).
 """
 
 from __future__ import annotations
@@ -89,18 +95,52 @@ def expert_matrices(source):
     return [bank.arrays(m) for m in range(bank.num_layers)]
 
 
+QUANT_BLOCK_ROWS = 256  # rows converted to float32 at once by `quantize_int8` (not the whole expert)
+
+
+def packed_slab(mats, layout: ExpertLayout) -> np.ndarray | None:
+    """The packed expert [numel] these matrices already form, as a read-only view, or None.
+
+    A loader that lays the experts out expert by expert (`model.hf.packed_expert_arrays`) leaves each
+    expert's matrices back to back in one page-aligned slab: that slab is the packed expert, and the
+    store can hold it as a copy without making one."""
+    if not mats or not all(isinstance(m, np.ndarray) for m in mats) or mats[0].ctypes.data % ALIGN_BYTES:
+        return None
+    addr = mats[0].ctypes.data
+    o = addr
+    for m in mats:
+        if m.dtype != layout.np_dtype or not m.flags.c_contiguous or m.ctypes.data != o:
+            return None
+        o += m.nbytes
+    root = mats[0]
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    lo = addr - root.ctypes.data
+    if not root.flags.c_contiguous or lo < 0 or lo + layout.nbytes > root.nbytes:
+        return None
+    view = root.reshape(-1).view(np.uint8)[lo : lo + layout.nbytes].view(layout.np_dtype)
+    view.flags.writeable = False
+    return view
+
+
 def quantize_int8(packed: np.ndarray, layout: ExpertLayout) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8 copy of a packed expert (HOBBIT-style low-precision copy).
 
     Returns (q int8 [numel], scales float32 [rows]) with one scale per last-axis row of each matrix.
     """
-    qs, scales = [], []
-    for m in layout.unpack(packed.astype(np.float32)):
+    q = np.empty(layout.numel, np.int8)
+    scales = np.empty(sum(n // s[-1] for s, n in zip(layout.shapes, layout.sizes)), np.float32)
+    o = r = 0
+    for m in layout.unpack(packed):
         rows = m.reshape(-1, m.shape[-1])
-        s = np.maximum(np.abs(rows).max(axis=1), 1e-12) / 127.0
-        qs.append(np.clip(np.rint(rows / s[:, None]), -127, 127).astype(np.int8).reshape(-1))
-        scales.append(s.astype(np.float32))
-    return np.concatenate(qs), np.concatenate(scales)
+        for lo in range(0, len(rows), QUANT_BLOCK_ROWS):  # float32 a block of rows at a time
+            block = rows[lo : lo + QUANT_BLOCK_ROWS].astype(np.float32)
+            s = np.maximum(np.abs(block).max(axis=1), 1e-12) / 127.0
+            n = block.size
+            q[o : o + n] = np.clip(np.rint(block / s[:, None]), -127, 127).astype(np.int8).reshape(-1)
+            scales[r : r + len(block)] = s
+            o, r = o + n, r + len(block)
+    return q, scales
 
 
 class _NvmeFile:
@@ -158,13 +198,18 @@ class HostStore(Locations):
 
     # ---- copies --------------------------------------------------------------------------------------
     def master(self, key) -> np.ndarray:
-        """The expert packed from the model's host arrays (the copy of last resort)."""
+        """The expert packed from the model's host arrays (the copy of last resort): their own slab
+        when the loader packed them (read-only, no copy), else a packed copy."""
         m, e = key
         if not 0 <= m < len(self._mats):
             raise StoreError(f"expert {key}: no MoE layer {m} (model has {len(self._mats)})")
         ins, out = self._mats[m]
+        mats = [w[e] for w in ins] + [out[e]]
+        slab = packed_slab(mats, self.layout)
+        if slab is not None:
+            return slab
         buf = np.empty(self.layout.numel, self.layout.np_dtype)
-        self.layout.pack([w[e] for w in ins] + [out[e]], buf)
+        self.layout.pack(mats, buf)
         return buf
 
     def add_copy(self, key, tier_name: str, data: np.ndarray | None = None) -> int:
@@ -186,6 +231,10 @@ class HostStore(Locations):
             f.write(slot, raw)
             self._crc[(key, tier_name)] = zlib.crc32(raw)
             copies[tier_name] = slot
+        elif self._can_hold(tier_name, packed):
+            # The model's own packed slab is this copy (bit for bit the master: it is the master), so
+            # the experts are held once, not once per tier.
+            copies[tier_name] = (packed, _to_pinned_host(packed))
         else:
             buf = self._alloc_on_tier(tier_name, tier.numa_node)
             view = buf[: self.layout.nbytes].view(self.layout.np_dtype)
@@ -279,6 +328,27 @@ class HostStore(Locations):
         return buf.view(self.layout.np_dtype)
 
     # ---- allocation ----------------------------------------------------------------------------------
+    def _can_hold(self, tier_name: str, packed) -> bool:
+        """Whether `packed` (a read-only slab of the model's) can serve as the copy on `tier_name`: the
+        tier asks no NUMA node this machine has (an emulated tier), or the slab's pages already all lie
+        on the node it asks for (move_pages). Otherwise the copy gets its own buffer on that node."""
+        if not _shareable(packed):
+            return False
+        node = self.hardware.tier(tier_name).numa_node
+        bound = numa.supported() and node is not None and node in numa.memory_nodes()
+        on_nodes = numa.node_of_pages(packed) if numa.supported() else None
+        if bound and not np.all(on_nodes == node):
+            return False
+        if tier_name not in self.node_report:
+            report = {"numa_node_asked": node, "numa_node_used": node if bound else None}
+            report |= {"emulated": node is not None and not bound, "aliases_model_arrays": True}
+            if on_nodes is not None:
+                report["pages_on_nodes"] = {
+                    int(n): int(c) for n, c in zip(*np.unique(on_nodes, return_counts=True))
+                }
+            self.node_report[tier_name] = report
+        return True
+
     def _alloc_on_tier(self, tier_name: str, node: int | None, nbytes: int | None = None) -> np.ndarray:
         present = numa.supported() and node is not None and node in numa.memory_nodes()
         use = node if present else 0
@@ -313,6 +383,15 @@ class HostStore(Locations):
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _shareable(packed: np.ndarray) -> bool:
+    """Whether `packed` is a read-only slab view from `packed_slab` (safe to hold as a copy)."""
+    return (
+        isinstance(packed, np.ndarray)
+        and not packed.flags.writeable
+        and packed.ctypes.data % ALIGN_BYTES == 0
+    )
 
 
 def _to_pinned_host(view: np.ndarray) -> jax.Array:

@@ -360,6 +360,28 @@ def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray
     return raw[start : start + n].view(dtype).reshape(shape)
 
 
+PAGE_BYTES = 4096
+
+
+def packed_expert_arrays(E: int, shapes, dtype) -> list[np.ndarray]:
+    """One MoE layer's expert matrices ([E, *shape] each, in `shapes`' order), laid out expert by
+    expert: expert e's matrices sit one after the other in one page-aligned slab. Each array is a
+    strided view; the offload store (memory.store) takes a slab as an expert's packed copy without
+    copying it, so the checkpoint's experts are held once."""
+    dtype = np.dtype(dtype)
+    sizes = [int(np.prod(s)) * dtype.itemsize for s in shapes]
+    slab = -(-sum(sizes) // PAGE_BYTES) * PAGE_BYTES
+    buf = _aligned_empty((E * slab,), np.uint8, align=PAGE_BYTES)
+    out, o = [], 0
+    for s, n in zip(shapes, sizes):
+        strides = [dtype.itemsize]
+        for d in reversed(s[1:]):
+            strides.insert(0, strides[0] * d)
+        out.append(np.ndarray((E, *s), dtype, buffer=buf, offset=o, strides=(slab, *strides)))
+        o += n
+    return out
+
+
 def _abstract(cfg: ModelConfig):
     from moecxl.model.decoder import MoEDecoder
 
@@ -514,15 +536,20 @@ def hf_arrays(cfg: ModelConfig, src: TensorSource) -> dict[str, np.ndarray]:
     E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     for i in cfg.moe_layers:
         base = f"model.layers.{i}.{prefixes[i]}.experts"
-        gate_EDF, up_EDF, down_EFD = (_aligned_empty(s, target) for s in ((E, D, F), (E, D, F), (E, F, D)))
+        # Packed expert by expert (what the offload store keeps); each tensor's file pages are let go
+        # once copied (`release`), so loading peaks near the experts' size, not twice it.
+        gate_EDF, up_EDF, down_EFD = packed_expert_arrays(E, ((D, F), (D, F), (F, D)), target)
         if f"{base}.gate_up_proj" in src:  # fused: [E, 2F, D] (gate rows first), [E, D, F]
             _check_shape(src, f"{base}.gate_up_proj", (E, 2 * F, D))
             _check_shape(src, f"{base}.down_proj", (E, D, F))
             gu = src.get(f"{base}.gate_up_proj")
-            gate_EDF[...] = gu[:, :F, :].transpose(0, 2, 1)
-            up_EDF[...] = gu[:, F:, :].transpose(0, 2, 1)
+            for e in range(E):
+                gate_EDF[e] = gu[e, :F, :].T
+                up_EDF[e] = gu[e, F:, :].T
             down_EFD[...] = src.get(f"{base}.down_proj").transpose(0, 2, 1)
             used |= {f"{base}.gate_up_proj", f"{base}.down_proj"}
+            src.release(f"{base}.gate_up_proj")
+            src.release(f"{base}.down_proj")
         else:  # per expert, torch Linear [out, in]
             g_name, u_name, d_name = _EXPERT_NAMES[cfg.family]
             for e in range(E):
@@ -534,6 +561,7 @@ def hf_arrays(cfg: ModelConfig, src: TensorSource) -> dict[str, np.ndarray]:
                     key = f"{base}.{e}.{name}.weight"
                     _check_shape(src, key, shape)
                     out[e] = src.get(key).T
+                    src.release(key)
                     used.add(key)
         arrays[f"layers.{i}.experts.w_gate_EDF"] = gate_EDF
         arrays[f"layers.{i}.experts.w_up_EDF"] = up_EDF

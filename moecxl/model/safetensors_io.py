@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -212,6 +213,20 @@ class TensorSource:
                 raise CheckpointError(f"{file}: key {key!r}: cannot map file: {err}") from err
         start = self._data_start[file]
         return mm[start + begin : start + end].view(dt).reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Unmap the pages of `key` from this process (they stay in the page cache; touching a view
+        reads them again). A loader that copies tensor by tensor calls it after each copy, so that the
+        file pages it read do not add to its resident memory: a 5.6 GB checkpoint then peaks at about
+        its copy's size, not twice that."""
+        file, e = self._entry(key)
+        begin, end = e["data_offsets"]
+        mm = getattr(self._maps.get(file), "_mmap", None)  # numpy's mmap.mmap under the memmap
+        if begin == end or mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = (self._data_start[file] + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(mm), -(-(self._data_start[file] + end) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Forget the file maps; views already handed out keep their map alive until dropped."""
