@@ -6,7 +6,11 @@
         [--tokenizer PATH] [--modes emulated measured] --out results/latency.json
 
 Links are emulated (timing "emulated"); `--modes measured` also times real copies (on a GPU:
-"measured-gpu", the default there).
+"measured-gpu", the default there). A Switch checkpoint runs too (emulated as Switch-Base-128):
+
+    python eval/latency.py --model models/switch-topology --target switch-base-128 --profiles h100-cxl \
+        --policies on_demand lru moecxl oracle --budgets 0.25 0.5 --prompt-lens 32 --corpus mixed \
+        --out results/latency-switch.json
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from moecxl.evaluation.inputs import run_cli  # noqa: E402
 def main(argv=None) -> int:
     d = latency.Sweep()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="checkpoint directory (decoder-only family)")
+    ap.add_argument("--model", required=True, help="checkpoint directory (any family moecxl.load opens)")
     ap.add_argument(
         "--profiles", nargs="+", default=list(d.profiles), help="names in configs/hardware or paths"
     )

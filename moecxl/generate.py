@@ -11,78 +11,29 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moecxl import seq2seq
+from moecxl.decoding import (  # noqa: F401 (the generation API, importable from here as before)
+    ExpertProvider,
+    GenerateResult,
+    GenerationError,
+    ResidentExperts,
+    check_request,
+    check_vocab,
+    choose_token,
+    left_pad,
+    sample_top_p,
+    timing_metrics,
+)
 from moecxl.model.attention import attention_mask
-from moecxl.model.decoder import CoreOut, MoEDecoder
+from moecxl.model.decoder import MoEDecoder
+from moecxl.model.family import family_of
 from moecxl.model.steps import _core_jit, _experts_jit, split_flat  # noqa: F401 (re-exported)
-
-
-class GenerationError(ValueError):
-    """Bad generation input (ids outside the vocabulary, empty prompt, negative length, ...)."""
-
-
-class ExpertProvider(Protocol):
-    """The narrow hand-off between the model and whoever owns the experts."""
-
-    def begin(self, phase: str, step: int) -> None:
-        """Called before each forward step: phase is "prefill" or "decode"."""
-
-    def experts(self, moe_index: int, core: CoreOut) -> tuple[tuple, Any, Any]:
-        """(ins, out, slot_E) on the device for this MoE layer, given its routing in `core`."""
-
-    def end(self, phase: str, step: int) -> None:
-        """Called after each forward step."""
-
-    # Optional: `experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E) -> x_BTD` replaces
-    # the single-device expert step (moecxl.distributed.ExpertParallel runs it across devices), and
-    # `after_experts(moe_index)`, called once that step is dispatched, runs work that may overlap it.
-
-
-class ResidentExperts:
-    """Every expert resident: the model's own stacked arrays and the identity slot map."""
-
-    timing = None  # the resident path measures; it does not emulate
-
-    def __init__(self, model: MoEDecoder):
-        self._layers = []
-        for layer in model.layers:
-            if layer.experts is not None:
-                ins, out = layer.experts.arrays()
-                ins = tuple(jnp.asarray(w) for w in ins)
-                self._layers.append((ins, jnp.asarray(out)))
-        E = model.cfg.num_experts
-        self._slot_E = jnp.arange(E, dtype=jnp.int32)
-
-    def begin(self, phase: str, step: int) -> None:
-        pass
-
-    def experts(self, moe_index: int, core: CoreOut):
-        ins, out = self._layers[moe_index]
-        return ins, out, self._slot_E
-
-    def end(self, phase: str, step: int) -> None:
-        pass
-
-
-@dataclass
-class GenerateResult:
-    """What `generate` returns. Routing lists hold one array per MoE layer, in layer order."""
-
-    tokens: np.ndarray  # int32 [B, T_new]
-    logits: np.ndarray  # float32 [B, T_new, V]: the logits each generated token was chosen from
-    expert_ids: list  # int32 [B, T_prompt + T_new - 1, K] for every processed position
-    expert_weights: list  # float32, same shape
-    prompt_len: int  # T_prompt after left padding
-    attention_mask: np.ndarray  # bool [B, T_prompt]: real prompt tokens
-    metrics: dict = field(default_factory=dict)
-
 
 # ---- jitted steps, cached per graph structure so each compiles once --------------------------------
 
@@ -99,29 +50,11 @@ _embed_jit = jax.jit(_embed_fn, static_argnums=(4,))
 def _head_jit(graphdef, treedef):
     def head_fn(leaves, x_BTD, key, temperature, top_p, greedy):
         model_head = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        key, sub = jax.random.split(key)
         logits_BV = model_head(x_BTD[:, -1:, :])[:, 0, :]
-        token_B = jax.lax.cond(
-            greedy,
-            lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
-            lambda: sample_top_p(logits_BV, sub, temperature, top_p),
-        )
+        token_B, key = choose_token(logits_BV, key, temperature, top_p, greedy)
         return token_B, logits_BV, key
 
     return jax.jit(head_fn)
-
-
-def sample_top_p(logits_BV, key, temperature, top_p):
-    """Temperature then nucleus sampling: keep the smallest set of tokens with mass >= top_p."""
-    scaled = logits_BV / jnp.maximum(temperature, 1e-6)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    order = jnp.argsort(-probs, axis=-1)
-    sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-    cum = jnp.cumsum(sorted_p, axis=-1)
-    keep_sorted = (cum - sorted_p) < top_p  # always keeps the most likely token
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(probs.shape[0])[:, None], order].set(keep_sorted)
-    masked = jnp.where(keep, scaled, -jnp.inf)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
 
 
 class _Head(nnx.Module):
@@ -138,46 +71,6 @@ class _Head(nnx.Module):
 
 
 # ---- input handling ----------------------------------------------------------------------------------
-
-
-def left_pad(input_ids, attention_mask=None, pad_token_id: int = 0):
-    """Accept an int array [B, T] (+ mask) or a list of token lists; return left-padded ids and mask."""
-    if (
-        isinstance(input_ids, (list, tuple))
-        and input_ids
-        and isinstance(input_ids[0], (list, tuple, np.ndarray))
-    ):
-        rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in input_ids]
-        if any(len(r) == 0 for r in rows):
-            raise GenerationError(f"empty prompt in row {[len(r) for r in rows].index(0)}")
-        T = max(len(r) for r in rows)
-        ids = np.full((len(rows), T), pad_token_id, np.int64)
-        mask = np.zeros((len(rows), T), bool)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r) :] = r
-            mask[b, T - len(r) :] = True
-        return ids, mask
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    if ids.ndim != 2:
-        raise GenerationError(f"input_ids must be [B, T], got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise GenerationError(f"input_ids must be integers, got dtype {ids.dtype}")
-    if ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise GenerationError(f"empty prompt: input_ids has shape {ids.shape}")
-    if attention_mask is None:
-        mask = np.ones(ids.shape, bool)
-    else:
-        mask = np.asarray(attention_mask).astype(bool)
-        if mask.shape != ids.shape:
-            raise GenerationError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-        if not mask.any(axis=1).all():
-            raise GenerationError(f"empty prompt: row {int(np.argmin(mask.any(axis=1)))} has no real token")
-        # Right-aligned (left-padded) prompts only: a real token may not precede a pad.
-        if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
-            raise GenerationError("attention_mask must be left-padded (pads before real tokens)")
-    return ids, mask
 
 
 def _bucket(n: int, step: int = 64) -> int:
@@ -199,25 +92,39 @@ def generate(
     seed: int = 0,
     stop_tokens=None,
     pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
 ) -> GenerateResult:
     """Greedy (temperature 0) or seeded temperature / top-p sampling with a KV cache.
 
     `engine=None` keeps every expert resident; an `OffloadEngine` (or any `ExpertProvider`) owns the
     experts otherwise. Rows that emit a stop token are padded afterwards; the loop ends when all stop.
+    An encoder-decoder model (Switch) runs `seq2seq.generate`: the encoder once over `input_ids`, the
+    decoder from `decoder_start_token_id` (default: the config's).
     """
     cfg = model.cfg
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise GenerationError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if family_of(cfg).encoder_decoder:
+        return seq2seq.generate(
+            model,
+            input_ids,
+            max_new_tokens,
+            engine=engine,
+            attention_mask=attention_mask,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_tokens=stop_tokens,
+            pad_token_id=pad_token_id,
+            decoder_start_token_id=decoder_start_token_id,
+        )
+    if decoder_start_token_id is not None:
+        raise GenerationError(
+            f"decoder_start_token_id={decoder_start_token_id!r}: a {cfg.family!r} model has no decoder "
+            "stack to start (encoder-decoder families only)"
+        )
+    check_request(cfg, max_new_tokens, temperature, top_p)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     ids_np, mask_np = left_pad(input_ids, attention_mask, pad)
-    bad = (ids_np < 0) | (ids_np >= cfg.vocab_size)
-    if (bad & mask_np).any():
-        b, t = np.argwhere(bad & mask_np)[0]
-        raise GenerationError(
-            f"token id {int(ids_np[b, t])} at row {b}, position {t} is outside the vocabulary [0, {cfg.vocab_size})"
-        )
+    check_vocab(ids_np, mask_np, cfg.vocab_size)
     ids_np = np.where(mask_np, ids_np, 0)
     stops = set(int(s) for s in (stop_tokens if stop_tokens is not None else []))
     B, T = ids_np.shape
@@ -298,18 +205,7 @@ def generate(
         last = forward(tok_np[:, None], cur_pos[:, None], np.full((B, 1), idx), idx, "decode", i + 1)
 
     n_new = len(tokens_out)
-    total_s = step_times_s[-1] if step_times_s else time.perf_counter() - t0
-    ttft_s = step_times_s[0] if step_times_s else float("nan")
-    tpot_s = float(np.mean(np.diff(step_times_s))) if n_new > 1 else float("nan")
-    metrics = {
-        "ttft_s": ttft_s,
-        "tpot_s": tpot_s,
-        "tokens_per_s": B * n_new / total_s if n_new else 0.0,
-        "batch_size": B,
-        "prompt_len": T,
-        "new_tokens": n_new,
-        "timing": "measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu",
-    }
+    metrics = timing_metrics(step_times_s, t0, time.perf_counter(), B, T)
     if hasattr(provider, "metrics"):
         metrics.update(provider.metrics())
     V = cfg.vocab_size

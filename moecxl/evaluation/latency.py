@@ -203,12 +203,15 @@ def _repeat(model, x, engine, sw: Sweep, ref, generate):
 
 def corpus_prompt_rows(tok, corpus: str, prompt_len: int) -> np.ndarray:
     """int32 [N, prompt_len]: the test split packed as the tokenizer frames documents (BOS? text EOS),
-    each row opened as the tokenizer opens a prompt (its BOS, where it adds one)."""
+    each row framed as the tokenizer frames a prompt (its BOS where it adds one; an encoder-decoder's
+    EOS last)."""
     from moecxl.data import lm_sequences
 
-    prefix, _ = tok.prompt_frame()
-    rows = lm_sequences(corpus, "test", tok, prompt_len - len(prefix))[:, : prompt_len - len(prefix)]
-    return np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (len(rows), len(prefix))), rows], 1)
+    prefix, suffix = tok.prompt_frame()
+    n = prompt_len - len(prefix) - len(suffix)
+    rows = lm_sequences(corpus, "test", tok, n)[:, :n]
+    frame = [np.broadcast_to(np.asarray(f, np.int32), (len(rows), len(f))) for f in (prefix, suffix)]
+    return np.concatenate([frame[0], rows, frame[1]], 1)
 
 
 def run(
@@ -230,8 +233,6 @@ def run(
 
     if model is None:
         model = load_model(model_dir)
-    if not model.cfg.is_decoder_only:
-        raise EvalError(f"{model_dir}: latency sweeps run decoder-only families, not {model.cfg.family!r}")
     corpus_rows, prompt_src, tok_meta = None, "random token ids (seeded)", None
     if corpus:
         tok = load_tokenizer_of(model_dir, tokenizer, model.cfg)

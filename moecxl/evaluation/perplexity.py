@@ -3,8 +3,11 @@
 The sequence is teacher-forced through `generate`'s own per-layer steps (`core`, then the provider's
 expert hand-off, then `experts`): mode "decode" feeds one true token per step with the KV cache (the
 engine sees the visits a real decode sees, so HOBBIT's low-precision misses happen as they would),
-mode "prefill" runs the whole sequence as one forward. Exact policies must give logits bit-identical to
-the resident provider; `evaluate` records the check, the largest logit difference and the delta.
+mode "prefill" runs the whole sequence as one forward. An encoder-decoder (Switch) is scored as it is
+trained, a prefix LM: its encoder reads the first half of a row once (prefill), its decoder predicts the
+second half (`seq2seq.teacher_forced`; mode "prefill": the decoder in one step). Exact policies must give
+logits bit-identical to the resident provider; `evaluate` records the check, the largest logit
+difference and the delta.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moecxl import seq2seq
 from moecxl.evaluation.inputs import EvalError
 from moecxl.generate import (
     ResidentExperts,
@@ -27,6 +31,8 @@ from moecxl.generate import (
     _Head,
     split_flat,
 )
+from moecxl.model.family import family_of
+from moecxl.train import split_batch
 
 MODES = ("decode", "prefill")
 
@@ -39,17 +45,35 @@ def _head_all_jit(graphdef, treedef):
     return jax.jit(head_fn)
 
 
+def score_rows(model, rows_BT1: np.ndarray, provider=None, mode: str = "decode"):
+    """(logits [B, T', V], targets [B, T'], routing) of packed rows [B, T + 1], scored as training scores
+    them (`train.split_batch`): a decoder predicts every next token; an encoder-decoder (Switch) reads the
+    first half in its encoder and predicts the second half in its decoder."""
+    if mode not in MODES:
+        raise EvalError(f"mode must be one of {MODES}, got {mode!r}")
+    inputs, tgt = split_batch(model.cfg, np.asarray(rows_BT1, np.int32))
+    if family_of(model.cfg).encoder_decoder:
+        logits, routing = seq2seq.teacher_forced(model, *(np.asarray(x) for x in inputs), provider, mode)
+    else:
+        logits, routing = teacher_forced(model, np.asarray(inputs[0]), provider, mode)
+    return logits, np.asarray(tgt), routing
+
+
 def teacher_forced(model, ids_BT: np.ndarray, provider=None, mode: str = "decode"):
     """(logits float32 [B, T, V], routing): the model's predictions at every position of `ids_BT`.
 
     `provider`: an `OffloadEngine` (or any ExpertProvider); None keeps every expert resident. `routing`
     is one list per forward step of per-MoE-layer id arrays (what an oracle engine is given as trace).
+    Decoder families; an encoder-decoder goes through `score_rows` (`seq2seq.teacher_forced`).
     """
     if mode not in MODES:
         raise EvalError(f"mode must be one of {MODES}, got {mode!r}")
     cfg = model.cfg
-    if not cfg.is_decoder_only:
-        raise EvalError(f"teacher-forced offloaded runs need a decoder-only model, got family {cfg.family!r}")
+    if family_of(cfg).encoder_decoder:
+        raise EvalError(
+            f"teacher_forced reads one token sequence; a {cfg.family!r} model (encoder-decoder) is scored "
+            "by score_rows (encoder prefix, decoder targets)"
+        )
     ids_BT = np.asarray(ids_BT, np.int32)
     B, T = ids_BT.shape
     if cfg.max_position_embeddings < T:
@@ -140,8 +164,8 @@ def evaluate(
         t0 = time.perf_counter()
         nll_sum, n, logits_all, routing_all = 0.0, 0, [], []
         for b in batches:
-            logits, routing = teacher_forced(model, b[:, :-1], provider, mode)
-            nll = token_nll(logits, b[:, 1:])
+            logits, tgt, routing = score_rows(model, b, provider, mode)
+            nll = token_nll(logits, tgt)
             nll_sum += float(nll.sum())
             n += nll.size
             logits_all.append(logits)
@@ -254,35 +278,26 @@ def run(
     hw = resolve_profile(profile)
     seq_len = min(seq_len, model.cfg.max_position_embeddings - 1)
     seqs = corpus_sequences(model_dir, corpus, split, tokens, seq_len, tokenizer=tok)
-    if model.cfg.is_decoder_only:
 
-        def make_engine(policy, trace):
-            return OffloadEngine(
-                model,
-                hardware=hw,
-                policy=policy,
-                device_budget=budget,
-                emulate=False,
-                trace=trace if policy == "oracle" else None,
-            )
-
-        rows = evaluate(
+    def make_engine(policy, trace):
+        return OffloadEngine(
             model,
-            seqs,
-            policies,
-            make_engine=make_engine,
-            batch_size=batch_size,
-            mode=mode,
-            progress=progress,
+            hardware=hw,
+            policy=policy,
+            device_budget=budget,
+            emulate=False,
+            trace=trace if policy == "oracle" else None,
         )
-    else:
-        rows = [_resident_full_forward(model, seqs, batch_size)] + [
-            {
-                "policy": p,
-                "skipped": f"the offload engine runs decoder-only families, not {model.cfg.family!r}",
-            }
-            for p in policies
-        ]
+
+    rows = evaluate(
+        model,
+        seqs,
+        policies,
+        make_engine=make_engine,
+        batch_size=batch_size,
+        mode=mode,
+        progress=progress,
+    )
     return envelope(
         "perplexity",
         rows,
@@ -299,26 +314,6 @@ def run(
             "tokenizer": tok.metadata(),
         },
     )
-
-
-def _resident_full_forward(model, seqs: np.ndarray, batch_size: int) -> dict:
-    """Resident perplexity from the model's own full forward (Switch: prefix LM, as moecxl.train scores it)."""
-    from moecxl.train import split_batch
-
-    nll_sum, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        inputs, tgt = split_batch(model.cfg, seqs[i : i + batch_size])
-        out = model(*inputs)
-        nll = token_nll(np.asarray(out.logits), np.asarray(tgt))
-        nll_sum, n = nll_sum + float(nll.sum()), n + nll.size
-    return {
-        "policy": "resident",
-        "exact": True,
-        "nll": nll_sum / n,
-        "perplexity": math.exp(nll_sum / n),
-        "tokens": n,
-        "mode": "full-forward",
-    }
 
 
 def cli(out, model_dir, **kwargs) -> int:

@@ -243,8 +243,20 @@ def _claim(claim, rows, res, base_p, ours_p, timing, cmp) -> list:
     )
     for budget in budgets:
         b = _point(mine, base_p, cmp.baseline_policy, timing, budget=budget, batch=batch, prompt_len=plen)
-        o = _point(mine, ours_p, cmp.ours_policy, timing, budget=budget, batch=batch, prompt_len=plen)
-        if b is None or o is None or not b.get(metric) or o.get(metric) is None:
+        if b is None:
+            continue
+        # the same model on both sides (a report may hold several models' rows: Mixtral's, Switch's)
+        o = _point(
+            mine,
+            ours_p,
+            cmp.ours_policy,
+            timing,
+            budget=budget,
+            batch=batch,
+            prompt_len=plen,
+            _model=b["_model"],
+        )
+        if o is None or not b.get(metric) or o.get(metric) is None:
             continue
         how = (
             f"{cmp.baseline_policy}@{base_p} vs {cmp.ours_policy}@{ours_p}, budget {budget:g}, batch {batch}, "

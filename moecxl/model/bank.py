@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moecxl.model.family import family_of
+from moecxl.model.switch_steps import decode_block_s
 
 
 class ModelBank:
@@ -22,10 +23,15 @@ class ModelBank:
 
     def __init__(self, model):
         self.model = model
-        self.cfg = model.cfg
         self.family = family_of(model.cfg)
+        # K as the runtime counts it: the experts a token is routed to (Switch: 1, whatever top_k says)
+        K = self.family.routed_k(model.cfg)
+        self.cfg = model.cfg if model.cfg.top_k == K else dataclasses.replace(model.cfg, top_k=K)
         self._blocks = self.family.moe_blocks(model)
         self.num_layers = len(self._blocks)
+        # Trace layers per stack, in order: a decoder's one range; Switch's encoder's, then decoder's.
+        # A forward walks one stack: nothing of one stack's routing predicts the other's (pre-gating).
+        self.stacks = self.family.stack_ranges(model.cfg)
 
     def arrays(self, m: int) -> tuple[tuple, object]:
         """(ins, out) of MoE layer m: input matrices [E, D, F] each, the output matrix [E, F, D]."""
@@ -44,9 +50,7 @@ class ModelBank:
         from moecxl.model.steps import _core_jit, _experts_jit, split_flat
 
         if self.family.encoder_decoder:
-            raise NotImplementedError(
-                f"layer_compute_s: timing a {self.family.name!r} block is not implemented; pass time_scale="
-            )
+            return decode_block_s(self.model, batch, repeats)
         model, cfg, block = self.model, self.cfg, self._blocks[0]
         key, leaves = split_flat(block.core)
         core = _core_jit(*key)
@@ -84,6 +88,7 @@ class SubsetBank:
         self.cfg = dataclasses.replace(bank.cfg, num_experts=len(ids), top_k=min(bank.cfg.top_k, len(ids)))
         self.model = None  # no whole model behind it: emulated runs need time_scale=
         self.num_layers = bank.num_layers
+        self.stacks = bank.stacks
         self._arrays = []
         self._routers = []
         for m in range(bank.num_layers):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 from moecxl.config import FAMILIES, ModelConfig
@@ -86,6 +87,12 @@ class FamilyDescriptor:
             return tuple(range(L))
         n_enc = per_stack[0]
         return tuple(range(n_enc)) if phase == "prefill" else tuple(range(n_enc, L))
+
+    def stack_ranges(self, cfg: ModelConfig) -> tuple[range, ...]:
+        """Per stack, its sparse blocks' positions on the trace's layer axis: (range(L),) for a decoder;
+        Switch's encoder layers, then its decoder's."""
+        ends = list(accumulate(len(s) for s in self.sparse_blocks(cfg)))
+        return tuple(range(a, b) for a, b in zip([0, *ends[:-1]], ends))
 
     def layer_names(self, cfg: ModelConfig) -> list[str]:
         """Names of the trace's layers in order: decoder 'layer.i'; Switch 'encoder.i' then 'decoder.i'

@@ -301,6 +301,16 @@ class SwitchCache:
     enc_valid_BS: jax.Array  # bool, real encoder tokens
 
 
+def lm_head(y_BTD, embed_VD, lm_head_DV, hidden_size: int):
+    """LM head over the decoder output; tied weights rescale by d_model**-0.5 first (Mesh TF)."""
+    if lm_head_DV is None:
+        y_BTD = y_BTD * (hidden_size**-0.5)
+        w_DV = embed_VD[...].T
+    else:
+        w_DV = lm_head_DV[...]
+    return jnp.einsum("BTD,DV->BTV", y_BTD, w_DV).astype(jnp.float32)
+
+
 def _valid(mask_BT, shape):
     return jnp.ones(shape, bool) if mask_BT is None else jnp.asarray(mask_BT).astype(bool)
 
@@ -327,13 +337,7 @@ class SwitchModel(nnx.Module):
         return jnp.take(table[...], ids_BT, axis=0)
 
     def head(self, y_BTD):
-        """LM head over the decoder output; tied weights rescale by d_model**-0.5 first (Mesh TF)."""
-        if self.lm_head_DV is None:
-            y_BTD = y_BTD * (self.cfg.hidden_size**-0.5)
-            w_DV = self.embed_VD[...].T
-        else:
-            w_DV = self.lm_head_DV[...]
-        return jnp.einsum("BTD,DV->BTV", y_BTD, w_DV).astype(jnp.float32)
+        return lm_head(y_BTD, self.embed_VD, self.lm_head_DV, self.cfg.hidden_size)
 
     def encode(self, input_ids_BS, attention_mask_BS=None) -> EncoderOutput:
         """Encoder only. Padding is masked as a key but still counts toward expert capacity (reference)."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import jax.numpy as jnp
+import numpy as np
+
 from moecxl.runtime.mechanism import CoreError
 
 
@@ -15,9 +18,11 @@ from moecxl.runtime.mechanism import CoreError
 class ExpertBank(Protocol):
     """`num_layers` MoE layers of `cfg.num_experts` experts each; `model`: the whole model or None."""
 
-    cfg: object  # moecxl.config.ModelConfig: num_experts, top_k, hidden_size
+    cfg: object  # moecxl.config.ModelConfig: num_experts, top_k (experts a token is routed to), hidden_size
     num_layers: int
     model: object
+    # Optional: `stacks`, the MoE layers of each stack a forward walks, as ranges in visiting order
+    # (a decoder: one; an encoder-decoder: the encoder's, then the decoder's). Default: one stack.
 
     def arrays(self, m: int) -> tuple[tuple, object]:
         """(ins, out): input matrices [E, D, F] each and the output matrix [E, F, D] of MoE layer m."""
@@ -59,3 +64,22 @@ def check_bank(bank) -> None:
             raise CoreError(
                 f"expert bank layer {m}: router shape {r}, want ({D}, {E}) (hidden_size, num_experts)"
             )
+
+
+def stacks_of(bank) -> tuple[range, ...]:
+    """The bank's stacks (`ExpertBank.stacks`), one stack of every layer where it names none."""
+    return tuple(getattr(bank, "stacks", None) or (range(bank.num_layers),))
+
+
+def routers_ahead(bank, horizon: int) -> list:
+    """Per MoE layer m, (routers [h, D, E] of layers m+1..m+h, valid [h]) for the pre-gate, h =
+    min(horizon, L-1-m); a layer past m's stack is not valid (its router never sees m's stack's hidden
+    states: no pre-gate there, as `sim.predict` replays it)."""
+    L = bank.num_layers
+    routers = jnp.stack([jnp.asarray(bank.router_DE(m)) for m in range(L)])
+    end_of = {m: s.stop for s in stacks_of(bank) for m in s}
+    out = []
+    for m in range(L):
+        ahead = range(m + 1, min(m + 1 + horizon, L))
+        out.append((routers[ahead.start : ahead.stop], np.array([a < end_of[m] for a in ahead])))
+    return out

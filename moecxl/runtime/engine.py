@@ -22,7 +22,7 @@ from moecxl.memory.transfer import TransferEngine, TransferError
 from moecxl.model.bank import bank_of
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
-from moecxl.runtime.bank import check_bank
+from moecxl.runtime.bank import check_bank, routers_ahead
 from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s  # noqa: F401
 from moecxl.runtime.core import FREQ_EMA_ALPHA, DecisionCore
 from moecxl.runtime.mechanism import CopyFailed, CoreError
@@ -199,9 +199,7 @@ class OffloadEngine:
         self._extra = None
         self._routers_ahead = None  # pre-gate: each layer's next `horizon` routers, sliced once
         if policy.needs_pregate:
-            routers = jnp.stack([jnp.asarray(self.bank.router_DE(m)) for m in range(self.L)])
-            H = policy.horizon
-            self._routers_ahead = [routers[m + 1 : m + 1 + H] for m in range(self.L)]
+            self._routers_ahead = routers_ahead(self.bank, policy.horizon)
         self.core = DecisionCore(
             policy=policy,
             hardware=self.hardware,
@@ -299,7 +297,7 @@ class OffloadEngine:
         top_HNK = None
         if self._routers_ahead is not None and m + 1 < self.L:
             # Pre-gate: later routers on this layer's input, read back with the ids (one sync, not two).
-            top = _pregate_top(co.xn_BTD, self._routers_ahead[m], self.K)
+            top = _pregate_top(co.xn_BTD, *self._routers_ahead[m], self.K)
             t_sync = time.perf_counter()
             ids, top = jax.device_get((co.ids_BTK, top))
             top_HNK = top.reshape(top.shape[0], -1, self.K)

@@ -84,11 +84,12 @@ def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD,
     return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _pregate_top(xn_BTD, routers_HDE, K: int):
-    """Top-k ids of the next H routers on this layer's input [H, B, T, K] (as `sim.predict` computes them)."""
+@functools.partial(jax.jit, static_argnums=(3,))
+def _pregate_top(xn_BTD, routers_HDE, valid_H, K: int):
+    """Top-k ids of the next H routers on this layer's input [H, B, T, K] (as `sim.predict` computes
+    them); -1 for a router not `valid_H` (in another stack)."""
     scores = jnp.einsum("BTD,HDE->HBTE", xn_BTD.astype(jnp.float32), routers_HDE.astype(jnp.float32))
-    return jax.lax.top_k(scores, K)[1]
+    return jnp.where(valid_H[:, None, None, None], jax.lax.top_k(scores, K)[1], -1)
 
 
 def budget_slots(device_budget, expert_bytes: int, n_experts: int, top_k: int, max_inflight: int):

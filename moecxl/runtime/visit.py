@@ -72,14 +72,22 @@ def future_from(trace, L: int) -> list[tuple[int, np.ndarray]]:
     """Visits (moe_layer, needed experts) in the order the engine will see them.
 
     `trace`: a GenerateResult of the same prompt (its expert_ids per layer [B, T_prompt+T_new-1, K]),
-    or a list of per-step lists of per-layer id arrays.
+    or a list of per-step lists of per-layer id arrays. Ids < 0 mark tokens that skip a layer (Switch:
+    an encoder token the decoder's layers, a decoder token the encoder's); a layer no token of a step
+    passes is not visited in that step.
     """
     if hasattr(trace, "expert_ids"):
         ids = trace.expert_ids
         T_p = trace.prompt_len
-        visits = [(m, np.unique(ids[m][:, :T_p])) for m in range(L)]
-        total = ids[0].shape[1]
-        for t in range(T_p, total):
-            visits += [(m, np.unique(ids[m][:, t])) for m in range(L)]
-        return visits
-    return [(m, np.unique(np.asarray(step[m]))) for step in trace for m in range(L)]
+        steps = [[a[:, :T_p] for a in ids]]
+        steps += [[a[:, t] for a in ids] for t in range(T_p, ids[0].shape[1])]
+    else:
+        steps = trace
+    visits = []
+    for step in steps:
+        for m in range(L):
+            used = np.unique(np.asarray(step[m]))
+            used = used[used >= 0]
+            if len(used):
+                visits.append((m, used))
+    return visits
