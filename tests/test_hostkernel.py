@@ -258,3 +258,40 @@ def test_fullsize_full_width_expert_loads_lazily_and_computes(tmp_path):
     np.testing.assert_allclose(
         expert_forward(x, packed, layout), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()
     )
+
+
+# ---- the kernel's time as the floor of the host's (engine and simulator through runtime.gate) ----------
+def test_a_profile_host_carries_kernel_rates_and_they_floor_the_host_time(tmp_path):
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from moecxl.memory.kerneltable import kernel_dtype
+    from moecxl.runtime.gate import host_compute_on_tier_s
+
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    slow = hw.with_host_kernel("bench/results/hostbench-cpu-2core.json")
+    assert Hardware.from_dict(slow.to_dict()) == slow and hash(slow) == hash(
+        Hardware.from_dict(slow.to_dict())
+    )
+    # a profile names a hostbench record relative to itself
+    d = slow.to_dict()
+    shutil.copy("bench/results/hostbench-cpu-2core.json", tmp_path / "hb.json")
+    d["host"]["kernel"] = "hb.json"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d))
+    assert Hardware.from_yaml(tmp_path / "p.yaml").host.kernel.gbps == slow.host.kernel.gbps
+    # Mixtral's expert from the CXL device: the profile's host (186 GB/s, the device's 52) is faster than
+    # this 2-core machine's kernel (24 GB/s), whose own time becomes the host's
+    tier, params, nbytes = hw.tier_names[1], 3 * 4096 * 14336, 3 * 4096 * 14336 * 2
+    assert kernel_dtype(nbytes, params) == "bfloat16" and kernel_dtype(params // 2, params) == "int8"
+    fast_s = host_compute_on_tier_s(hw, tier, 1, params, nbytes, 4096)
+    slow_s = host_compute_on_tier_s(slow, tier, 1, params, nbytes, 4096)
+    own_s = kernel_expert_s("bfloat16", 1, nbytes, slow.host.kernel)
+    assert fast_s < own_s < slow_s < own_s + 1e-4  # the kernel's time plus the activations' copies
+    with pytest.raises(HardwareError, match="has no host"):
+        dataclasses.replace(hw, host=None).with_host_kernel(slow.host.kernel)
+    bad = slow.to_dict()
+    bad["host"]["kernel"]["rates_gbps"] = {"bfloat16": {1: -3.0}}
+    with pytest.raises(HardwareError, match=r"host\.kernel.*positive"):
+        Hardware.from_dict(bad)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from moecxl.generate import generate
 from moecxl.memory import Hardware
+from moecxl.memory.kerneltable import KernelTable
 from moecxl.memory.tiers import Fault
 from moecxl.model import MoEDecoder
 from moecxl.runtime.engine import OffloadEngine
@@ -81,9 +82,15 @@ def _made_up_predictor(E):
     return predict
 
 
+# A host kernel slower than the profile's host (2 GB/s at 1 token, bf16): its own time is the floor.
+SLOW_KERNEL = KernelTable({("bfloat16", 1): 2.0, ("bfloat16", 16): 1.0}, read_gbps=30.0, source="test")
+
+
 def _profile(name: str) -> Hardware:
     if name == "one-cxl":
         return Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    if name == "one-cxl-slow-kernel":
+        return Hardware.from_yaml("configs/hardware/h100-cxl.yaml").with_host_kernel(SLOW_KERNEL)
     hw = Hardware.from_yaml("configs/hardware/h100-4cxl.yaml")
     if name == "four-cxl-fault":  # a device fails on the 2nd decode step, returns on the 5th
         hw = replace(hw, faults=(Fault("cxl-b", 2, 5),))
@@ -151,6 +158,8 @@ CASES = [
     # four devices with replication, and one failing mid-run
     *[(p, "four-cxl", 0.5, 2) for p in ("lru", "moecxl", "moecxl_nd", "oracle")],
     *[(p, "four-cxl-fault", 0.5, 1) for p in ("on_demand", "moecxl", "moecxl_host", "hobbit")],
+    # the host kernel's measured time as the floor of the host's (engine and simulator alike)
+    *[(p, "one-cxl-slow-kernel", 0.4, 2) for p in ("moecxl_nd", "moecxl_host")],
 ]
 
 
@@ -178,3 +187,14 @@ def test_engine_and_simulator_take_the_same_actions(tiny, policy, profile, budge
 def test_every_policy_profile_budget_and_batch_in_lockstep(tiny, policy, profile, budget, batch):
     res, eng, sim = _run(tiny, policy, profile, budget, batch)
     assert _actions(eng.events) == _actions(sim.events)
+
+
+def test_a_slow_host_kernel_shows_in_the_host_only_tpot(tiny):
+    """The same run with the kernel slower than the profile's host: host-only decode slows down (both
+    executors charge the kernel's time, so they stay in lock-step while doing it)."""
+    fast = _run(tiny, "moecxl_host", "one-cxl", 0.4, 1)
+    slow = _run(tiny, "moecxl_host", "one-cxl-slow-kernel", 0.4, 1)
+    for res, _, sim in (fast, slow):
+        assert res.metrics["host_compute_s"] == pytest.approx(sim.metrics["host_compute_s"])
+    assert slow[0].metrics["host_compute_s"] > 2 * fast[0].metrics["host_compute_s"]
+    assert slow[2].metrics["tpot_s"] > 2 * fast[2].metrics["tpot_s"]  # the virtual clock's TPOT

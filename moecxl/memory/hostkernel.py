@@ -17,20 +17,15 @@ Numba (LLVM) compiles the loops on first use per weight dtype (`cache=True` keep
 disk) and vectorises the innermost column loop with 512-bit registers where the CPU has them. Why numba:
 jitted JAX on the CPU backend reached 0.7-1.3 GB/s on bf16/int8 experts (XLA converts the whole matrix
 before its dot), numpy's convert-then-matmul ~2 GB/s; a oneDNN bf16 linear 21 GB/s but needs torch.
-`expert_forward` is the entry; `kernel_expert_s` turns a measured rate table (`moecxl.memory.hostbench`)
-into the kernel's own seconds for an expert of any size.
+`expert_forward` is the entry; `kerneltable.kernel_expert_s` turns a measured rate table
+(`moecxl.memory.hostbench`) into the kernel's own seconds for an expert of any size.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -38,6 +33,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from moecxl.memory.kerneltable import HostKernelError, KernelTable, kernel_expert_s  # noqa: F401 (re-exported)
 from moecxl.memory.store import ExpertLayout
 
 DIRECT_MAX_TOKENS = 4  # below this many tokens: widen inside the FMA loop (no scratch)
@@ -47,10 +43,6 @@ PARALLEL_MIN_BYTES = 1 << 20  # smaller matrices: one thread (a hand-off costs ~
 ACTS = ("silu", "relu")  # SwiGLU (gate, up, down) or ReLU MLP (in, down)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _WEIGHT_DTYPES = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "int8": np.dtype(np.int8)}
-
-
-class HostKernelError(ValueError):
-    """The kernel cannot compute this expert; the message names the dtype, shape or argument at fault."""
 
 
 def supported(dtype) -> bool:
@@ -336,60 +328,3 @@ def expert_forward(x_ND, packed, layout: ExpertLayout, *, act: str | None = None
     else:
         h = np.maximum(_apply(x, *mats[0]), 0.0)
     return _apply(h, *mats[-1])
-
-
-# ---- the kernel's own time, from a measured table -------------------------------------------------------
-@dataclass(frozen=True)
-class KernelTable:
-    """Measured kernel rates: expert bytes/s by (weight dtype, tokens), with where they were measured."""
-
-    gbps: Mapping[tuple[str, int], float]
-    read_gbps: float
-    source: str
-    machine: dict = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_bench(cls, path_or_record: str | os.PathLike | Mapping) -> KernelTable:
-        """Read the JSON record `python -m moecxl.memory.hostbench` writes."""
-        if isinstance(path_or_record, Mapping):
-            rec, where = path_or_record, "<record>"
-        else:
-            where = str(path_or_record)
-            try:
-                rec = json.loads(Path(path_or_record).read_text())
-            except (OSError, ValueError) as e:
-                raise HostKernelError(f"{where}: cannot read a hostbench record: {e}") from e
-        try:
-            gbps = {(r["dtype"], int(r["n_tokens"])): float(r["kernel_gbps"]) for r in rec["kernel"]}
-            read = float(rec["read"]["gbps"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise HostKernelError(f"{where}: not a hostbench record (missing {e})") from e
-        src = f"measurement: moecxl.memory.hostbench ({where}) on {rec.get('machine', {}).get('cpu', '?')}"
-        return cls(gbps, read, src, dict(rec.get("machine", {})))
-
-
-def kernel_expert_s(dtype: str, n_tokens: int, expert_bytes: int, table: KernelTable) -> float:
-    """Seconds the kernel needs for an expert of `expert_bytes` stored bytes and `n_tokens` tokens.
-
-    Time per byte is interpolated linearly in tokens between measured batch sizes (a kernel's time is
-    a read term plus a per-token compute term) and extrapolated along the last segment beyond the
-    largest; below the smallest it is the smallest's. Pure: no measurement here. Emulation can take
-    max(profile time, this) so that a slow kernel shows.
-    """
-    if n_tokens < 0 or expert_bytes < 0:
-        raise ValueError(f"kernel_expert_s: n_tokens {n_tokens} and expert_bytes {expert_bytes} must be >= 0")
-    pts = sorted((n, 1.0 / (g * 1e9)) for (d, n), g in table.gbps.items() if d == dtype)
-    if not pts:
-        have = sorted({d for d, _ in table.gbps})
-        raise HostKernelError(
-            f"no measured kernel rate for dtype {dtype!r} ({table.source}); measured: {have}"
-        )
-    if n_tokens == 0 or expert_bytes == 0:
-        return 0.0
-    if n_tokens <= pts[0][0] or len(pts) == 1:  # one measured point: no slope to go on
-        s_per_byte = pts[0][1]
-    else:
-        i = next((k for k in range(1, len(pts)) if pts[k][0] >= n_tokens), len(pts) - 1)
-        (n0, t0), (n1, t1) = pts[i - 1], pts[i]
-        s_per_byte = t0 + (t1 - t0) * (n_tokens - n0) / (n1 - n0)
-    return float(expert_bytes * max(s_per_byte, 0.0)) if math.isfinite(s_per_byte) else math.inf

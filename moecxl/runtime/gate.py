@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moecxl.memory.kerneltable import kernel_dtype, kernel_expert_s
+
 
 @dataclass(frozen=True)
 class GateInputs:
@@ -184,26 +186,34 @@ def host_compute_s(
     link_gbps: float,
     act_bytes: int = 2,
     copy_overhead_s: float = 5e-6,
+    kernel_s: float = 0.0,
 ) -> float:
     """Seconds to compute one expert for `n_tokens` tokens on the host where the expert lives.
 
     The CPU streams the expert from its tier (capped by the tier and by the host's memory rate) while
-    doing 2·params FLOPs per token; the activations cross the GPU link both ways (two small copies).
+    doing 2·params FLOPs per token, and takes no less than `kernel_s` (the host kernel's own measured
+    time for this expert, when known); the activations cross the GPU link both ways (two small copies).
     Grows with tokens (compute) where fetching does not: batch-awareness comes from here.
     """
     read_s = expert_bytes / (min(tier_read_gbps, host_mem_gbps) * 1e9)
     flops_s = 2.0 * expert_params * n_tokens / (host_gflops * 1e9)
     act_s = 2 * (n_tokens * d_model * act_bytes / (link_gbps * 1e9) + copy_overhead_s)
-    return max(read_s, flops_s) + act_s
+    return max(read_s, flops_s, kernel_s) + act_s
 
 
 def host_compute_on_tier_s(
     hw, tier_name: str, n_tokens: int, expert_params: int, expert_bytes: int, d_model: int
 ) -> float:
     """`host_compute_s` for an expert living on `tier_name` of hardware `hw` (its read rate, the host's
-    compute and memory figures, the GPU link the activations cross)."""
+    compute and memory figures, the GPU link the activations cross). Where the host carries its kernel's
+    measured rates (`Host.kernel`), the kernel's own time for an expert of `expert_bytes` at this token
+    count and the expert's dtype is a floor: a profile faster than the kernel cannot hide it."""
     tier = hw.tier(tier_name)
     link = hw.link(tier.link) if tier.link else None
+    table = hw.host.kernel
+    kernel_s = 0.0
+    if table is not None:
+        kernel_s = kernel_expert_s(kernel_dtype(expert_bytes, expert_params), n_tokens, expert_bytes, table)
     return host_compute_s(
         n_tokens,
         expert_params,
@@ -213,6 +223,7 @@ def host_compute_on_tier_s(
         hw.host.mem_gbps,
         d_model,
         link.gbps if link else tier.read_gbps,
+        kernel_s=kernel_s,
     )
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moecxl.memory.kerneltable import KernelTable
 from moecxl.memory.tiers.detect import detect_hardware
 from moecxl.memory.tiers.loading import load_profile, profile_from_dict
-from moecxl.memory.tiers.schema import GPU, Fault, Host, Link, Tier
+from moecxl.memory.tiers.schema import GPU, Fault, HardwareError, Host, Link, Tier
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,19 @@ class Hardware:
             if link.name == name:
                 return link
         raise KeyError(f"hardware {self.name!r} has no link {name!r}; links: {[x.name for x in self.links]}")
+
+    def with_host_kernel(self, table: KernelTable | str | os.PathLike | None) -> Hardware:
+        """This profile with its host's kernel rates set to `table` (a `KernelTable`, or the JSON record
+        `python -m moecxl.memory.hostbench` writes; None removes them): every host-computed expert then
+        takes at least the kernel's own time for it (`Host.kernel`)."""
+        if self.host is None:
+            raise HardwareError(
+                f"profile {self.name!r} has no host: block to attach kernel rates to; add host: (gflops, "
+                "mem_gbps with sources) or use Hardware.detect(host_kernel=...)"
+            )
+        if table is not None and not isinstance(table, KernelTable):
+            table = KernelTable.from_bench(table)
+        return dataclasses.replace(self, host=dataclasses.replace(self.host, kernel=table))
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -82,7 +96,9 @@ class Hardware:
         out["links"] = {x.name: record(x) for x in self.links}
         out["tiers"] = {t.name: record(t) for t in self.tiers}
         if self.host is not None:
-            out["host"] = record(self.host, skip=())
+            out["host"] = record(self.host, skip=("kernel",))
+            if self.host.kernel is not None:
+                out["host"]["kernel"] = self.host.kernel.to_dict()
         if self.faults:
             out["faults"] = [
                 {k: v for k, v in dataclasses.asdict(f).items() if v is not None} for f in self.faults

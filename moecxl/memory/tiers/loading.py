@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from moecxl.memory.kerneltable import HostKernelError, KernelTable
 from moecxl.memory.tiers.schema import (
     GPU,
     SOURCE_KINDS,
@@ -210,6 +211,22 @@ def _load_library(ctx: _Ctx, base_dir: Path | None, include: Any) -> dict[str, d
     return lib
 
 
+def _kernel_table(ctx: _Ctx, raw: Any, base_dir: Path | None) -> KernelTable | None:
+    """`host.kernel`: a hostbench JSON record's path (relative to the profile's directory), or the
+    mapping `KernelTable.to_dict()` writes."""
+    if raw is None:
+        return None
+    try:
+        if isinstance(raw, str):
+            path = Path(raw) if base_dir is None or Path(raw).is_absolute() else base_dir / raw
+            return KernelTable.from_bench(path)
+        if isinstance(raw, dict):
+            return KernelTable.from_dict(raw)
+    except HostKernelError as e:
+        raise ctx.fail("host.kernel", str(e)) from e
+    raise ctx.fail("host.kernel", f"expected a hostbench record's path or a rates mapping, got {raw!r}")
+
+
 def _mapping(ctx: _Ctx, key: str, v: Any, required: bool = False) -> dict:
     if v is None and not required:
         return {}
@@ -281,8 +298,12 @@ def _build(cls: type[Hardware], data: dict, ctx: _Ctx, base_dir: Path | None, de
 
     host = None
     if data.get("host") is not None:
-        hv, hs = _resolve(ctx, "host", data["host"], lib["hosts"], _HOST_FIELDS)
-        host = Host(**hv, sources=hs)
+        entry, kernel = data["host"], None
+        if isinstance(entry, dict):
+            entry = dict(entry)  # the caller's mapping stays as it was
+            kernel = entry.pop("kernel", None)
+        hv, hs = _resolve(ctx, "host", entry, lib["hosts"], _HOST_FIELDS)
+        host = Host(**hv, sources=hs, kernel=_kernel_table(ctx, kernel, base_dir))
     name = data.get("name", default_name)
     return cls(
         name, gpu, tuple(links), tuple(tiers), tuple(faults), data.get("description", "").strip(), host

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moecxl.memory.kerneltable import KernelTable
+
 TIER_KINDS = ("hbm", "cxl", "dram", "nvme")
 SOURCE_KINDS = ("paper", "datasheet", "spec", "measurement", "assumption", "detected from sysfs")
 MIB = 1 << 20
@@ -80,6 +82,10 @@ class Host:
     `kernel_efficiency` (optional) is the host expert kernel's measured expert bytes/s over the same
     machine's read rate (`python -m moecxl.memory.hostbench`); where a profile gives it, `mem_gbps`
     already includes it (read rate x efficiency), and its source says how.
+
+    `kernel` (optional) is the kernel's measured rates per dtype and token count (`KernelTable`): an
+    expert computed on this host then takes no less than the kernel's own time for it, scaled to the
+    expert's size (`runtime.gate.host_compute_on_tier_s`). `Hardware.with_host_kernel` attaches one.
     """
 
     name: str
@@ -87,6 +93,7 @@ class Host:
     mem_gbps: float
     kernel_efficiency: float | None = None
     sources: Sources = ()
+    kernel: KernelTable | None = None
 
     source_of = _source_of
 
