@@ -295,3 +295,30 @@ def test_a_profile_host_carries_kernel_rates_and_they_floor_the_host_time(tmp_pa
     bad["host"]["kernel"]["rates_gbps"] = {"bfloat16": {1: -3.0}}
     with pytest.raises(HardwareError, match=r"host\.kernel.*positive"):
         Hardware.from_dict(bad)
+
+
+def test_the_engine_charges_the_host_kernel_it_is_given(tmp_path):
+    """`OffloadEngine(host_kernel=...)`: host-computed experts take the kernel's own time when it is
+    longer than the profile's (on a virtual clock: deterministic), and the metrics name the kernel."""
+    from flax import nnx
+
+    from moecxl.generate import generate
+    from moecxl.model import MoEDecoder
+    from moecxl.runtime.engine import OffloadEngine
+    from tests.conftest import tiny_config
+
+    model = MoEDecoder(tiny_config(num_layers=2, num_experts=8, top_k=2), rngs=nnx.Rngs(1))
+    target = model.cfg.replace(hidden_size=4096, intermediate_size=14336, dtype="bfloat16")
+    slow = KernelTable({("bfloat16", 1): 2.0}, read_gbps=30.0, source="measurement: a slow test kernel")
+    host_s = {}
+    for name, kernel in (("profile", None), ("kernel", slow)):
+        eng = OffloadEngine(
+            model, hardware="configs/hardware/h100-cxl.yaml", policy="moecxl_host", device_budget=0.5,
+            target_model=target, time_scale=1.0, clock="virtual", compute_s=1e-4, host_kernel=kernel,
+        )  # fmt: skip
+        res = generate(model, [[3, 4]], max_new_tokens=3, engine=eng)
+        eng.close()
+        host_s[name] = res.metrics["host_compute_s"] / res.metrics["host_computed_tokens"]
+        assert res.metrics["host_kernel"] == (kernel.source if kernel else None)
+    # a Mixtral expert at 2 GB/s takes 176 ms; the profile's host reads it from CXL in ~7 ms
+    assert host_s["kernel"] > 10 * host_s["profile"]

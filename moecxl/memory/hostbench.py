@@ -14,6 +14,7 @@ FLOPs / compute peak). The record names the machine and its load (other processe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import numba
 import numpy as np
 
 from moecxl.memory.hostkernel import BF16, expert_forward
+from moecxl.memory.kerneltable import KernelTable
 from moecxl.memory.store import ExpertLayout, quantize_int8
 from moecxl.memory.tiers import Hardware
 
@@ -239,6 +241,18 @@ def host_kernel_of(record: dict, dtype: str = "bfloat16") -> dict:
         "source": f"{record.get('command', 'moecxl.memory.hostbench')} on {m['cpu']} ({m['cores']} cores, "
         f"{m['hostname']}), {record['date']}, load {record['load_avg_before'][0]:.2f}",
     }
+
+
+@functools.cache
+def kernel_table_here() -> KernelTable:
+    """This machine's kernel rates per dtype (bf16, int8) and token count (1, 4, 16, 32), measured once
+    per process on 88 MB experts cycled four at a time (~10 s on 2 cores; `run`'s record, quick)."""
+    rec = run(
+        2048, 7168, (1, 4, 16, 32), ("bfloat16", "int8"), 2, 4, 256 * MIB, baseline=False,
+        log=lambda s: None, peak_n=512,
+    )  # fmt: skip
+    rec["command"] = "moecxl.memory.hostbench.kernel_table_here()"
+    return KernelTable.from_bench(rec)
 
 
 def detect_hardware(**kw) -> Hardware:

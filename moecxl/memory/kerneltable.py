@@ -35,7 +35,8 @@ class KernelTable:
     def from_bench(cls, path_or_record: str | os.PathLike | Mapping) -> KernelTable:
         """Read the JSON record `python -m moecxl.memory.hostbench` writes."""
         if isinstance(path_or_record, Mapping):
-            rec, where = path_or_record, "<record>"
+            rec = path_or_record
+            where = f"{rec.get('command', '<record>')}, {rec.get('date', 'undated')}"
         else:
             where = str(path_or_record)
             try:

@@ -1,7 +1,9 @@
-"""Emulation's time scale: this machine's measured layer time against the target's roofline layer time."""
+"""Emulation's calibration to this machine: its measured layer time against the target's roofline
+layer time (the time scale), and its host kernel's own time as the floor of the host's."""
 
 from __future__ import annotations
 
+from moecxl.memory import hostbench
 from moecxl.memory.tiers import Hardware
 from moecxl.model.bank import bank_of
 
@@ -29,3 +31,15 @@ def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512)
 def calibrate_time_scale(model, hw: Hardware, target_cfg) -> float:
     """Measured layer time here over the target's roofline layer time: emulated copies use this scale."""
     return layer_compute_s(model) / target_layer_s(target_cfg, hw)
+
+
+def with_host_kernel(hw: Hardware, host_kernel) -> Hardware:
+    """`hw` whose host takes no less than the host kernel's own time per expert (`Host.kernel`), so an
+    emulated run cannot hide a slow kernel behind a fast profile. `host_kernel`: a `KernelTable`, a
+    hostbench record's path, or "measure" (this machine's kernel, measured once per process); None
+    leaves `hw` as it is (its profile's `host.kernel`, if any)."""
+    if host_kernel is None:
+        return hw
+    if isinstance(host_kernel, str) and host_kernel == "measure":
+        host_kernel = hostbench.kernel_table_here()
+    return hw.with_host_kernel(host_kernel)

@@ -23,7 +23,7 @@ from moecxl.model.bank import bank_of
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.bank import check_bank, routers_ahead
-from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s  # noqa: F401
+from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s, with_host_kernel  # noqa: F401
 from moecxl.runtime.core import FREQ_EMA_ALPHA, DecisionCore
 from moecxl.runtime.mechanism import CopyFailed, CoreError
 from moecxl.runtime.metrics import engine_metrics, where
@@ -64,7 +64,8 @@ class OffloadEngine:
     delay each copy to what the hardware profile predicts, time-scaled so that copy time over measured
     layer compute equals the target's (`time_scale`); `clock="virtual"`: time is a number advanced by
     `compute_s` per layer visit and `head_s` per step, copies land at the clock's time (lock-step with
-    the simulator).
+    the simulator). `host_kernel` ("measure", a KernelTable or hostbench record): the host takes no
+    less than that kernel's own time per expert (`calibrate.with_host_kernel`), in emulated runs too.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class OffloadEngine:
         clock: str = "wall",
         compute_s: float | None = None,
         head_s: float = 0.0,
+        host_kernel=None,
     ):
         self.bank = bank_of(model)  # what the runtime reads of the model: experts and routers per MoE layer
         check_bank(self.bank)
@@ -102,7 +104,8 @@ class OffloadEngine:
         policy = get_policy(policy)
         if isinstance(hardware, (str, os.PathLike)):
             hardware = Hardware.from_yaml(hardware)
-        self.hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
+        hardware = hardware if hardware is not None else Hardware.from_yaml(DEFAULT_PROFILE)
+        self.hardware = with_host_kernel(hardware, host_kernel)  # the kernel's time floors the host's
         if clock not in ("wall", "virtual"):
             raise EngineError(f"clock must be 'wall' or 'virtual', got {clock!r}")
         if clock == "virtual" and compute_s is None:

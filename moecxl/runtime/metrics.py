@@ -190,6 +190,8 @@ def engine_metrics(eng) -> dict:
             else ("measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu"),
             "time_scale": eng.time_scale,
             "target_model": getattr(eng.target_model, "name", "") or "self",
+            # the host kernel whose own time floors the host's (None: the profile's figures alone)
+            "host_kernel": getattr(getattr(eng.hardware.host, "kernel", None), "source", None),
         }
     )
     return out
