@@ -186,7 +186,7 @@ class DecisionCore(MissDecisions, SlotCache):
         self.tick += 1
         needed = v.experts
         keys = [(m, e) for e in pol.demand(self, v)]
-        if len(keys) > self.n_slots:
+        if len(keys) > self.n_slots and not pol.host_only:  # host-only: a miss takes no slot
             need = (len(keys) + self.max_inflight) * self.slot_bytes
             raise CoreError(
                 f"layer {m} needs {len(keys)} distinct experts at once ({v.n_tokens} tokens, top-{self.K}) "
