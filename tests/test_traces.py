@@ -327,6 +327,7 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
         "ablation": {"hardware": "h100-4cxl"},
         "failure": {"hardware": "h100-4cxl-faults", "policies": ["moecxl"]},
         "miss_handling": {"batches": [1, 2], "hardware": ["h100-pcie4-dram"]},
+        "host_sensitivity": {"batches": [1], "hardware": ["h100-pcie4-dram"], "fractions": [0.25, 1.0]},
         "cost": {
             "hardware": "h100-cxl",
             "prices_usd": {
@@ -352,7 +353,12 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
         "failure",
         "cost",
         "miss_handling",
+        "host_sensitivity",
     }
+    sens = res["sections"]["host_sensitivity"]["rows"]["1"]
+    # a quarter of the host: the three-way run is no faster (the same routing, slower host work)
+    slow, full = sens["h100-pcie4-dram/moecxl_nd@0.25"], sens["h100-pcie4-dram/moecxl_nd@1"]
+    assert slow["host_mem_gbps"] == full["host_mem_gbps"] / 4 and slow["tpot_s"] >= full["tpot_s"] * 0.9999
     miss = res["sections"]["miss_handling"]["rows"]
     for b in ("1", "2"):
         got = {k.split("/")[1]: r for k, r in miss[b].items()}
@@ -369,6 +375,7 @@ def test_paper_experiment_on_a_collected_trace_feeds_the_report(setup, tmp_path)
     assert "## Paper-scale experiment (simulated)" in md and "| h100-cxl/moecxl |" in md
     assert "Ablation on h100-4cxl" in md and "Device failure on h100-4cxl-faults" in md
     assert "Beyond fetching: fetch-only, host-compute-only and the three-way miss decision" in md
+    assert "Host sensitivity (simulated)" in md and "| 1 | h100-pcie4-dram | moecxl_nd |" in md
     cmp = report.paper_comparison(
         report.collect(tmp_path / "results"), report.Comparison("on_demand", "moecxl", "h100-pcie4-dram")
     )

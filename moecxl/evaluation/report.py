@@ -470,6 +470,7 @@ def experiment_tables(data: dict) -> list[str]:
                     + " |"
                 )
         md.append("")
+    md += host_sensitivity_table(secs.get("host_sensitivity"))
     cost = secs.get("cost")
     if cost:
         md += [
@@ -480,6 +481,38 @@ def experiment_tables(data: dict) -> list[str]:
             + ").",
             "",
         ]
+    return md
+
+
+def host_sensitivity_table(sens: dict | None) -> list[str]:
+    """Markdown: each host-computing policy's TPOT with the profile's host at 25%, 50%, 100% ... of its
+    figure, beside fetch-only moecxl, so a reader sees how much the result rests on the host (simulated)."""
+    if not sens:
+        return []
+    fr = sens["fractions"]
+    md = [
+        "Host sensitivity (simulated): TPOT ms with the host at a fraction of the profile's figure "
+        "(memory rate and GFLOP/s scaled together; "
+        + "; ".join(f"{h}: {x['mem_gbps']:g} GB/s, {x['source']}" for h, x in sens["host"].items())
+        + "):",
+        "",
+        "| batch | profile | policy | " + " | ".join(f"host x{f:g}" for f in fr) + " | fetch-only moecxl |",
+        "|---|---|---|" + "---|" * (len(fr) + 1),
+    ]
+    for b, group in sens["rows"].items():
+        if "skipped" in group:
+            md.append(f"| {b} | skipped: {group['skipped']} |||")
+            continue
+        for hw in dict.fromkeys(k.partition("/")[0] for k in group):
+            fetch = group.get(f"{hw}/moecxl", {})
+            for pol in sens["policies"]:
+                cells = [_f(group.get(f"{hw}/{pol}@{f:g}", {}).get("tpot_s"), ".4g", 1e3) for f in fr]
+                md.append(
+                    f"| {b} | {hw} | {pol} | "
+                    + " | ".join(cells)
+                    + f" | {_f(fetch.get('tpot_s'), '.4g', 1e3)} |"
+                )
+    md.append("")
     return md
 
 

@@ -56,7 +56,16 @@ MISS_VARIANTS = {
     "three_way": "moecxl_nd",
     "three_way_algorithm1": "moecxl_nd@uniform",
 }
-SECTIONS = ("headline", "batch", "long_context", "ablation", "failure", "cost", "miss_handling")
+SECTIONS = (
+    "headline",
+    "batch",
+    "long_context",
+    "ablation",
+    "failure",
+    "cost",
+    "miss_handling",
+    "host_sensitivity",
+)
 
 
 class ExperimentError(ValueError):
@@ -131,6 +140,9 @@ class _Ctx:
             if isinstance(miss, dict)
             else set()
         )
+        sens = exp.get("host_sensitivity")
+        if isinstance(sens, dict):
+            self.used |= {"moecxl", *sens.get("policies", ("moecxl_nd",))}
         for p in self.used:
             self.control.check(self.spec(p).name)
         if any(self.spec(p).prefetch == "pregate" for p in self.used):
@@ -438,6 +450,49 @@ def section_miss_handling(ctx: _Ctx, spec: dict) -> dict:
     return {"variants": variants, "rows": rows}
 
 
+def scaled_host(hw: Hardware, fraction: float) -> Hardware:
+    """`hw` with its host `fraction` as fast: its memory rate and its GFLOP/s both scaled."""
+    if hw.host is None:
+        raise ExperimentError(f"profile {hw.name!r} has no host: block to scale")
+    host = dataclasses.replace(
+        hw.host, mem_gbps=hw.host.mem_gbps * fraction, gflops=hw.host.gflops * fraction
+    )
+    return dataclasses.replace(hw, host=host)
+
+
+def section_host_sensitivity(ctx: _Ctx, spec: dict) -> dict:
+    """How much the host-computing results rest on the host figure: each policy's TPOT with the
+    profile's host at each fraction of its figure (mem_gbps and gflops scaled together), and fetch-only
+    moecxl (which never computes on the host) beside them."""
+    fractions = [float(f) for f in spec.get("fractions", (0.25, 0.5, 1.0))]
+    policies = list(spec.get("policies", ("moecxl_nd",)))
+    rows: dict = {}
+    for b, reqs in _batches(ctx, spec.get("batches", (1,)), rows):
+        for hw_name in spec["hardware"]:
+            hw = load_hardware(hw_name)
+            group = rows.setdefault(str(b), {})
+            group[f"{hw_name}/moecxl"] = _brief(ctx.run(hw, "moecxl", reqs))
+            for f in fractions:
+                for pol in policies:
+                    m = ctx.run(scaled_host(hw, f), pol, reqs)
+                    group[f"{hw_name}/{pol}@{f:g}"] = _brief(m) | {
+                        "policy": pol,
+                        "host_fraction": f,
+                        "host_mem_gbps": hw.host.mem_gbps * f,
+                        "miss_choices": m.get("miss_choices"),
+                    }
+    host = {h: load_hardware(h).host for h in spec["hardware"]}
+    return {
+        "fractions": fractions,
+        "policies": policies,
+        "host": {
+            h: {"mem_gbps": x.mem_gbps, "gflops": x.gflops, "source": x.source_of("mem_gbps")}
+            for h, x in host.items()
+        },
+        "rows": rows,
+    }
+
+
 def section_cost(ctx: _Ctx, spec: dict) -> dict:
     """GPU-only (enough GPUs to hold every weight) against one GPU + CXL (+ DRAM) holding the experts."""
     prices = spec["prices_usd"]
@@ -502,6 +557,7 @@ def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections
         "failure": section_failure,
         "cost": section_cost,
         "miss_handling": section_miss_handling,
+        "host_sensitivity": section_host_sensitivity,
     }
     for s in todo:
         results["sections"][s] = fns[s](ctx, exp[s])
