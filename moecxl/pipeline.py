@@ -256,6 +256,7 @@ def _write_experiment(out: Path, model: str, quick: bool) -> None:
     exp["long_context"]["runs"] = [["h100-pcie4-dram", "on_demand"], ["h100-cxl", "moecxl"]]
     exp["failure"]["policies"] = ["moecxl"]
     exp["miss_handling"]["batches"] = [1, 32]
+    exp["host_sensitivity"] |= {"hardware": ["h100-cxl"], "policies": ["moecxl_nd"], "batches": [1]}
     dst = out / "simulate" / "experiment.yaml"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
