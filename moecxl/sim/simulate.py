@@ -18,6 +18,7 @@ import numpy as np
 
 from moecxl.memory.tiers import Hardware
 from moecxl.memory.transfer import LinkClock
+from moecxl.model.family import family_of
 from moecxl.runtime import homes
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.core import DecisionCore
@@ -315,6 +316,9 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
     t_begin = None
     busy_s = control_s = decode_control_s = 0.0
     control, policy_name = cfg.control, core.policy.name
+    # An encoder-decoder's prefill (its encoder) emits no token: its first token comes from decode step 1
+    # (the start token's), as `moecxl.seq2seq.generate` times it.
+    first_token_step = 1 if family_of(shape.family).encoder_decoder else 0
     for i, req in enumerate(requests):
         if i == cfg.warmup_requests:
             core.c = Counters(core.L)
@@ -351,10 +355,11 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
                 if phase == "decode":
                     decode_control_s += ctl_s
             dt = cfg.head_s if cfg.head_s is not None else head_s(shape, hw.gpu, req.batch)
-            mech.now += dt
+            mech.now += dt  # (after an encoder: its final norm and the decoder's cross-attention keys)
             busy_s += dt
             core.end(phase, step)
-            out_s.append(mech.now - t0)
+            if step >= first_token_step:
+                out_s.append(mech.now - t0)
         if measured:
             ttfts.append(out_s[0])
             diffs = np.diff(out_s)
