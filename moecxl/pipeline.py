@@ -10,6 +10,9 @@ system and a failure names its stage; outputs under `--out`, finished stages are
   perplexity  resident vs each policy (identical for exact policies)
   latency     the main policies on emulated CXL-D (+ PCIe-5 DRAM), 25% and 50% device budgets (emulated)
   latency_pcie4  on-demand offloading from DRAM over PCIe 4, the paper's baseline (emulated)
+  switch_perplexity  the shipped switch-topology model (Switch-Base-128's topology): resident vs each
+              policy, encoder prefix and decoder targets, one decoder token per step
+  switch_latency  switch-topology through the engine, emulated as Switch-Base-128 on CXL and PCIe 4
   simulate    Mixtral-8x7B at paper scale on the seed's hardware, driven by the traces (simulated)
   report      markdown + plots from everything above
 """
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SWITCH_MODEL = REPO / "models" / "switch-topology"  # the encoder-decoder stages' model (own tokenizer)
 STAGES = (
     "generate",
     "traces",
@@ -33,6 +37,8 @@ STAGES = (
     "perplexity",
     "latency",
     "latency_pcie4",
+    "switch_perplexity",
+    "switch_latency",
     "simulate",
     "report",
 )
@@ -172,6 +178,41 @@ def _stage_cmds(
             ["0.25"],
             tok,
         ),
+        "switch_perplexity": (
+            [
+                py,
+                str(REPO / "eval" / "perplexity.py"),
+                "--model",
+                str(SWITCH_MODEL),
+                "--corpus",
+                "mixed",
+                "--tokens",
+                "256" if quick else "512",  # rows of 128: the decoder scores the second 64 of each
+                "--seq-len",
+                "128",
+                "--mode",
+                "decode",
+                "--policies",
+                *policies[:-1],
+                "--budget",
+                "0.25",
+                "--profile",
+                "h100-cxl",
+                "--out",
+                str(out / "results" / "switch" / "perplexity.json"),
+            ],
+            out / "results" / "switch" / "perplexity.json",
+        ),
+        "switch_latency": _latency_cmd(
+            py,
+            str(SWITCH_MODEL),
+            out / "results" / "switch" / "latency.json",
+            quick,
+            ["h100-cxl", "h100-pcie4-dram"],
+            ["on_demand", "lru", "oracle", "moecxl", "moecxl_nd"],
+            ["0.25"],
+            target="switch-base-128",
+        ),
         "simulate": (
             [
                 py,
@@ -207,9 +248,10 @@ def _stage_cmds(
 
 
 def _latency_cmd(
-    py, model, dst: Path, quick: bool, profiles, policies, budgets, tok=()
+    py, model, dst: Path, quick: bool, profiles, policies, budgets, tok=(), target: str = "mixtral-8x7b"
 ) -> tuple[list[str], Path]:
-    """An `eval/latency.py` run at batch 1, prompt 32, a few tokens, one repeat (the 15-minute budget)."""
+    """An `eval/latency.py` run at batch 1, prompt 32, a few tokens, one repeat (the 15-minute budget),
+    copies emulated as `target`'s experts."""
     cmd = [
         py,
         str(REPO / "eval" / "latency.py"),
@@ -231,6 +273,8 @@ def _latency_cmd(
         "1",
         "--corpus",
         "mixed",
+        "--target",
+        target,
         "--out",
         str(dst),
         *tok,

@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -246,7 +247,7 @@ def run(
         rows,
         model={
             "path": str(model_dir) if model_dir else None,
-            "name": model.cfg.name,
+            "name": model.cfg.name or (Path(model_dir).name if model_dir else ""),
             "family": model.cfg.family,
         },
         config=cfg,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -301,7 +302,11 @@ def run(
     return envelope(
         "perplexity",
         rows,
-        model={"path": str(model_dir), "name": model.cfg.name, "family": model.cfg.family},
+        model={
+            "path": str(model_dir),
+            "name": model.cfg.name or Path(model_dir).name,
+            "family": model.cfg.family,
+        },
         config={
             "corpus": corpus,
             "split": split,
