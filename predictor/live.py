@@ -1,6 +1,7 @@
 """The learned predictor behind the engine's prefetch hook (`OffloadEngine(..., predictor=LivePredictor)`).
 
-At MoE layer m the engine calls `candidates(engine, m, co, layers)`. The predictor keeps what the engine
+At MoE layer m the engine calls `candidates(engine, m, co, layers)`; only layers of m's stack are
+answered (a Switch encoder visit predicts nothing of the decoder). The predictor keeps what the engine
 has shown it: this step's routing at layers <= m (C of them are features) and, in decode, the previous
 step's routing at every layer (the previous token's experts at m+h). Pre-gate scores and the sketch come
 from `co.xn_BTD` on the device inside one jitted call per MoE layer (fixed shapes: one trace for prefill,
@@ -17,21 +18,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moecxl.model.family import family_of
 from predictor.checkpoint import PredictorError, check_shape, check_tokenizer, load_predictor
 from predictor.data import routers_of
 from predictor.model import ExpertPredictor, encode
 
 
-@partial(jax.jit, static_argnums=(0, 9, 10))
+@partial(jax.jit, static_argnums=(0, 10, 11))
 def _live_probs(
-    graphdef, params, xn_BTD, routers_XDE, m, cur_ids_WCK, cur_w_WCK, prev_ids_WHK, sketch_DP, E, use_pg
+    graphdef,
+    params,
+    xn_BTD,
+    routers_XDE,
+    m,
+    in_stack_G,
+    cur_ids_WCK,
+    cur_w_WCK,
+    prev_ids_WHK,
+    sketch_DP,
+    E,
+    use_pg,
 ):
-    """p [H, E]: P(some token of the step uses expert e at layer m+1+h)."""
+    """p [H, E]: P(some token of the step uses expert e at layer m+1+h). `in_stack_G`: router m+g is in
+    layer m's stack (else its pre-gate logits are 0, as training's `stack_pregate_logits` has them)."""
     B, T, D = xn_BTD.shape
     W, G = B * T, prev_ids_WHK.shape[1] + 1
     x_WD = xn_BTD.reshape(W, D).astype(jnp.float32)
     r_GDE = jax.lax.dynamic_slice_in_dim(routers_XDE, m, G, axis=0)
-    pregate_WGE = jnp.einsum("WD,GDE->WGE", x_WD, r_GDE)
+    pregate_WGE = jnp.einsum("WD,GDE->WGE", x_WD, r_GDE) * in_stack_G[None, :, None]
     sketch_WP = jnp.einsum("WD,DP->WP", x_WD, sketch_DP)
     layer_W = jnp.full((W,), m, jnp.int32)
     inputs = encode(
@@ -76,7 +90,7 @@ class LivePredictor:
 
     def check(self, model_cfg) -> None:
         """Refuse a model of another L/E/K than the predictor was trained for."""
-        K = 1 if model_cfg.family == "switch" else model_cfg.top_k
+        K = family_of(model_cfg).routed_k(model_cfg)
         check_shape(
             self.meta, model_cfg.num_moe_layers, model_cfg.num_experts, K, f"model {model_cfg.name!r}"
         )
@@ -102,6 +116,10 @@ class LivePredictor:
                 f"predictor's sketch projection is {tuple(self.sketch_DP.shape)} but the model's hidden size is {D}"
             )
         self._seen = model
+        # The stack each layer is in (Switch: the encoder's, the decoder's): a forward walks one stack, so
+        # its hidden states predict nothing of the other (training pads the pre-gate with 0 there and its
+        # targets there are empty).
+        self._stack_of = {m: s for s in family_of(model.cfg).stack_ranges(model.cfg) for m in s}
 
     def observe(self, phase: str, step: int, m: int, ids_BTK, w_BTK) -> None:
         """Record layer m's routing of this step; a new step shifts history, a new prefill resets it."""
@@ -135,12 +153,14 @@ class LivePredictor:
         """p [H, E] for layers m+1..m+H given the recorded routing and layer m's MoE input."""
         B, T, _ = xn_BTD.shape
         cur_ids, cur_w, prev = self.features(m, B, T)
+        in_stack = np.array([m + g in self._stack_of[m] for g in range(self.cfg.H + 1)], np.float32)
         p = _live_probs(
             self.graphdef,
             self.params,
             xn_BTD,
             self._routers,
             np.int32(m),
+            in_stack,
             cur_ids,
             cur_w,
             prev,
@@ -160,7 +180,7 @@ class LivePredictor:
             raise PredictorError("LivePredictor.candidates before bind(model): the engine binds it")
         m = visit.layer
         self.observe_visit(visit, co)
-        wanted = [layer for layer in layers if 0 < layer - m <= self.cfg.H]
+        wanted = [layer for layer in layers if 0 < layer - m <= self.cfg.H and layer in self._stack_of[m]]
         if not wanted:
             return []
         p_HE = self.probs(m, co.xn_BTD)

@@ -5,6 +5,8 @@ device budget holds; the engine and the simulator take the same actions on a Swi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -350,3 +352,32 @@ def test_simulator_agrees_with_the_emulated_engine_on_a_switch_trace(tiny_switch
     assert sm["misses"] == em["misses"] and sm["hit_rate"] == em["hit_rate"]
     assert sm["stall_s"] == pytest.approx(em["stall_s"], rel=0.15)
     assert sm["ttft_s"] == pytest.approx(em["ttft_s"], rel=0.20)
+
+
+def test_a_learned_predictor_runs_live_for_switch_within_each_stack(model):
+    """The live predictor (untrained here: its pre-gate path alone) drives moecxl's prefetch on Switch,
+    bit-identically; an encoder visit predicts nothing of the decoder, and its features never read a
+    decoder router (training pads the pre-gate past a stack with 0)."""
+    from predictor.live import LivePredictor
+    from predictor.model import ExpertPredictor, PredictorConfig
+
+    cfg = PredictorConfig(L=4, E=6, K=1, H=2, C=2, d_model=16, num_heads=2, num_blocks=1)
+    lp = LivePredictor(ExpertPredictor(cfg, rngs=nnx.Rngs(0)), {"config": cfg.to_dict()})
+    x = _prompt(model, 3, 9)
+    ref = generate(model, x, max_new_tokens=NEW_TOKENS)
+    eng = OffloadEngine(model, policy="moecxl", device_budget=0.5, emulate=False, predictor=lp)
+    try:
+        res = generate(model, x, max_new_tokens=NEW_TOKENS, engine=eng)
+    finally:
+        eng.close()
+    assert np.array_equal(res.logits, ref.logits)
+    assert res.metrics["predictor"].startswith("learned") and res.metrics["prefetch_issued"] > 0
+    lp.reset()  # a new request of one token
+    xn = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
+    p_HE = lp.probs(0, xn)  # h = 1: encoder layer 1; h = 2: decoder layer 2, past the encoder
+    lp._routers = lp._routers.at[2:4].set(7.0)  # the decoder's routers changed: nothing may move
+    np.testing.assert_array_equal(lp.probs(0, xn), p_HE)
+    last_encoder = SimpleNamespace(phase="prefill", step=0, layer=1)
+    co = SimpleNamespace(xn_BTD=xn, ids_BTK=np.zeros((1, 1, 1), np.int32), weights_BTK=np.ones((1, 1, 1)))
+    assert lp.candidates(last_encoder, [2, 3], co) == []  # the decoder's layers: another stack
+    assert lp.candidates(SimpleNamespace(phase="prefill", step=0, layer=0), [1, 2], co)  # its own: answered
