@@ -15,7 +15,7 @@ from moecxl.memory.store import StoreError
 from moecxl.model import MoEDecoder
 from moecxl.runtime.core import DecisionCore
 from moecxl.runtime.engine import EngineError, OffloadEngine
-from moecxl.runtime.policies import POLICIES, PolicyError
+from moecxl.runtime.policies import POLICIES, PolicyError, get_policy
 from tests.conftest import tiny_config
 
 EXACT = [name for name, p in POLICIES.items() if p.exact]
@@ -31,7 +31,7 @@ def _engine(model, policy, budget, ref=None, **kw):
         model,
         policy=policy,
         device_budget=budget,
-        trace=ref if POLICIES[policy].needs_future else None,
+        trace=ref if get_policy(policy).needs_future else None,
         emulate=False,
         record_events=True,
         **kw,
