@@ -4,11 +4,8 @@ and the next one's experts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moecxl.runtime.policies.base import Policy
 from moecxl.runtime.policies.sources import PrefetchSource
-from moecxl.runtime.policies.streaming import lru_outside, release
+from moecxl.runtime.policies.streaming import TwoLayerWindow
 
 
 class NextLayerAll(PrefetchSource):
@@ -20,21 +17,7 @@ class NextLayerAll(PrefetchSource):
         return [((layers[0], e), 1.0) for e in range(core.E)]
 
 
-@dataclass(frozen=True)
-class PrefetchAll(Policy):
-    def cache_slots(self, L: int, E: int, budget_slots: int) -> int:
-        return min(budget_slots, 2 * E)
-
-    def on_visit(self, core, v) -> None:
-        super().on_visit(core, v)
-        release(core, {v.layer, v.layer + 1})
-
-    def victim(self, core, skip, incoming=None, next_use=None):
-        keep = {incoming[0], incoming[0] - 1} if incoming is not None else set()
-        return lru_outside(core, skip, keep)
-
-
-POLICY = PrefetchAll(
+POLICY = TwoLayerWindow(
     "prefetch_all",
     evict="lru",
     prefetch=NextLayerAll(),

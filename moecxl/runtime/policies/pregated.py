@@ -7,11 +7,8 @@ across a forward pass: the next token's first layer has no pre-gate until its em
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moecxl.runtime.policies.base import Policy
 from moecxl.runtime.policies.sources import Oracle
-from moecxl.runtime.policies.streaming import lru_outside, release
+from moecxl.runtime.policies.streaming import TwoLayerWindow
 
 
 class NextBlockSelection(Oracle):
@@ -26,21 +23,7 @@ class NextBlockSelection(Oracle):
         return [((nxt[0][0], int(e)), 1.0) for e in nxt[0][1]]
 
 
-@dataclass(frozen=True)
-class Pregated(Policy):
-    def cache_slots(self, L: int, E: int, budget_slots: int) -> int:
-        return min(budget_slots, 2 * E)  # this layer's and the next one's, at most
-
-    def on_visit(self, core, v) -> None:
-        super().on_visit(core, v)
-        release(core, {v.layer, v.layer + 1})
-
-    def victim(self, core, skip, incoming=None, next_use=None):
-        keep = {incoming[0], incoming[0] - 1} if incoming is not None else set()
-        return lru_outside(core, skip, keep)
-
-
-POLICY = Pregated(
+POLICY = TwoLayerWindow(
     "pregated",
     evict="lru",
     prefetch=NextBlockSelection(),
