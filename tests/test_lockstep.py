@@ -160,6 +160,8 @@ CASES = [
     *[(p, "four-cxl-fault", 0.5, 1) for p in ("on_demand", "moecxl", "moecxl_host", "hobbit")],
     # the host kernel's measured time as the floor of the host's (engine and simulator alike)
     *[(p, "one-cxl-slow-kernel", 0.4, 2) for p in ("moecxl_nd", "moecxl_host")],
+    # a budget of 4 slots for prompts needing 5-6 experts per layer: prefill processed in groups
+    *[(p, "one-cxl", 0.25, 2) for p in ("lru", "oracle", "moecxl", "moecxl_nd", "mixtral_offloading")],
 ]
 
 

@@ -425,3 +425,28 @@ def test_when_staging_is_full_the_cpu_computes_its_experts_before_waiting_for_a_
         first_host = next(e for e in v if e["kind"] == "host_compute")
         later = [e for e in v[v.index(first_host) :] if e["kind"] == "fetch"]
         assert all(f["t_s"] >= first_host["t_s"] for f in later)
+
+
+def test_a_prefill_needing_more_experts_than_the_cache_is_simulated_in_groups():
+    """Mixtral-8x7B with room for 3 experts: a 48-token prefill touches all 8 of a layer. The simulator
+    processes it in groups (as the engine does; it refused before) and charges one weight pass per group,
+    at least the one-pass roofline."""
+    from moecxl.runtime.visit import Visit, restrict
+    from moecxl.sim.costmodel import group_s
+
+    shape = load_shape("configs/models/mixtral-8x7b.yaml")
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    v = Visit("prefill", 0, 0, tuple(range(8)), (16,) * 8, (), 64, 64, 1)
+    groups = [restrict(v, (0, 1, 2)), restrict(v, (3, 4, 5)), restrict(v, (6, 7))]
+    parts = group_s(shape, hw.gpu, v, groups)
+    assert len(parts) == 3 and sum(parts) >= visit_s(shape, hw.gpu, 64, 8, 64, 1, True) * (1 - 1e-9)
+    rng = np.random.default_rng(0)
+    ids_NLK = np.stack([rng.permutation(8)[:2] for _ in range(64 * 32)]).reshape(64, 32, 2)
+    is_decode_N = np.arange(64) >= 48  # one sequence: a 48-token prompt, 16 decoded tokens
+    reqs = requests_from_arrays(ids_NLK, np.zeros(64, np.int64), is_decode_N)
+    small = simulate(reqs, shape, hw, SimConfig(policy="lru", device_budget=0.02))  # 5 experts' bytes
+    large = simulate(reqs, shape, hw, SimConfig(policy="lru", device_budget=0.6))
+    assert (
+        small.metrics["ttft_s"] >= large.metrics["ttft_s"]
+        and small.metrics["tpot_s"] > large.metrics["tpot_s"]
+    )

@@ -37,6 +37,21 @@ def _safe_slots(slot_X):
 
 def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E):
     """Few tokens: gather the U = min(E, N·K) distinct experts once, run every token through each."""
+    y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E)
+    return unique_combine(y_UND, comb_NU)
+
+
+def unique_combine(y_UND, comb_NU):
+    """`moe_unique`'s last step: each token's weighted sum over the distinct experts."""
+    return jnp.einsum("NU,UND->ND", comb_NU, y_UND)
+
+
+def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_UND=None):
+    """`moe_unique` before its combine: (y_UND every token through each distinct expert, comb_NU).
+
+    Grouped processing (a layer needing more experts than the device holds) computes the experts of
+    `member_E` [E] bool only and keeps `acc_UND`'s rows for the others: the groups' rows assembled, the
+    one combine is the resident run's, bit for bit."""
     N, K = ids_NK.shape
     E = slot_E.shape[0]
     U = min(E, N * K)
@@ -50,9 +65,11 @@ def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E):
     w_ins = [w[slots_U] for w in ins]  # [U, D, F]
     w_out = out[slots_U]  # [U, F, D]
     y_UND = _ffn(x_ND, w_ins, w_out, "ND,UDF->UNF", "UNF,UFD->UND")
+    if member_E is not None:
+        y_UND = jnp.where(member_E[uniq_U][:, None, None], y_UND, 0 if acc_UND is None else acc_UND)
     match_NKU = (ids_NK[:, :, None] == uniq_U[None, None, :]) & valid_U[None, None, :]
     comb_NU = jnp.einsum("NK,NKU->NU", weights_NK.astype(y_UND.dtype), match_NKU.astype(y_UND.dtype))
-    return jnp.einsum("NU,UND->ND", comb_NU, y_UND)
+    return y_UND, comb_NU
 
 
 def block_rows(M: int, E: int) -> int:
@@ -63,6 +80,17 @@ def block_rows(M: int, E: int) -> int:
 
 def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E):
     """Many tokens: sort (token, k) rows by expert, pad each expert's rows to blocks of b rows."""
+    return blocked_combine(blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E), weights_NK)
+
+
+def blocked_combine(y_NKD, weights_NK):
+    """`moe_blocked`'s last step: each token's weighted sum over its K experts' outputs."""
+    return jnp.einsum("NK,NKD->ND", weights_NK.astype(y_NKD.dtype), y_NKD)
+
+
+def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_NKD=None):
+    """`moe_blocked` before its combine: y_NKD, each (token, k) row through its expert. With `member_E`
+    the rows of the other experts are `acc_NKD`'s (grouped processing, as `unique_parts`)."""
     N, K = ids_NK.shape
     D = x_ND.shape[-1]
     E = slot_E.shape[0]
@@ -87,7 +115,9 @@ def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E):
     y_JbD = _ffn(x_rows.reshape(n_blocks, b, D), w_ins, w_out, "JbD,JDF->JbF", "JbF,JFD->JbD")
     y_sorted_MD = y_JbD.reshape(rows, D)[dest_M]
     y_NKD = jnp.zeros((M, D), y_JbD.dtype).at[order_M].set(y_sorted_MD).reshape(N, K, D)
-    return jnp.einsum("NK,NKD->ND", weights_NK.astype(y_NKD.dtype), y_NKD)
+    if member_E is not None:
+        y_NKD = jnp.where(member_E[ids_NK][:, :, None], y_NKD, 0 if acc_NKD is None else acc_NKD)
+    return y_NKD
 
 
 def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None):
@@ -100,3 +130,14 @@ def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None):
     if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
         return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
     return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
+
+
+def moe_group(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E, acc, last: bool):
+    """One group of a layer processed in groups: the experts of `member_E` (resident in `slot_E`) computed
+    into `acc` (None for the first group; the other groups' rows kept). Returns the new `acc`, or, for the `last`
+    group, the layer's output: the same combine over the same per-expert rows as `moe_ffn`, bit for bit."""
+    if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
+        y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc)
+        return unique_combine(y_UND, comb_NU) if last else y_UND
+    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc)
+    return blocked_combine(y_NKD, weights_NK) if last else y_NKD

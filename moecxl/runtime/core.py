@@ -24,6 +24,7 @@ from moecxl.runtime.misses import MissDecisions
 from moecxl.runtime.policies import check_policy
 from moecxl.runtime.policies.eviction import NextUse
 from moecxl.runtime.policies.reuse import Reuse
+from moecxl.runtime.visit import restrict
 
 BELADY_WINDOW_PASSES = 4  # Belady's look-ahead: this many passes over the MoE layers
 FREQ_EMA_ALPHA = 0.2  # per decode step: activation frequencies for placement and rebalancing
@@ -175,11 +176,41 @@ class DecisionCore(MissDecisions, SlotCache):
             homes.rebalance(self)
 
     # ---- one visit --------------------------------------------------------------------------------------
-    def visit(self, v, features=None) -> np.ndarray:
+    def groups(self, v) -> list:
+        """The visit as the groups it is processed in: itself where its experts fit the cache (or none
+        takes a slot: host-only), else sub-visits of at most `n_slots` experts each, the resident ones
+        first, then those in flight, then the rest (mixtral-offloading and MoE-Infinity process a long
+        prompt's layer so: compute what is resident, evict, fetch the rest)."""
+        if self.pending is not None:  # what `visit` would do first: the prefetch the last visit owes
+            self.after()
+        pol, m = self.policy, v.layer
+        demand = tuple(pol.demand(self, v))
+        # slots held by copies in flight for other layers are not this layer's until they land
+        n = self.n_slots - sum(1 for key in self.inflight if key[0] != m or key[1] not in demand)
+        if len(demand) <= max(1, n) or pol.host_only:
+            return [v]
+        whole_layer = demand != tuple(v.experts)  # Accelerate, GPU-only: the layer at once
+        if whole_layer and len(demand) <= self.n_slots:
+            return [v]
+        if whole_layer:
+            need = (len(demand) + self.max_inflight) * self.slot_bytes
+            raise CoreError(
+                f"layer {m} needs {len(demand)} distinct experts at once ({v.n_tokens} tokens, top-{self.K}) "
+                f"but the device cache holds {self.n_slots}, and policy {pol.name!r} moves whole layers; "
+                f"use a device_budget of at least {need} bytes"
+            )
+        rank = {e: (0 if (m, e) in self.slot_of else 1 if (m, e) in self.inflight else 2, e) for e in demand}
+        order = sorted(demand, key=rank.__getitem__)
+        n = max(1, n)
+        return [restrict(v, order[i : i + n]) for i in range(0, len(order), n)]
+
+    def visit(self, v, features=None, last: bool = True, whole=None) -> np.ndarray:
         """Make layer `v.layer`'s experts resident or computed; returns its expert -> slot map (-1: not
         on the device: computed on the host). Its prefetch waits for `after` (the caller dispatches the
         layer's expert step first, so prefetch decisions overlap the device's compute). `features`: what a
-        live predictor reads beyond the visit (the engine's layer output)."""
+        live predictor reads beyond the visit (the engine's layer output). A visit processed in `groups`
+        is visited group by group; only the `last` prefetches (for the `whole` visit) and moves Belady's
+        look-ahead on."""
         if self.pending is not None:
             self.after()
         m, pol = v.layer, self.policy
@@ -187,12 +218,8 @@ class DecisionCore(MissDecisions, SlotCache):
         needed = v.experts
         keys = [(m, e) for e in pol.demand(self, v)]
         if len(keys) > self.n_slots and not pol.host_only:  # host-only: a miss takes no slot
-            need = (len(keys) + self.max_inflight) * self.slot_bytes
-            raise CoreError(
-                f"layer {m} needs {len(keys)} distinct experts at once ({v.n_tokens} tokens, top-{self.K}) "
-                f"but the device cache holds {self.n_slots}; use a device_budget of at least {need} bytes, "
-                "or a smaller batch or prompt"
-            )
+            self.groups(v)  # a whole-layer system's error
+            raise CoreError(f"layer {m}: {len(keys)} experts at once, {self.n_slots} slots: visit its groups")
         if self.reuse is not None:
             self.reuse.observe(m, needed)
         counts_m = self.step_counts[m]
@@ -287,10 +314,10 @@ class DecisionCore(MissDecisions, SlotCache):
             if st is not None:  # None: computed on the host, never cached
                 st[0] = tick
                 st[1] += 1
-        if self.future is not None:
+        if self.future is not None and last:
             self.pos += 1  # this visit is done: Belady's look-ahead starts at the next one
-        if pol.prefetch is not None:
-            self.pending = (v, protect, features)
+        if pol.prefetch is not None and last:
+            self.pending = (v if whole is None else whole, protect, features)
         slot_E = self.slot_E[m]
         if self.pending is not None or self.host_jobs:
             slot_E = slot_E.copy()  # a snapshot: prefetch may evict other experts of this layer

@@ -25,6 +25,7 @@ from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.bank import check_bank, routers_ahead
 from moecxl.runtime.calibrate import calibrate_time_scale, layer_compute_s, target_layer_s, with_host_kernel  # noqa: F401
 from moecxl.runtime.core import FREQ_EMA_ALPHA, DecisionCore
+from moecxl.runtime.grouped import grouped_step, visit_in_groups
 from moecxl.runtime.mechanism import CopyFailed, CoreError
 from moecxl.runtime.metrics import engine_metrics, where
 from moecxl.runtime.policies import PolicyProtocol, get_policy
@@ -199,7 +200,7 @@ class OffloadEngine:
         self._inline_installs = jax.default_backend() == "cpu"
         self.n_ins = len(self.layout.shapes) - 1
         self._co = self._ids = None  # the visit's layer output and routing (host compute reads them)
-        self._extra = None
+        self._extra = self._group = None  # host-computed outputs; a grouped layer's partial outputs
         self._routers_ahead = None  # pre-gate: each layer's next `horizon` routers, sliced once
         if policy.needs_pregate:
             self._routers_ahead = routers_ahead(self.bank, policy.horizon)
@@ -313,7 +314,8 @@ class OffloadEngine:
         v = visit_of_ids(core.phase, core.step, m, ids, w, top_HNK)
         blocked0, install_wait_s0 = self._blocked_s, self._install_wait_s
         self._co, self._ids = co, ids
-        slot_E = core.visit(v, co)
+        groups = core.groups(v)  # more experts than the cache holds: processed in groups
+        slot_E = core.visit(v, co) if len(groups) == 1 else visit_in_groups(self, groups, v, co)
         self._co = self._ids = None
         stall = self._blocked_s - blocked0
         if self.policy.gate:
@@ -332,7 +334,10 @@ class OffloadEngine:
     def experts_fn(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
         """The expert step over the stored slot arrays (`experts` returns them), plus the outputs of the
         experts computed on the host this layer (their slots are -1)."""
-        if self._extra is None:
+        if self._group is not None:
+            extra, self._extra = self._extra, None
+            y = grouped_step(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra)
+        elif self._extra is None:
             y = _stored_step_jit(
                 h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype=self.compute_dtype
             )

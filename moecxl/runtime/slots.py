@@ -15,6 +15,7 @@ import numpy as np
 
 from moecxl.memory.store import ExpertLayout
 from moecxl.memory.transfer import dequantize_int8
+from moecxl.model.experts import moe_group
 from moecxl.model.moe import expert_step
 from moecxl.runtime.mechanism import CoreError
 
@@ -82,6 +83,24 @@ def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD,
     ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
     on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
     return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "last"))
+def _group_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, member_E, acc, extra_BTD, dtype, last):
+    """One group of a layer processed in groups (`runtime.grouped`): the per-expert rows of the experts
+    of `member_E` into `acc`; the `last` group returns the layer's output, combined as `_stored_step_jit`
+    combines (bit-identical), plus the host-computed outputs `extra_BTD` (their experts' weights masked)."""
+    ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
+    B, T, D = xn_BTD.shape
+    K = ids_BTK.shape[-1]
+    if extra_BTD is not None:
+        weights_BTK = weights_BTK * (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
+    x_ND, ids_NK, w_NK = xn_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, K), weights_BTK.reshape(B * T, K)
+    r = moe_group(x_ND, ids_NK, w_NK, ins, out, slot_E, member_E, acc, last)
+    if not last:
+        return r
+    y = h_BTD + r.reshape(B, T, D).astype(xn_BTD.dtype)
+    return y if extra_BTD is None else y + extra_BTD
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

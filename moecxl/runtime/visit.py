@@ -6,6 +6,7 @@ group. Both hand the same record to `DecisionCore.visit`, so both make the same 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,6 +34,18 @@ class Visit:
             return self.tokens_per_expert[self.experts.index(e)]
         except ValueError:
             return 0
+
+
+def restrict(v: Visit, experts) -> Visit:
+    """The part of visit `v` that needs only `experts` (a group of a layer processed in groups)."""
+    keep = sorted(int(e) for e in experts)
+    at = [v.experts.index(e) for e in keep]
+    return dataclasses.replace(
+        v,
+        experts=tuple(keep),
+        tokens_per_expert=tuple(v.tokens_per_expert[i] for i in at),
+        max_weight=tuple(v.max_weight[i] for i in at) if v.max_weight else (),
+    )
 
 
 def visit_of_ids(

@@ -185,6 +185,26 @@ def visit_s(
     return roofline_s(*visit_cost(shape, n_tokens, n_distinct, context, batch, prefill), gpu)
 
 
+def group_s(shape: ModelShape, gpu: GPU, v, groups) -> list[float]:
+    """Roofline seconds of each group of a visit processed in groups (`DecisionCore.groups`): one pass
+    per group over its experts' weights and routed tokens; the first also runs attention and the dense
+    part. Their sum is at least the one-pass `visit_s`."""
+    expert_flops = 2.0 * shape.expert_params  # per (token, expert) pair
+    expert_bytes = shape.expert_params * shape.expert_bytes_per_param / shape.expert_read_efficiency
+    out = []
+    for i, g in enumerate(groups):
+        routed = float(sum(g.tokens_per_expert))
+        if i == 0:
+            flops, nbytes = visit_cost(
+                shape, v.n_tokens, len(g.experts), v.context, v.batch, v.phase == "prefill"
+            )
+            flops += (routed - v.n_tokens * shape.K) * expert_flops  # its routed pairs, not the layer's
+        else:
+            flops, nbytes = routed * expert_flops, len(g.experts) * expert_bytes
+        out.append(roofline_s(flops, nbytes, gpu))
+    return out
+
+
 def head_s(shape: ModelShape, gpu: GPU, batch: int) -> float:
     """The LM head for one new token per sequence (V x D weights read, 2*B*V*D FLOPs)."""
     return roofline_s(2.0 * batch * shape.V * shape.D, float(shape.V * shape.D * WEIGHT_BYTES), gpu)

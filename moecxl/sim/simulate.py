@@ -28,7 +28,7 @@ from moecxl.runtime.metrics import Counters, core_metrics
 from moecxl.runtime.policies import PolicyProtocol, get_policy
 from moecxl.runtime.striping import MAX_WIDTH, MIN_GAIN
 from moecxl.sim.control import ControlCosts
-from moecxl.sim.costmodel import ModelShape, head_s, visit_s
+from moecxl.sim.costmodel import ModelShape, group_s, head_s, visit_s
 from moecxl.sim.energy import EnergyModel, run_energy
 from moecxl.sim.workload import Request, Visit, oracle_future
 
@@ -340,11 +340,23 @@ def _replay(core, mech, requests, shape, hw, cfg, energy, homes_of) -> SimResult
             phase = "prefill" if step == 0 else "decode"
             core.begin(phase, step)
             for v, rows in steps[step]:
-                dt = cfg.compute_s if cfg.compute_s is not None else _visit_compute_s(shape, hw, v)
-                mech.visit_layer_s = dt  # the engine measures its layer time; the replay knows it beforehand
+                groups = core.groups(v)  # more experts than the cache holds: processed in groups
+                if cfg.compute_s is not None:
+                    dts = [0.0] * (len(groups) - 1) + [cfg.compute_s]  # per visit, as the engine's
+                elif len(groups) == 1:
+                    dts = [_visit_compute_s(shape, hw, v)]
+                else:
+                    dts = group_s(shape, hw.gpu, v, groups)
                 misses0 = core.c.misses[v.layer]
-                core.visit(v, rows)
+                for k, (g, dt_g) in enumerate(zip(groups, dts)):
+                    mech.visit_layer_s = dt_g  # the engine measures its layer time; the replay knows it
+                    last = k == len(groups) - 1
+                    core.visit(g, rows, last=last, whole=v)
+                    if not last:
+                        mech.now += dt_g  # this group's experts computed before the next group's copies
+                        busy_s += dt_g
                 core.after()
+                dt = dts[-1]
                 ctl_s = cfg.control_s
                 if control is not None:  # the engine's decisions for this visit, as its bench measured them
                     missed = core.c.misses[v.layer] > misses0
