@@ -45,7 +45,6 @@ DEFAULT_CONTROL = "configs/control/cpu-2core.yaml"
 LEARNED = "moecxl_learned"  # moecxl with the learned predictor replayed from stored predictions
 RESULTS_KIND = "moecxl.sim.results"
 REPO = Path(__file__).resolve().parents[2]
-PREGATING = ("pregate", "moecxl")
 # name: policy, or policy@placement. fetch_only keeps Algorithm 1 (its own best); fetch_only_near_data
 # fetches from the near-data homes, to show the three-way gain is not the placement's;
 # three_way_algorithm1 decides per miss on Algorithm 1's homes (the near-data placement's worth).
@@ -145,7 +144,7 @@ class _Ctx:
             self.used |= {"moecxl", *sens.get("policies", ("moecxl_nd",))}
         for p in self.used:
             self.control.check(self.spec(p).name)
-        if any(self.spec(p).prefetch == "pregate" for p in self.used):
+        if any(self.spec(p).needs_pregate for p in self.used):
             self._load_pregate(exp.get("predictor_model"))
         lib = self.requests(batch=1, library=True)
         self.library = [activation_matrix(r, self.shape.L, self.shape.E) for r in lib]
@@ -187,7 +186,7 @@ class _Ctx:
                 {
                     p: "no predictor_model: pre-gating needs the trace's small model"
                     for p in self.used
-                    if self.spec(p).prefetch == "pregate"
+                    if self.spec(p).needs_pregate
                 }
             )
             return
@@ -195,7 +194,7 @@ class _Ctx:
         from moecxl.sim.predict import PredictError, pregate_tops_for_trace
 
         model = moecxl.load(_path(model_path))
-        pregating = [p for p in self.used if self.spec(p).prefetch == "pregate"]
+        pregating = [p for p in self.used if self.spec(p).needs_pregate]
         horizon = max(self.spec(p).horizon for p in pregating)
         try:
             self.pregate = pregate_tops_for_trace(model, self.ts, horizon)
