@@ -369,3 +369,15 @@ def test_an_experiment_asking_for_the_learned_row_needs_stored_predictions(setup
         _Ctx(
             {**exp, "policies": ["moecxl"], "control": "configs/control/nothing.yaml"}, tmp_path / "exp.yaml"
         )
+
+
+def test_an_experiment_may_store_its_target_at_another_precision(setup, tmp_path):
+    """`precision: {experts: int4}` quarters the bytes the simulator copies per expert, as the
+    published cases store theirs; an unknown format names the key."""
+    _, _, runs, _ = setup
+    exp = _experiment(setup, tmp_path, runs[2][2], policies=["moecxl"])
+    bf16 = _Ctx(exp, tmp_path / "exp.yaml").shape
+    int4 = _Ctx({**exp, "precision": {"experts": "int4"}}, tmp_path / "exp.yaml").shape
+    assert int4.expert_bytes < 0.3 * bf16.expert_bytes and int4.dense_bytes == bf16.dense_bytes
+    with pytest.raises(ExperimentError, match="key 'precision'.*int3"):
+        _Ctx({**exp, "precision": {"experts": "int3"}}, tmp_path / "exp.yaml")

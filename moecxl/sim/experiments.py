@@ -29,9 +29,11 @@ from moecxl.config import load_yaml
 from moecxl.memory.tiers import Hardware, HardwareError
 from moecxl.runtime.policies import get_policy
 from moecxl.sim.control import ControlCosts, ControlError
-from moecxl.sim.costmodel import ModelShape, load_shape
+from moecxl.sim.costmodel import ModelShape, load_shape, with_precision
 from moecxl.sim.energy import DEFAULT_ENERGY, EnergyError, EnergyModel
+from moecxl.sim.precision import PrecisionError, precision_of
 from moecxl.sim.simulate import SimConfig, SimError, default_placement, simulate
+from moecxl.sim.stack import kernel_efficiency
 from moecxl.sim.stored import (
     StoredPredictions,
     StoredPredictionsError,
@@ -101,6 +103,24 @@ def load_hardware(name: str) -> Hardware:
         raise ExperimentError(str(e)) from e
 
 
+def _with_precision(shape: ModelShape, precision, path: Path) -> ModelShape:
+    """The target with its experts / dense layers stored as `precision: {experts: int4, dense: bf16}` says
+    (`moecxl.sim.precision` formats; copies, reads and the budget follow); absent: the target's dtype."""
+    if precision is None:
+        return shape
+    if not isinstance(precision, dict) or set(precision) - {"experts", "dense"}:
+        raise ExperimentError(
+            f"{path}: key 'precision' must map experts/dense to a format, got {precision!r}"
+        )
+    try:
+        e, d = (precision_of(str(precision.get(k, "bf16"))) for k in ("experts", "dense"))
+    except PrecisionError as err:
+        raise ExperimentError(f"{path}: key 'precision': {err}") from err
+    return with_precision(
+        shape, e.bytes_per_param, d.bytes_per_param, kernel_efficiency(e.kernel), kernel_efficiency(d.kernel)
+    )
+
+
 class _Ctx:
     """Trace, target and the derived inputs every section shares."""
 
@@ -113,7 +133,7 @@ class _Ctx:
                 raise ExperimentError(f"{path}: missing key {key!r}")
         self.trace_dir = _path(exp["trace"])
         self.ts = read_traces(self.trace_dir)
-        self.shape: ModelShape = load_shape(_path(exp["target"]))
+        self.shape: ModelShape = _with_precision(load_shape(_path(exp["target"])), exp.get("precision"), path)
         self.layer_map = exp.get("layer_map")
         self.budget = float(exp.get("device_budget", 0.25))
         self.n_requests = int(exp.get("requests", 4))
