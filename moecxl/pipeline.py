@@ -7,7 +7,10 @@ system and a failure names its stage; outputs under `--out`, finished stages are
   traces      router traces of prose and code from the test split (+ hidden-state sketches)
   stats       routing statistics: entropies, popularity by domain, reuse distance
   predictor   the learned expert predictor against every baseline
-  perplexity  resident vs each policy (identical for exact policies)
+  perplexity  resident vs each exact policy, one prefill step per sequence (identical logits)
+  perplexity_decode  resident vs each inexact policy (hobbit, fiddler, moecxl_host, moecxl_nd), one token
+              per step through the engine, where their approximations are used (int8 copies of misses,
+              experts computed on the host): the perplexity delta and how often each was used
   latency     the main policies on emulated CXL-D (+ PCIe-5 DRAM), 25% and 50% device budgets (emulated)
   latency_pcie4  on-demand offloading from DRAM over PCIe 4, the paper's baseline (emulated)
   switch_perplexity  the shipped switch-topology model (Switch-Base-128's topology): resident vs each
@@ -35,6 +38,7 @@ STAGES = (
     "stats",
     "predictor",
     "perplexity",
+    "perplexity_decode",
     "latency",
     "latency_pcie4",
     "switch_perplexity",
@@ -68,6 +72,9 @@ def _stage_cmds(
         "moecxl",
         "moecxl_nd",
     ]
+    # inexact by design: scored one token per step, where a miss is a single token's (HOBBIT's int8 copy
+    # goes to a low routing weight; the host computes a few tokens' experts)
+    inexact = ["hobbit", "fiddler", "moecxl_host", "moecxl_nd"]
     exp = out / "simulate" / "experiment.yaml"
     return {
         "generate": (
@@ -144,9 +151,9 @@ def _stage_cmds(
                 "--seq-len",
                 "128",
                 "--mode",
-                "prefill",  # one step per sequence; decode-mode perplexity is eval/perplexity.py's default
+                "prefill",  # one step per sequence: the exact policies' bit-identity over many tokens
                 "--policies",
-                *policies[:-1],
+                *[p for p in policies if p not in inexact],
                 "--budget",
                 "0.25",
                 "--profile",
@@ -156,6 +163,32 @@ def _stage_cmds(
                 *tok,
             ],
             out / "results" / "perplexity.json",
+        ),
+        "perplexity_decode": (
+            [
+                py,
+                str(REPO / "eval" / "perplexity.py"),
+                "--model",
+                model,
+                "--corpus",
+                "mixed",
+                "--tokens",
+                "128" if quick else "256",  # one engine visit per token and layer: ~10 s per policy
+                "--seq-len",
+                "64",
+                "--mode",
+                "decode",
+                "--policies",
+                *inexact,
+                "--budget",
+                "0.25",
+                "--profile",
+                "h100-cxl",
+                "--out",
+                str(out / "results" / "perplexity-decode.json"),
+                *tok,
+            ],
+            out / "results" / "perplexity-decode.json",
         ),
         "latency": _latency_cmd(
             py,

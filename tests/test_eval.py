@@ -46,6 +46,33 @@ def test_perplexity_exact_policies_identical_hobbit_delta(model):
     assert "hobbit" in perplexity.format_table(rows)
 
 
+def test_inexact_policies_use_their_approximation_in_decode_mode(model):
+    """Every inexact policy, scored one token per step as the main job scores them (its profile; a budget
+    the tiny model admits), reports using its approximation; a row that used none says so in the table."""
+    from moecxl.runtime.policies import POLICIES
+
+    inexact = [name for name, spec in POLICIES.items() if not spec.exact]
+    assert {"hobbit", "fiddler", "moecxl_host", "moecxl_nd"} <= set(inexact)
+    hw = resolve_profile("h100-cxl")
+    seqs = np.random.default_rng(2).integers(3, model.cfg.vocab_size, (2, 17))
+
+    def make_engine(policy, trace):
+        # The untrained router splits a token's top-2 weight almost evenly: HOBBIT's threshold just under
+        # one half makes its lower-weighted misses low-precision, as the trained model's 0.3 does for some.
+        return OffloadEngine(
+            model, hardware=hw, policy=policy, device_budget=0.5, emulate=False, lowp_threshold=0.49
+        )
+
+    rows = perplexity.evaluate(model, seqs, inexact, make_engine=make_engine, batch_size=2)
+    assert perplexity.unused_approximations(rows) == []
+    for r in rows[1:]:
+        assert 0 < r["approximate_uses"] <= r["expert_uses"], r
+        assert not r["bit_identical"], r["policy"]
+    unused = {**rows[1], "approximate_uses": 0, "int8_copies": 0, "host_computed_uses": 0}
+    assert "approximation unused" in perplexity.format_table([unused])
+    assert perplexity.unused_approximations([unused])
+
+
 def test_teacher_forced_matches_full_forward(model):
     """Slow reference: the model's own full-sequence forward gives the same logits (to float tolerance)."""
     ids = np.random.default_rng(1).integers(3, model.cfg.vocab_size, (2, 7))
@@ -172,6 +199,24 @@ def test_report_from_synthetic_results(tmp_path):
         report.paper_comparison(
             report.collect(tmp_path / "results"), report.Comparison(baseline_profile="nope")
         )
+
+
+def test_simulated_latency_lists_each_run_once(tmp_path):
+    """A simulation's headline run, listed again as its batch sweep's batch-1 point, is one table line;
+    two experiments' runs of one configuration are told apart by their source file."""
+    row = _perf_row("h100-cxl", "lru", 0.25, "simulated", 0.5)
+    for name in ("a", "b"):
+        write_result(
+            tmp_path / "res" / name / "results.json",
+            envelope("simulation", [row, dict(row)], model={"name": "mixtral-8x7b"}),
+        )
+    res = report.collect(tmp_path / "res")
+    assert len(res.perf_rows()) == 2
+    lines = report.perf_table(res.perf_rows()).splitlines()[2:]
+    assert len(lines) == 2 and len(set(lines)) == 2
+    assert lines[0].startswith("| a |") and lines[1].startswith("| b |")
+    one = [r for r in res.perf_rows() if r["_path"].endswith("a/results.json")]
+    assert report.perf_table(one).splitlines()[0].startswith("| model |")
 
 
 def test_bad_result_files(tmp_path):

@@ -214,6 +214,7 @@ def evaluate(
                 "mode": mode,
                 "wall_s": wall,
                 "hit_rate": m["hit_rate"],
+                **approximation_uses(m),
                 "bytes_by_tier": m["bytes_by_tier"],
                 "timing": m["timing"],
                 "hardware": m["hardware"],
@@ -221,6 +222,30 @@ def evaluate(
             }
         )
     return rows
+
+
+def approximation_uses(m: dict) -> dict:
+    """How often a run used an inexact path, from the engine's metrics: int8 copies fetched (HOBBIT; each
+    serves at least the use it was fetched for) and expert uses computed on the host (Fiddler, moecxl_host,
+    moecxl_nd; a host kernel's numerics differ from the device's), out of all expert uses."""
+    int8 = int(m["striping"]["not_striped"].get("low-precision", 0))
+    host = int(m["miss_choices"]["host"]) + int(m["inflight_host_computed"])
+    return {
+        "expert_uses": int(m["hits"] + m["inflight_hits"] + m["misses"]),
+        "int8_copies": int8,
+        "host_computed_uses": host,
+        "approximate_uses": int8 + host,
+    }
+
+
+def unused_approximations(rows: list[dict]) -> list[str]:
+    """Inexact policies whose run never used their approximation (their delta says nothing), as messages."""
+    return [
+        f"policy {r['policy']!r} is inexact but used no int8 copy and computed no expert on the host in "
+        f"mode {r.get('mode')!r}: its perplexity delta does not measure its approximation"
+        for r in rows
+        if not r.get("exact") and not r.get("skipped") and r.get("approximate_uses") == 0
+    ]
 
 
 def exactness_violations(rows: list[dict]) -> list[str]:
@@ -332,24 +357,38 @@ def cli(out, model_dir, **kwargs) -> int:
     bad = exactness_violations(doc["rows"])
     for msg in bad:
         print(f"error: {msg}")
+    for msg in unused_approximations(doc["rows"]):
+        print(f"warning: {msg}")
     return 1 if bad else 0
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of perplexity rows (resident first)."""
+    """A markdown table of perplexity rows (resident first). `approximate uses`: of an inexact policy, the
+    expert uses served by its approximation (int8 copies, host-computed experts) out of all."""
     lines = [
-        "| policy | exact | perplexity | delta | rel. delta | bit-identical | max abs logit diff | hit rate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| policy | exact | perplexity | delta | rel. delta | bit-identical | max abs logit diff | hit rate "
+        "| approximate uses |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['policy']} | | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['policy']} | | skipped: {r['skipped']} | | | | | | |")
             continue
         hit = r.get("hit_rate")
         lines.append(
             f"| {r['policy']} | {'yes' if r.get('exact') else 'no'} | {r['perplexity']:.4f} | "
             f"{r.get('ppl_delta', 0.0):+.4g} | {r.get('ppl_rel_delta', 0.0):+.3%} | "
             f"{r.get('bit_identical', '')} | {r.get('max_abs_logit_diff', 0.0):.3g} | "
-            f"{'' if hit is None else f'{hit:.3f}'} |"
+            f"{'' if hit is None else f'{hit:.3f}'} | {_uses(r)} |"
         )
     return "\n".join(lines)
+
+
+def _uses(r: dict) -> str:
+    if r.get("exact") or "approximate_uses" not in r:
+        return ""
+    parts = [f"{r['int8_copies']} int8"] if r["int8_copies"] else []
+    parts += [f"{r['host_computed_uses']} host"] if r["host_computed_uses"] else []
+    if not parts:
+        return f"0 of {r['expert_uses']}: approximation unused, delta not meaningful"
+    return f"{' + '.join(parts)} of {r['expert_uses']}"

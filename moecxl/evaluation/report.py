@@ -31,13 +31,33 @@ class Results:
     predictor: list = field(default_factory=list)  # predictor metrics.json documents
 
     def perf_rows(self) -> list[dict]:
-        """Latency and simulation rows that carry figures, each tagged with its file and model."""
+        """Latency and simulation rows that carry figures, each tagged with its file and model. A run a
+        simulation lists twice (its headline again as the batch sweep's batch-1 point) is kept once."""
         out = []
         for doc in self.latency + self.simulation:
+            seen = set()
             for r in doc["rows"]:
-                if not r.get("skipped"):
-                    out.append({**r, "_path": doc["_path"], "_model": doc["model"].get("name", "")})
+                if r.get("skipped"):
+                    continue
+                run = (_run_key(r), r.get("ttft_s"), r.get("tpot_s"))
+                if run in seen:
+                    continue
+                seen.add(run)
+                out.append({**r, "_path": doc["_path"], "_model": doc["model"].get("name", "")})
         return out
+
+
+def _run_key(r: dict) -> tuple:
+    """What tells two performance rows apart in a table (the policy's prefetch source included)."""
+    return tuple(
+        r.get(k) for k in ("profile", "timing", "budget", "batch", "prompt_len", "policy", "predictor")
+    )
+
+
+def _source(path: str) -> str:
+    """A result file's short name in a table: its directory for a `results.json`, else its stem."""
+    p = Path(path)
+    return p.parent.name if p.name == "results.json" else p.stem
 
 
 def read_predictor_metrics(path: str | os.PathLike) -> dict:
@@ -295,10 +315,16 @@ def _quality_claim(claim, res: Results) -> list:
             if exact:
                 worst = max(abs(r["ppl_rel_delta"]) for r in exact)
                 out.append((f"{worst:.2%}", timing, f"largest abs. delta over exact policies; {src}"))
+            mode = doc["config"].get("mode")
             for r in inexact:
-                out.append(
-                    (f"{r['ppl_rel_delta']:+.2%}", timing, f"{r['policy']} (inexact by design); {src}")
-                )
+                uses = r.get("approximate_uses")
+                if uses == 0:  # the delta of a run that never approximated measures nothing
+                    why = f"{r['policy']} (inexact) used no approximation in mode {mode}; {src}"
+                    out.append(("not measured", timing, why))
+                    continue
+                used = "" if uses is None else f"; {uses} of {r['expert_uses']} expert uses approximate"
+                why = f"{r['policy']} (inexact by design{used}, mode {mode}); {src}"
+                out.append((f"{r['ppl_rel_delta']:+.2%}", timing, why))
     return out
 
 
@@ -337,12 +363,17 @@ def _iqr(r, name, scale=1e3) -> str:
 
 
 def perf_table(rows: list[dict]) -> str:
+    """One line per run; a `source` column (the result file) where the rows come from several files, so
+    two experiments' runs of the same configuration (e.g. on different traces) are told apart."""
+    several = len({r["_path"] for r in rows}) > 1
+    src = "| source " if several else ""
     lines = [
-        "| model | profile | timing | budget | batch | prompt | policy | TTFT ms [IQR] | TPOT ms [IQR] | x resident "
-        "| tokens/s | hit rate | stall s | exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{src}| model | profile | timing | budget | batch | prompt | policy | TTFT ms [IQR] | TPOT ms [IQR] "
+        "| x resident | tokens/s | hit rate | stall s | exact |",
+        "|---" * (15 if several else 14) + "|",
     ]
     key = lambda r: (
+        _source(r["_path"]) if several else "",
         r["_model"],
         r["profile"],
         r["timing"],
@@ -353,7 +384,8 @@ def perf_table(rows: list[dict]) -> str:
     )
     for r in sorted(rows, key=key):
         lines.append(
-            f"| {r['_model']} | {r['profile']} | {r['timing']} | {r['budget']:g} | {r['batch']} | {r['prompt_len']} | "
+            (f"| {_source(r['_path'])} " if several else "")
+            + f"| {r['_model']} | {r['profile']} | {r['timing']} | {r['budget']:g} | {r['batch']} | {r['prompt_len']} | "
             f"{r['policy']} | {_iqr(r, 'ttft_s')} | {_iqr(r, 'tpot_s')} | {_f(r.get('tpot_over_resident'), '.2f')} | "
             f"{_f(r.get('tokens_per_s'), '.1f')} | {_f(r.get('hit_rate'), '.3f')} | {_f(r.get('stall_s'), '.3g')} | "
             f"{r.get('bit_identical_to_resident', '')} |"
