@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-DECODER_FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
+DECODER_FAMILIES = ("mixtral", "olmoe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 FAMILIES = DECODER_FAMILIES + ("switch",)
 
 
@@ -51,6 +51,32 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE: layers with a dense MLP instead of MoE
     decoder_sparse_step: int = 1  # Qwen3-MoE: MoE every n-th layer
     sliding_window: int | None = None
+    # DeepSeek-V2 / V3: multi-head latent attention (MLA) when kv_lora_rank is set; the KV cache holds the
+    # normalised latent [kv_lora_rank] and the roped shared key [qk_rope_head_dim] per token.
+    q_lora_rank: int | None = None  # None: q_proj direct (V2-Lite)
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # DeepSeek's rope dims in interleaved pairs (x0, x1), (x2, x3), ...
+    rope_scaling: tuple = ()  # HF rope_parameters as sorted (key, value) pairs: () default, or yarn
+    # DeepSeek routing, shared experts and leading dense layers
+    n_shared_experts: int = 0  # SwiGLU of n_shared_experts * intermediate_size, every token, in the core
+    first_k_dense_replace: int = 0  # the first k layers are dense (dense_intermediate_size)
+    moe_layer_freq: int = 1  # after those, MoE where layer % moe_layer_freq == 0
+    scoring_func: str = "softmax"  # softmax | sigmoid (V3)
+    topk_method: str = "greedy"  # greedy | group_limited_greedy (V2) | noaux_tc (V3)
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    # GPT-OSS: per-layer attention kinds, attention sinks, router bias, clamped SwiGLU experts
+    layer_types: tuple[str, ...] = ()  # per layer sliding_attention | full_attention; (): `sliding_window`
+    layer_window: int | None = None  # window of the layers `layer_types` marks sliding_attention
+    attention_sinks: bool = False  # a learned per-head logit in each softmax's denominator
+    router_bias: bool = False  # router logits = x W + b
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_dtype: str | None = None  # None: `dtype`; "mxfp4": GPT-OSS experts kept as MXFP4 bytes
     # Switch (T5) encoder-decoder
     num_decoder_layers: int | None = None
     encoder_sparse_step: int = 2
@@ -92,10 +118,132 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.qk_norm must be none|head|full, got {self.qk_norm!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if isinstance(self.rope_scaling, dict):  # YAML / JSON give a mapping; keep it hashable
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        self._check_deepseek()
+        self._check_gptoss()
+
+    def _check_gptoss(self):
+        """Per-layer attention kinds and the expert storage: each bad value names its field."""
+        kinds = ("sliding_attention", "full_attention")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or any(t not in kinds for t in self.layer_types):
+                raise ConfigError(
+                    f"ModelConfig.layer_types must list {self.num_layers} of {', '.join(kinds)}, "
+                    f"got {list(self.layer_types)!r}"
+                )
+            w = self.layer_window
+            if "sliding_attention" in self.layer_types and (not isinstance(w, int) or w <= 0):
+                raise ConfigError(f"ModelConfig.layer_window must be a positive integer, got {w!r}")
+        if self.expert_dtype not in (None, "mxfp4"):
+            raise ConfigError(f"ModelConfig.expert_dtype must be None or 'mxfp4', got {self.expert_dtype!r}")
+        if self.expert_dtype == "mxfp4":
+            if self.family != "gpt_oss":
+                raise ConfigError(f"ModelConfig.expert_dtype='mxfp4' is for gpt_oss, not {self.family!r}")
+            if self.hidden_size % 32 or self.intermediate_size % 32:
+                raise ConfigError(
+                    f"ModelConfig.expert_dtype='mxfp4' needs hidden_size ({self.hidden_size}) and "
+                    f"intermediate_size ({self.intermediate_size}) multiples of 32 (the MXFP4 block)"
+                )
+
+    def layer_window_of(self, layer: int) -> int | None:
+        """The attention window of `layer` when `layer_types` sets one per layer (else None)."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.layer_window
+        return None
+
+    def _check_deepseek(self):
+        """MLA shapes, routing variant and rope scaling: each bad value names its field."""
+        rope_type = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise ConfigError(
+                f"ModelConfig.rope_scaling: rope type {rope_type!r} is not supported (default, yarn)"
+            )
+        if rope_type == "yarn" and "factor" not in dict(self.rope_scaling):
+            raise ConfigError("ModelConfig.rope_scaling: yarn needs 'factor'")
+        if self.kv_lora_rank is not None:
+            for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                value = getattr(self, key)
+                if not isinstance(value, int) or value <= 0:
+                    raise ConfigError(f"ModelConfig.{key} must be a positive integer for MLA, got {value!r}")
+            if self.qk_rope_head_dim % 2:
+                raise ConfigError(f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ConfigError(
+                f"ModelConfig.q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}"
+            )
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError(f"ModelConfig.scoring_func must be softmax|sigmoid, got {self.scoring_func!r}")
+        methods = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
+        if self.topk_method not in methods:
+            raise ConfigError(
+                f"ModelConfig.topk_method must be one of {', '.join(methods)}, got {self.topk_method!r}"
+            )
+        if methods[self.topk_method] != self.scoring_func:
+            raise ConfigError(
+                f"ModelConfig.topk_method={self.topk_method!r} needs scoring_func="
+                f"{methods[self.topk_method]!r}, got {self.scoring_func!r}"
+            )
+        if self.topk_method != "greedy":
+            g, tg = self.n_groups, self.topk_group or 1
+            per = self.num_experts // g if g > 0 else 0
+            if g <= 0 or self.num_experts % g:
+                raise ConfigError(
+                    f"ModelConfig.n_group={self.n_group} must divide num_experts={self.num_experts}"
+                )
+            if not 0 < tg <= g or self.top_k > tg * per:
+                raise ConfigError(
+                    f"ModelConfig.topk_group={self.topk_group} must be in [1, n_group={g}] with "
+                    f"top_k={self.top_k} <= topk_group * experts per group ({per})"
+                )
+            if self.topk_method == "noaux_tc" and per < 2:
+                raise ConfigError(
+                    f"ModelConfig.n_group={g}: noaux_tc needs >= 2 experts per group, got {per}"
+                )
+        for key in ("n_shared_experts", "first_k_dense_replace"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(
+                    f"ModelConfig.{key} must be a non-negative integer, got {getattr(self, key)!r}"
+                )
+        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq <= 0:
+            raise ConfigError(
+                f"ModelConfig.moe_layer_freq must be a positive integer, got {self.moe_layer_freq!r}"
+            )
 
     # ---- derived shapes -------------------------------------------------------------------------
     @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2 / V3) instead of grouped-query attention."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def n_groups(self) -> int:
+        """Expert groups of group-limited routing (1 when ungrouped)."""
+        return self.n_group or 1
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """KV-cache elements one token keeps per layer: K and V of every kv head, or MLA's latent and
+        shared roped key."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.dim_head
+
+    @property
+    def attention_params(self) -> int:
+        """Projection parameters of one attention block (biases and norms left out)."""
+        D, H = self.hidden_size, self.num_heads
+        if not self.is_mla:
+            return 2 * D * H * self.dim_head + 2 * D * self.num_kv_heads * self.dim_head
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        q = D * H * qk if self.q_lora_rank is None else self.q_lora_rank * (D + H * qk)
+        kv = D * self.kv_elems_per_token + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + H * self.v_head_dim * D
+
+    @property
     def dim_head(self) -> int:
+        if self.is_mla:  # query-key width of a head
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         if self.family == "switch":
             return self.d_kv or self.hidden_size // self.num_heads
         return self.head_dim or self.hidden_size // self.num_heads
@@ -106,7 +254,9 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Decoder families: whether decoder layer `layer` has an MoE block (Qwen3 may interleave dense)."""
-        if layer in self.mlp_only_layers:
+        if layer in self.mlp_only_layers or layer < self.first_k_dense_replace:
+            return False
+        if layer % self.moe_layer_freq:
             return False
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
 
@@ -132,7 +282,13 @@ class ModelConfig:
     def expert_params(self) -> int:
         """Parameters of one expert (SwiGLU: 3·D·F; Switch's ReLU MLP: 2·D·F)."""
         n_mats = 2 if self.family == "switch" else 3
-        return n_mats * self.hidden_size * self.intermediate_size
+        biases = 2 * self.intermediate_size + self.hidden_size if self.family == "gpt_oss" else 0
+        return n_mats * self.hidden_size * self.intermediate_size + biases
+
+    @property
+    def shared_expert_params(self) -> int:
+        """Parameters of one MoE layer's shared experts (DeepSeek; 0 elsewhere): resident, not routed."""
+        return 3 * self.hidden_size * self.n_shared_experts * self.intermediate_size
 
     @property
     def dtype_bytes(self) -> int:
@@ -140,6 +296,11 @@ class ModelConfig:
 
     @property
     def expert_bytes(self) -> int:
+        """Bytes of one expert as stored; MXFP4: 4-bit values and a byte of scale per 32, biases as is."""
+        if self.expert_dtype == "mxfp4":
+            DF = self.hidden_size * self.intermediate_size
+            biases = 2 * self.intermediate_size + self.hidden_size
+            return 3 * DF // 2 + 3 * DF // 32 + biases * self.dtype_bytes
         return self.expert_params * self.dtype_bytes
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -148,6 +309,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["rope_scaling"] = dict(self.rope_scaling)
         return d
 
     @classmethod

@@ -31,7 +31,7 @@ from moecxl.decoding import (  # noqa: F401 (the generation API, importable from
     timing_metrics,
 )
 from moecxl.model.attention import attention_mask
-from moecxl.model.decoder import MoEDecoder
+from moecxl.model.decoder import MoEDecoder, kv_cache
 from moecxl.model.family import family_of
 from moecxl.model.steps import _core_jit, _experts_jit, split_flat  # noqa: F401 (re-exported)
 
@@ -138,8 +138,7 @@ def generate(
     experts_step = getattr(provider, "experts_fn", None) or _experts_jit
     after = getattr(provider, "after_experts", None)
     dt = model.embed_VD[...].dtype
-    G, Dh = cfg.num_kv_heads, cfg.dim_head
-    kvs = [(jnp.zeros((B, S, G, Dh), dt), jnp.zeros((B, S, G, Dh), dt)) for _ in model.layers]
+    kvs = [kv_cache(cfg, B, S, dt) for _ in model.layers]
     layers = [split_flat(layer.core) for layer in model.layers]
     cores = [_core_jit(*k) for k, _ in layers]
     head_key, head_state = split_flat(_Head(model))

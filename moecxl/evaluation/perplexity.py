@@ -32,6 +32,7 @@ from moecxl.generate import (
     _Head,
     split_flat,
 )
+from moecxl.model.decoder import kv_cache
 from moecxl.model.family import family_of
 from moecxl.train import split_batch
 
@@ -82,8 +83,7 @@ def teacher_forced(model, ids_BT: np.ndarray, provider=None, mode: str = "decode
     provider = provider if provider is not None else ResidentExperts(model)
     S = _bucket(T)
     dt = model.embed_VD[...].dtype
-    G, Dh = cfg.num_kv_heads, cfg.dim_head
-    kvs = [(np.zeros((B, S, G, Dh), dt), np.zeros((B, S, G, Dh), dt)) for _ in model.layers]
+    kvs = [kv_cache(cfg, B, S, dt) for _ in model.layers]
     layers = [split_flat(layer.core) for layer in model.layers]
     cores = [_core_jit(*k) for k, _ in layers]
     head_key, head_leaves = split_flat(_Head(model))

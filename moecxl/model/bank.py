@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from moecxl.model.decoder import kv_cache
+from moecxl.model.expert_format import expert_format
 from moecxl.model.family import family_of
 from moecxl.model.switch_steps import decode_block_s
 
@@ -32,6 +34,7 @@ class ModelBank:
         # Trace layers per stack, in order: a decoder's one range; Switch's encoder's, then decoder's.
         # A forward walks one stack: nothing of one stack's routing predicts the other's (pre-gating).
         self.stacks = self.family.stack_ranges(model.cfg)
+        self.fmt = expert_format(model.cfg)  # what one expert's arrays are and the FFN over them
 
     def arrays(self, m: int) -> tuple[tuple, object]:
         """(ins, out) of MoE layer m: input matrices [E, D, F] each, the output matrix [E, F, D]."""
@@ -63,10 +66,10 @@ class ModelBank:
         slot_E = np.arange(cfg.num_experts, dtype=np.int32)
         times = []
         for _ in range(repeats + 2):
-            kv = tuple(jnp.zeros((batch, S, cfg.num_kv_heads, cfg.dim_head), dt) for _ in range(2))
+            kv = kv_cache(cfg, batch, S, dt)
             t0 = time.perf_counter()
             co, kv = core(leaves, x, pos, mask, kv, np.int32(0))
-            y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E)
+            y = _experts_jit(co.h_BTD, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E, fmt=self.fmt)
             y.block_until_ready()
             times.append(time.perf_counter() - t0)
         return float(np.median(times[2:]))

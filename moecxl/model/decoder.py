@@ -1,6 +1,7 @@
-"""Decoder-only MoE language model: Mixtral, OLMoE and Qwen3-MoE are one class, configured.
+"""Decoder-only MoE language model: Mixtral, OLMoE, Qwen3-MoE and DeepSeek-V2/V3 are one class, configured.
 
-A layer is `core` (norms, attention, router or dense MLP) plus `experts` (an `ExpertBank`). The
+A layer is `core` (norms, attention, router, shared experts or dense MLP) plus `experts` (an `ExpertBank`
+of the routed experts only, what the offload runtime sees). The
 forward returns logits and each MoE layer's routing decisions; traces come from these return values.
 """
 
@@ -12,8 +13,19 @@ from flax import nnx, struct
 
 from moecxl.config import ModelConfig
 from moecxl.model.attention import Attention, attention_mask
+from moecxl.model.expert_format import expert_format
+from moecxl.model.family import family_of
 from moecxl.model.layers import DTYPES, RMSNorm, init_normal
+from moecxl.model.mla import MLAttention, mla_kv_cache
 from moecxl.model.moe import DenseMLP, ExpertBank, expert_step, route
+
+
+def kv_cache(cfg: ModelConfig, B: int, S: int, dtype) -> tuple:
+    """An empty KV cache of one layer, as its attention takes it: K, V [B, S, G, Dh] each, or MLA's
+    compressed latent [B, S, C] and roped shared key [B, S, R]."""
+    if cfg.is_mla:
+        return mla_kv_cache(cfg, B, S, dtype)
+    return tuple(jnp.zeros((B, S, cfg.num_kv_heads, cfg.dim_head), dtype) for _ in range(2))
 
 
 @struct.dataclass
@@ -44,9 +56,20 @@ class LayerCore(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         dt = DTYPES[cfg.dtype]
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = MLAttention(cfg, rngs=rngs) if cfg.is_mla else Attention(cfg, rngs=rngs, layer=layer)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.is_moe = cfg.is_moe_layer(layer)
+        # DeepSeek: shared experts run on every token and stay here, resident, outside `experts`;
+        # V3's score correction bias picks experts (not weighs them).
+        F_shared = cfg.n_shared_experts * cfg.intermediate_size
+        has_shared, has_bias = self.is_moe and F_shared > 0, self.is_moe and cfg.topk_method == "noaux_tc"
+        self.shared = DenseMLP(cfg.hidden_size, F_shared, rngs=rngs, dtype=dt) if has_shared else None
+        self.router_bias_E = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32)) if has_bias else None
+        self.router_dtype = jnp.float32 if family_of(cfg).float32_router else None
+        # GPT-OSS: the router is a biased linear layer
+        self.router_logit_bias_E = (
+            nnx.Param(jnp.zeros((cfg.num_experts,), dt)) if self.is_moe and cfg.router_bias else None
+        )
         if self.is_moe:
             self.router_DE = nnx.Param(init_normal(rngs, (cfg.hidden_size, cfg.num_experts), dt))
             self.mlp = None
@@ -63,9 +86,18 @@ class LayerCore(nnx.Module):
         xn = self.post_norm(h)
         if not self.is_moe:
             return CoreOut(h + self.mlp(xn), xn, None, None, None), kv
-        logits_BTE = jnp.einsum("BTD,DE->BTE", xn, self.router_DE[...])
+        if self.router_dtype is None:
+            logits_BTE = jnp.einsum("BTD,DE->BTE", xn, self.router_DE[...])
+        else:
+            w_DE = self.router_DE[...].astype(self.router_dtype)
+            logits_BTE = jnp.einsum("BTD,DE->BTE", xn.astype(self.router_dtype), w_DE)
+        if self.router_logit_bias_E is not None:
+            logits_BTE = logits_BTE + self.router_logit_bias_E[...]
         B, T, E = logits_BTE.shape
-        w_NK, ids_NK, _ = route(logits_BTE.reshape(B * T, E), self.cfg)
+        bias_E = None if self.router_bias_E is None else self.router_bias_E[...]
+        w_NK, ids_NK, _ = route(logits_BTE.reshape(B * T, E), self.cfg, bias_E)
+        if self.shared is not None:
+            h = h + self.shared(xn)
         K = ids_NK.shape[-1]
         return CoreOut(h, xn, logits_BTE, w_NK.reshape(B, T, K), ids_NK.reshape(B, T, K)), kv
 
@@ -75,7 +107,12 @@ class DecoderLayer(nnx.Module):
         self.core = LayerCore(cfg, layer, rngs=rngs)
         if self.core.is_moe:
             self.experts = ExpertBank(
-                cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=DTYPES[cfg.dtype]
+                cfg.num_experts,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                rngs=rngs,
+                dtype=DTYPES[cfg.dtype],
+                fmt=expert_format(cfg),
             )
         else:
             self.experts = None
@@ -85,7 +122,7 @@ class DecoderLayer(nnx.Module):
         if self.experts is None:
             return co.h_BTD, co, kv
         ins, out = self.experts.arrays()
-        y = co.h_BTD + expert_step(co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out)
+        y = co.h_BTD + expert_step(co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, fmt=self.experts.fmt)
         return y, co, kv
 
 
@@ -96,7 +133,7 @@ def positions_from_mask(attention_mask_BT):
 
 
 class MoEDecoder(nnx.Module):
-    """Mixtral / OLMoE / Qwen3-MoE: embed, L x (attention + MoE or dense MLP), norm, LM head."""
+    """Mixtral / OLMoE / Qwen3-MoE / DeepSeek: embed, L x (attention + MoE or dense MLP), norm, LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if not cfg.is_decoder_only:

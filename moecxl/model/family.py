@@ -49,6 +49,9 @@ class FamilyDescriptor:
     # Where each sparse block keeps its router [D, E]: `block.core.<router_attr>`, applied to the block's
     # MLP input (post-attention RMSNorm of a decoder layer; T5 `ff_norm` of a Switch block).
     router_attr: str = "router_DE"
+    # Router logits computed in float32 whatever the model's dtype (DeepSeek: transformers keeps the gate
+    # weight in float32 and upcasts the hidden state).
+    float32_router: bool = False
 
     # ---- per config -----------------------------------------------------------------------------------
     def routed_k(self, cfg: ModelConfig) -> int:
@@ -129,6 +132,11 @@ DESCRIPTORS: dict[str, FamilyDescriptor] = {
     "mixtral": FamilyDescriptor("mixtral", **_DECODER),
     "olmoe": FamilyDescriptor("olmoe", **_DECODER),
     "qwen3_moe": FamilyDescriptor("qwen3_moe", **_DECODER),
+    # DeepSeek: MLA attention, shared experts in the layer core (resident, outside `block.experts`)
+    "deepseek_v2": FamilyDescriptor("deepseek_v2", **_DECODER, float32_router=True),
+    "deepseek_v3": FamilyDescriptor("deepseek_v3", **_DECODER, float32_router=True),
+    # GPT-OSS: attention sinks, per-layer sliding windows, biased router and experts (model.expert_format)
+    "gpt_oss": FamilyDescriptor("gpt_oss", **_DECODER),
     "switch": FamilyDescriptor(
         "switch", encoder_decoder=True, fixed_top_k=1, bounded_positions=False, gated_experts=False
     ),

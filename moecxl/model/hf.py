@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints <-> moecxl models (Mixtral, OLMoE, Qwen3-MoE; Switch is dispatched).
+"""Hugging Face checkpoints <-> moecxl models (Mixtral, OLMoE, Qwen3-MoE, DeepSeek-V2/V3 with their
+config and attention keys in `hf_deepseek`; Switch is dispatched).
 
 `load(path)` reads a directory holding either an HF checkpoint (`config.json` + safetensors, single
 file or sharded with an index) or our own (`moecxl.json` + safetensors of our parameter names). Tensors
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from moecxl.config import DECODER_FAMILIES, ConfigError, ModelConfig
+from moecxl.model import hf_deepseek
 from moecxl.model.safetensors_io import (
     CheckpointError,
     TensorSource,
@@ -38,7 +40,7 @@ from moecxl.model.safetensors_io import (
 HF_CONFIG = "config.json"
 OUR_CONFIG = "moecxl.json"
 GENERATION_CONFIG = "generation_config.json"
-MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "qwen3_moe": "qwen3_moe"}  # HF model_type -> family
+MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "qwen3_moe": "qwen3_moe", **hf_deepseek.MODEL_TYPES}
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "olmoe": "OlmoeForCausalLM",
@@ -155,6 +157,8 @@ def config_from_hf(d: dict, source: str = HF_CONFIG, dtype: str | None = None) -
             f"supported: {sorted(MODEL_TYPES) + ['switch_transformers']}"
         )
     family = MODEL_TYPES[model_type]
+    if family in hf_deepseek.MODEL_TYPES.values():
+        return hf_deepseek.config_from_hf(d, source, dtype or _checkpoint_dtype(d))
     g = dict(HF_DEFAULTS[family])
     g.update({k: v for k, v in d.items() if not (v is None and k in ("num_key_value_heads",))})
     # transformers' attribute_map: num_experts <-> num_local_experts
@@ -235,6 +239,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     fam = cfg.family
     if fam not in DECODER_FAMILIES:
         raise CheckpointError(f"config_to_hf: family {fam!r} is not a decoder family")
+    if fam in hf_deepseek.ARCHITECTURES:
+        return hf_deepseek.config_to_hf(cfg)
     want_qk = {"mixtral": "none", "olmoe": "full", "qwen3_moe": "head"}[fam]
     problems = []
     if cfg.qk_norm != want_qk:
@@ -324,8 +330,16 @@ _EXPERT_NAMES = {
     "mixtral": ("w1", "w3", "w2"),
     "olmoe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
 }
-_MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "olmoe": ("mlp",), "qwen3_moe": ("mlp",)}
+_MOE_PREFIXES = {
+    "mixtral": ("block_sparse_moe", "mlp"),
+    "olmoe": ("mlp",),
+    "qwen3_moe": ("mlp",),
+    "deepseek_v2": ("mlp",),
+    "deepseek_v3": ("mlp",),
+}
 
 
 def dense_key_map(cfg: ModelConfig, moe_prefix: Callable[[int], str]) -> list[tuple[str, str, bool]]:
@@ -334,14 +348,18 @@ def dense_key_map(cfg: ModelConfig, moe_prefix: Callable[[int], str]) -> list[tu
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", "lm_head_DV", True))
     for i in range(cfg.num_layers):
-        per = (
-            _NORMS
-            + _ATTN
-            + (_ATTN_BIAS if cfg.attention_bias else [])
-            + (_QK_NORM if cfg.qk_norm != "none" else [])
-        )
+        if cfg.is_mla:
+            attn = hf_deepseek.attention_rows(cfg)
+        else:
+            attn = (
+                _ATTN
+                + (_ATTN_BIAS if cfg.attention_bias else [])
+                + (_QK_NORM if cfg.qk_norm != "none" else [])
+            )
+        per = _NORMS + attn
         if cfg.is_moe_layer(i):
             per = per + [(f"{moe_prefix(i)}.gate.weight", "core.router_DE", True)]
+            per = per + hf_deepseek.moe_rows(cfg, moe_prefix(i))
         else:
             per = per + _DENSE
         rows += [(f"model.layers.{i}.{h}", f"layers.{i}.{o}", t) for h, o, t in per]
@@ -456,11 +474,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load(path: str | os.PathLike, dtype=None, experts: str = "device"):
-    """Load an HF (Mixtral / OLMoE / Qwen3-MoE / Switch) or moecxl checkpoint directory as an NNX model.
+def load(path: str | os.PathLike, dtype=None, experts: str = "device", dequantize: bool = False):
+    """Load an HF (Mixtral / OLMoE / Qwen3-MoE / DeepSeek / Switch) or moecxl checkpoint directory as an NNX model.
 
     `dtype`: None keeps the checkpoint's (bfloat16 stays bfloat16, others load as float32).
     `experts="host"`: expert weights stay numpy host arrays (64-byte aligned) for the offload runtime.
+    `dequantize`: GPT-OSS MXFP4 experts load as `dtype` floats instead of their stored bytes.
     """
     path = Path(path)
     if not path.is_dir():
@@ -475,6 +494,10 @@ def load(path: str | os.PathLike, dtype=None, experts: str = "device"):
         from moecxl.model import hf_switch
 
         return hf_switch.load_switch(path, TensorSource(path), dtype=dtype)
+    if hf_cfg.get("model_type") == "gpt_oss":
+        from moecxl.model import hf_gptoss
+
+        return hf_gptoss.load_gptoss(path, hf_cfg, dtype, experts, dequantize)
     cfg = config_from_hf(hf_cfg, str(path / HF_CONFIG), dtype)
     cfg = cfg.replace(name=cfg.name or path.name)
     with TensorSource(path) as src:
@@ -525,6 +548,7 @@ def hf_arrays(cfg: ModelConfig, src: TensorSource) -> dict[str, np.ndarray]:
     target = NP_DTYPES[cfg.dtype]
     shapes = param_shapes(cfg)
     prefixes = {i: _moe_prefix(cfg, src, i) for i in cfg.moe_layers}
+    hf_deepseek.check_shared(cfg, src, prefixes)
     used: set[str] = set()
     arrays: dict[str, np.ndarray] = {}
     for hf_key, ours, transpose in dense_key_map(cfg, prefixes.__getitem__):
@@ -645,6 +669,10 @@ def save(
         from moecxl.model import hf_switch
 
         return hf_switch.save_switch(model, path, max_shard_bytes=max_shard_bytes)
+    if cfg.family == "gpt_oss" and format == "hf":
+        from moecxl.model import hf_gptoss
+
+        return hf_gptoss.save_gptoss(model, path, max_shard_bytes)
     if format not in ("hf", "moecxl"):
         raise ValueError(f"format must be 'hf' or 'moecxl', got {format!r}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ def layer_compute_s(model, batch: int = 1, repeats: int = 10) -> float:
 
 def target_layer_s(target_cfg, hw: Hardware, batch: int = 1, context: int = 512) -> float:
     """Roofline seconds of one decode MoE layer of the target model on the profile's GPU."""
-    D, K = target_cfg.hidden_size, target_cfg.top_k
-    H, G, Dh = target_cfg.num_heads, target_cfg.num_kv_heads, target_cfg.dim_head
+    K = target_cfg.top_k
+    H, Dh = target_cfg.num_heads, target_cfg.dim_head
     bpe = 2  # bf16 weights on the target
-    attn_params = D * (H * Dh) * 2 + D * (G * Dh) * 2
+    attn_params = target_cfg.attention_params
     experts_touched = min(target_cfg.num_experts, batch * K)
     bytes_ = (
         attn_params + experts_touched * target_cfg.expert_params
-    ) * bpe + 2 * batch * context * G * Dh * bpe
+    ) * bpe + batch * context * target_cfg.kv_elems_per_token * bpe
     flops = 2 * batch * (attn_params + K * target_cfg.expert_params) + 4 * batch * context * H * Dh
     return max(bytes_ / (hw.gpu.memory_gbps * 1e9), flops / (hw.gpu.bf16_tflops * 1e12))
 

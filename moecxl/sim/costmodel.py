@@ -52,6 +52,16 @@ class ModelShape:
     # bytes / share. 1.0: the datasheet roofline (the default, as before).
     expert_read_efficiency: float = 1.0
     dense_read_efficiency: float = 1.0
+    # Attention other than grouped-query (DeepSeek's MLA): its projection parameters and the KV-cache
+    # elements one token keeps per block (latent + roped shared key). None: from H, G, Dh.
+    mla_attn_params: int | None = None
+    mla_kv_elems: int | None = None
+    shared_expert_params: int = 0  # DeepSeek's shared experts of one MoE layer: resident, run every token
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """KV-cache elements one token keeps in one block: K and V of G heads, or MLA's compressed row."""
+        return self.mla_kv_elems if self.mla_kv_elems is not None else 2 * self.G * self.Dh
 
     @property
     def expert_bytes(self) -> int:
@@ -61,11 +71,14 @@ class ModelShape:
     def dense_linear_params(self) -> float:
         """Non-expert linear parameters of one MoE layer's blocks: attention, router, dense FFNs."""
         nb = self.blocks_per_moe_layer
-        return nb * self.attn_params + self.D * self.E + (nb - 1) * self.dense_ffn_params
+        dense_ffn = (nb - 1) * self.dense_ffn_params + self.shared_expert_params
+        return nb * self.attn_params + self.D * self.E + dense_ffn
 
     @property
     def attn_params(self) -> int:
-        """q, k, v, o projections of one block."""
+        """q, k, v, o projections of one block (MLA: its low-rank projections)."""
+        if self.mla_attn_params is not None:
+            return self.mla_attn_params
         return 2 * self.D * self.H * self.Dh + 2 * self.D * self.G * self.Dh
 
     @property
@@ -124,6 +137,11 @@ def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
         blocks_per_moe_layer=family.num_blocks(cfg) / L,
         dense_ffn_params=family.dense_ffn_params(cfg),
         shape_only=shape_only,
+        mla_attn_params=cfg.attention_params if cfg.is_mla else None,
+        mla_kv_elems=cfg.kv_elems_per_token if cfg.is_mla else None,
+        shared_expert_params=cfg.shared_expert_params,
+        # MXFP4 experts (GPT-OSS): their stored bytes, 4-bit values with their scales and 16-bit biases
+        expert_bytes_per_param=cfg.expert_bytes / cfg.expert_params if cfg.expert_dtype else WEIGHT_BYTES,
     )
 
 
@@ -156,7 +174,7 @@ def visit_cost(
         dense_params * shape.dense_bytes_per_param / shape.dense_read_efficiency
         + n_distinct * shape.expert_params * shape.expert_bytes_per_param / shape.expert_read_efficiency
     )
-    kv_row = 2 * shape.G * shape.Dh * WEIGHT_BYTES  # one token's K and V in one block
+    kv_row = shape.kv_elems_per_token * WEIGHT_BYTES  # one token's K and V in one block
     if prefill:
         kv_bytes = nb * n_tokens * kv_row  # written once; flash attention keeps scores on chip
         attn_flops = nb * 2 * n_tokens * context * shape.H * shape.Dh  # causal: half of 4*T*T*H*Dh
