@@ -4,6 +4,7 @@ the hand-off to whoever owns the experts, the resident provider, the token choic
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -12,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moecxl.model.bank import ModelBank
+from moecxl.model.expert_format import expert_format
+from moecxl.model.steps import _experts_jit
 
 
 class GenerationError(ValueError):
@@ -49,6 +52,9 @@ class ResidentExperts:
             ins, out = bank.arrays(m)
             self._layers.append((tuple(jnp.asarray(w) for w in ins), jnp.asarray(out)))
         self._slot_E = jnp.arange(model.cfg.num_experts, dtype=jnp.int32)
+        fmt = expert_format(model.cfg)
+        if not fmt.legacy:  # GPT-OSS experts: the step needs their format
+            self.experts_fn = functools.partial(_experts_jit, fmt=fmt)
 
     def begin(self, phase: str, step: int) -> None:
         pass

@@ -190,6 +190,11 @@ class HostStore(Locations):
         self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._chunks: dict[tuple[int, int], dict[str, tuple]] = {}  # key -> tier -> (buffer, pinned array)
         self.low_precision = low_precision
+        if low_precision and not np.issubdtype(self.layout.np_dtype, np.floating):
+            raise StoreError(
+                f"int8 low-precision copies quantise float experts; these are stored as {self.layout.dtype} "
+                "(MXFP4 bytes): use a policy without low-precision misses"
+            )
         for key, tier in sorted(placement.items()):
             self.add_copy(key, tier)
             self.home_of[key] = tier

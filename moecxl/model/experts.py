@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
+
+from moecxl.model.expert_format import ExpertFormat, legacy_ffn
 
 UNIQUE_MAX_TOKENS = 64  # N at or under this uses the `unique` strategy
 
 
-def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str):
-    """SwiGLU when two input matrices (gate, up), ReLU MLP when one (Switch's wi)."""
-    if len(w_ins) == 2:
-        g = jnp.einsum(eq_in, x, w_ins[0])
-        u = jnp.einsum(eq_in, x, w_ins[1])
-        h = jax.nn.silu(g) * u
-    else:
-        h = jax.nn.relu(jnp.einsum(eq_in, x, w_ins[0]))
-    return jnp.einsum(eq_out, h, w_out)
+def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str, fmt: ExpertFormat | None = None):
+    """The format's FFN over gathered arrays; without one, SwiGLU (gate, up) or ReLU (Switch's wi)."""
+    if fmt is None:
+        return legacy_ffn(x, w_ins, w_out, eq_in, eq_out)
+    return fmt.ffn(x, (*w_ins, w_out), eq_in, eq_out)
 
 
 def _safe_slots(slot_X):
@@ -35,9 +32,9 @@ def _safe_slots(slot_X):
     return jnp.maximum(slot_X, 0)
 
 
-def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E):
+def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None):
     """Few tokens: gather the U = min(E, N·K) distinct experts once, run every token through each."""
-    y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E)
+    y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt)
     return unique_combine(y_UND, comb_NU)
 
 
@@ -46,7 +43,7 @@ def unique_combine(y_UND, comb_NU):
     return jnp.einsum("NU,UND->ND", comb_NU, y_UND)
 
 
-def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_UND=None):
+def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_UND=None, fmt=None):
     """`moe_unique` before its combine: (y_UND every token through each distinct expert, comb_NU).
 
     Grouped processing (a layer needing more experts than the device holds) computes the experts of
@@ -64,7 +61,7 @@ def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_
     slots_U = _safe_slots(slot_E[uniq_U])
     w_ins = [w[slots_U] for w in ins]  # [U, D, F]
     w_out = out[slots_U]  # [U, F, D]
-    y_UND = _ffn(x_ND, w_ins, w_out, "ND,UDF->UNF", "UNF,UFD->UND")
+    y_UND = _ffn(x_ND, w_ins, w_out, "ND,UDF->UNF", "UNF,UFD->UND", fmt)
     if member_E is not None:
         y_UND = jnp.where(member_E[uniq_U][:, None, None], y_UND, 0 if acc_UND is None else acc_UND)
     match_NKU = (ids_NK[:, :, None] == uniq_U[None, None, :]) & valid_U[None, None, :]
@@ -78,9 +75,9 @@ def block_rows(M: int, E: int) -> int:
     return int(min(64, 2 ** math.floor(math.log2(mean))))
 
 
-def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E):
+def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None):
     """Many tokens: sort (token, k) rows by expert, pad each expert's rows to blocks of b rows."""
-    return blocked_combine(blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E), weights_NK)
+    return blocked_combine(blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt), weights_NK)
 
 
 def blocked_combine(y_NKD, weights_NK):
@@ -88,7 +85,7 @@ def blocked_combine(y_NKD, weights_NK):
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(y_NKD.dtype), y_NKD)
 
 
-def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_NKD=None):
+def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_NKD=None, fmt=None):
     """`moe_blocked` before its combine: y_NKD, each (token, k) row through its expert. With `member_E`
     the rows of the other experts are `acc_NKD`'s (grouped processing, as `unique_parts`)."""
     N, K = ids_NK.shape
@@ -112,7 +109,7 @@ def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc
     block_slot = _safe_slots(slot_E[jnp.minimum(block_expert, E - 1)])
     w_ins = [w[block_slot] for w in ins]  # [J, D, F]
     w_out = out[block_slot]
-    y_JbD = _ffn(x_rows.reshape(n_blocks, b, D), w_ins, w_out, "JbD,JDF->JbF", "JbF,JFD->JbD")
+    y_JbD = _ffn(x_rows.reshape(n_blocks, b, D), w_ins, w_out, "JbD,JDF->JbF", "JbF,JFD->JbD", fmt)
     y_sorted_MD = y_JbD.reshape(rows, D)[dest_M]
     y_NKD = jnp.zeros((M, D), y_JbD.dtype).at[order_M].set(y_sorted_MD).reshape(N, K, D)
     if member_E is not None:
@@ -120,24 +117,27 @@ def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc
     return y_NKD
 
 
-def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None):
+def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None, fmt: ExpertFormat | None = None):
     """Weighted sum over each token's K experts: sum_k w[n,k] · FFN_{ids[n,k]}(x[n]).
 
-    `ins`/`out` are slot arrays and `slot_E` maps expert id -> slot (identity when omitted).
+    `ins`/`out` are slot arrays (a format's arrays in order, the last one `out`) and `slot_E` maps
+    expert id -> slot (identity when omitted). `fmt` None: SwiGLU or ReLU by the count of `ins`.
     """
+    if fmt is not None and fmt.legacy:
+        fmt = None  # the same arithmetic, one compiled step for both spellings
     if slot_E is None:
         slot_E = jnp.arange(out.shape[0], dtype=jnp.int32)
     if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
-        return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
-    return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E)
+        return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt)
+    return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt)
 
 
-def moe_group(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E, acc, last: bool):
+def moe_group(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E, acc, last: bool, fmt=None):
     """One group of a layer processed in groups: the experts of `member_E` (resident in `slot_E`) computed
     into `acc` (None for the first group; the other groups' rows kept). Returns the new `acc`, or, for the `last`
     group, the layer's output: the same combine over the same per-expert rows as `moe_ffn`, bit for bit."""
     if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
-        y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc)
+        y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt)
         return unique_combine(y_UND, comb_NU) if last else y_UND
-    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc)
+    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt)
     return blocked_combine(y_NKD, weights_NK) if last else y_NKD

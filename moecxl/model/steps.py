@@ -28,8 +28,8 @@ def split_flat(module):
     return (graphdef, treedef), leaves
 
 
-def _experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E):
-    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E)
+def _experts_fn(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, fmt=None):
+    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, fmt)
 
 
-_experts_jit = jax.jit(_experts_fn)
+_experts_jit = jax.jit(_experts_fn, static_argnames=("fmt",))  # fmt: the experts' ExpertFormat

@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 import jax.numpy as jnp
 import numpy as np
 
+from moecxl.model.expert_format import expert_format
 from moecxl.runtime.mechanism import CoreError
 
 
@@ -41,9 +42,17 @@ def check_bank(bank) -> None:
     if bank.num_layers < 1:
         raise CoreError("expert bank has no MoE layer: nothing to offload")
     want = None
+    fmt = expert_format(cfg)
     for m in range(bank.num_layers):
         ins, out = bank.arrays(m)
         shapes = tuple(tuple(w.shape) for w in ins) + (tuple(out.shape),)
+        if not fmt.legacy:  # a format's arrays: [E, *shape] each, in its order
+            want_f = tuple((E, *a.shape) for a in fmt.arrays)
+            if shapes != want_f:
+                names = [a.name for a in fmt.arrays]
+                raise CoreError(f"expert bank layer {m}: arrays {names} have shapes {shapes}, want {want_f}")
+            _check_router(bank, m, D, E)
+            continue
         names = [f"in[{i}]" for i in range(len(ins))] + ["out"]
         for name, shape in zip(names, shapes):
             if len(shape) != 3 or shape[0] != E:
@@ -59,11 +68,15 @@ def check_bank(bank) -> None:
         if want is not None and shapes != want:
             raise CoreError(f"expert bank layer {m}: shapes {shapes} differ from layer 0's {want}")
         want = shapes
-        r = tuple(bank.router_DE(m).shape)
-        if r != (D, E):
-            raise CoreError(
-                f"expert bank layer {m}: router shape {r}, want ({D}, {E}) (hidden_size, num_experts)"
-            )
+        _check_router(bank, m, D, E)
+
+
+def _check_router(bank, m: int, D: int, E: int) -> None:
+    r = tuple(bank.router_DE(m).shape)
+    if r != (D, E):
+        raise CoreError(
+            f"expert bank layer {m}: router shape {r}, want ({D}, {E}) (hidden_size, num_experts)"
+        )
 
 
 def stacks_of(bank) -> tuple[range, ...]:

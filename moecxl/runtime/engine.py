@@ -20,6 +20,7 @@ from moecxl.memory.store import HostStore, layout_of
 from moecxl.memory.tiers import Hardware
 from moecxl.memory.transfer import TransferEngine, TransferError
 from moecxl.model.bank import bank_of
+from moecxl.model.expert_format import expert_format
 from moecxl.runtime import homes, striping
 from moecxl.runtime import placement as placement_mod
 from moecxl.runtime.bank import check_bank, routers_ahead
@@ -114,6 +115,12 @@ class OffloadEngine:
         self.virtual = clock == "virtual"
         self._compute_s, self._head_s = compute_s, head_s
         self.layout = layout_of(self.bank)
+        self.fmt = expert_format(self.cfg)  # the experts' arrays and FFN (GPT-OSS: biases, MXFP4 bytes)
+        if policy.host_compute and not self.fmt.host_kernel:
+            raise EngineError(
+                f"policy {policy.name!r} computes misses on the host, but the host kernel has no "
+                f"{self.fmt.kind!r} experts (stored as {self.layout.dtype}); use a policy that copies them"
+            )
         self.expert_bytes = self.layout.nbytes
         self.L, self.E, self.K = self.bank.num_layers, self.cfg.num_experts, self.cfg.top_k
         self.max_inflight = int(max_inflight if max_inflight is not None else max(2, self.K))
@@ -339,12 +346,12 @@ class OffloadEngine:
             y = grouped_step(self, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra)
         elif self._extra is None:
             y = _stored_step_jit(
-                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype=self.compute_dtype
+                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype=self.compute_dtype, fmt=self.fmt
             )
         else:
             extra, self._extra = self._extra, None
             y = _mixed_jit(
-                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra, dtype=self.compute_dtype
+                h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra, self.compute_dtype, self.fmt
             )
         self._last_step = y
         return y

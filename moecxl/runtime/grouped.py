@@ -29,7 +29,7 @@ def visit_in_groups(engine, groups, whole, co) -> np.ndarray:
         member_E = _members(g, slot_E, E)
         acc = _group_jit(
             None, co.xn_BTD, co.weights_BTK, co.ids_BTK, ins, out, slot_E, member_E, acc, None,
-            dtype=engine.compute_dtype, last=False,
+            dtype=engine.compute_dtype, last=False, fmt=engine.fmt,
         )  # fmt: skip
         engine._last_step = acc  # installs for the next group wait for this group's step
     last = groups[-1]
@@ -54,5 +54,5 @@ def grouped_step(engine, h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, 
     engine._group = None
     return _group_jit(
         h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, member_E, acc, extra_BTD,
-        dtype=engine.compute_dtype, last=True,
+        dtype=engine.compute_dtype, last=True, fmt=engine.fmt,
     )  # fmt: skip

@@ -50,12 +50,13 @@ def _write_slot(arrays, packed_P, slot, layout: ExpertLayout):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _stored_step_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype):
-    """`generate`'s expert step over the engine's stored slot arrays (bit-identical: only bitcasts)."""
+@functools.partial(jax.jit, static_argnames=("dtype", "fmt"))
+def _stored_step_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtype, fmt=None):
+    """`generate`'s expert step over the engine's stored slot arrays (bit-identical: only bitcasts).
+    `fmt`: the experts' format (MXFP4 slots hold the stored bytes; the format's FFN dequantises)."""
 
     ins = tuple(_computed(w, dtype) for w in ins)
-    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, _computed(out, dtype), slot_E)
+    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, _computed(out, dtype), slot_E, fmt)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -77,16 +78,18 @@ def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
     return _write_slot(arrays, dequantize_int8(q_and_s[0], q_and_s[1], layout), slot, layout)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD, dtype):
+@functools.partial(jax.jit, static_argnames=("dtype", "fmt"))
+def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD, dtype, fmt=None):
 
     ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
     on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
-    return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E) + extra_BTD
+    return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E, fmt) + extra_BTD
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "last"))
-def _group_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, member_E, acc, extra_BTD, dtype, last):
+@functools.partial(jax.jit, static_argnames=("dtype", "last", "fmt"))
+def _group_jit(
+    h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, member_E, acc, extra_BTD, dtype, last, fmt=None
+):
     """One group of a layer processed in groups (`runtime.grouped`): the per-expert rows of the experts
     of `member_E` into `acc`; the `last` group returns the layer's output, combined as `_stored_step_jit`
     combines (bit-identical), plus the host-computed outputs `extra_BTD` (their experts' weights masked)."""
@@ -96,7 +99,7 @@ def _group_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, member_E, 
     if extra_BTD is not None:
         weights_BTK = weights_BTK * (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
     x_ND, ids_NK, w_NK = xn_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, K), weights_BTK.reshape(B * T, K)
-    r = moe_group(x_ND, ids_NK, w_NK, ins, out, slot_E, member_E, acc, last)
+    r = moe_group(x_ND, ids_NK, w_NK, ins, out, slot_E, member_E, acc, last, fmt)
     if not last:
         return r
     y = h_BTD + r.reshape(B, T, D).astype(xn_BTD.dtype)
