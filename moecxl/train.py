@@ -70,11 +70,19 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
 
 
 def dense_config(cfg: ModelConfig) -> ModelConfig:
-    """The dense baseline: one FFN of width K·F (same active parameters and FLOPs per token) as E=1, K=1."""
+    """The dense baseline: one FFN of width K·F (same active parameters and FLOPs per token) as E=1, K=1.
+    Shared experts (DeepSeek) join that FFN (width (K + shared)·F), and its one expert is routed by a plain
+    softmax (weight 1), whatever the MoE's scoring and group limits."""
     return cfg.replace(
         num_experts=1,
         top_k=1,
-        intermediate_size=cfg.top_k * cfg.intermediate_size,
+        intermediate_size=(cfg.top_k + cfg.n_shared_experts) * cfg.intermediate_size,
+        n_shared_experts=0,
+        scoring_func="softmax",
+        topk_method="greedy",
+        n_group=None,
+        topk_group=None,
+        routed_scaling_factor=1.0,
         name=f"{cfg.name or cfg.family}-dense",
     )
 

@@ -307,3 +307,23 @@ def test_shipped_checkpoints_fit_the_size_budget():
     root = REPO / "models"
     total_bytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     assert total_bytes < 25_000_000
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/models/deepseek-topology.yaml", "configs/models/deepseek-v3-topology.yaml"]
+)
+def test_a_shared_expert_model_s_dense_baseline_folds_the_shared_experts_in(path):
+    """DeepSeek: the dense baseline's one FFN is (K + shared) x F wide, routed by a plain softmax (its
+    one expert weighs 1, whatever the MoE's sigmoid scores, group limits and scaling), with the same
+    active parameters as the MoE bar its routers."""
+    from moecxl.config import ModelConfig
+
+    cfg = ModelConfig.from_yaml(path).replace(num_layers=3, vocab_size=97)
+    dense = dense_config(cfg)
+    assert dense.n_shared_experts == 0 and dense.scoring_func == "softmax" and dense.topk_method == "greedy"
+    assert dense.intermediate_size == (cfg.top_k + cfg.n_shared_experts) * cfg.intermediate_size
+    moe = param_counts(cfg, build_model(cfg))
+    den = param_counts(dense, build_model(dense))
+    router = cfg.num_moe_layers * cfg.hidden_size * (cfg.num_experts - 1)
+    bias = cfg.num_moe_layers * cfg.num_experts if cfg.topk_method == "noaux_tc" else 0  # V3 correction bias
+    assert moe["active"] == den["active"] + router + bias
