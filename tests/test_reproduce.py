@@ -110,6 +110,19 @@ def test_a_case_runs_and_writes_the_table(world, tmp_path):
     assert "| lru-hqq | lru | decode_tokens_per_s |" in md and "Simulated" in md
 
 
+def test_an_out_of_range_case_is_listed_with_its_reason(world, tmp_path):
+    """A case outside 0.75-1.33 is listed under the table with its `explained:` text, or as not explained."""
+    said = case_file(world, "off-said", published=1e-3, explained="a stated  reason\n  over two lines")
+    silent = case_file(world, "off-silent", published=1e-3)
+    rows = R.run_cases([said, silent], make_traces=False)
+    assert rows[0]["explained"] == "a stated reason over two lines" and "explained" not in rows[1]
+    md = R.markdown(rows)
+    assert "Out of range" in md and "- off-said (" in md and "): a stated reason over two lines" in md
+    assert "- off-silent (" in md and "): not explained" in md
+    in_range = dict(rows[1], ratio=1.0)
+    assert "Out of range" not in R.markdown([in_range])
+
+
 def test_a_ratio_check_compares_two_systems(world):
     p = case_file(
         world, "ratio", system="lru", compare={"system": "on_demand"}, metric="tpot_s", published=1.0

@@ -14,6 +14,7 @@ it is silent (in `notes`):
     published: 2.092
     compare: {system: gpu_only}                      # optional: a ratio check, metric(system) / metric(compare)
     trace: runs/...                                  # optional: else the family's topology-matched traces
+    explained: "..."                                 # optional: why a case stays out of range (no factor)
 
 `run_cases` simulates each with the routing traces of the topology-matched trained model and the
 software library's costs (the same for every case), and returns rows: case, system, published,
@@ -53,7 +54,7 @@ METRICS = {
     "expert_load_share": "share of the run's time stalled on expert copies",
 }
 REQUIRED = ("source", "target", "precision", "hardware", "system", "workload", "metric", "published")
-OPTIONAL = ("system_args", "compare", "trace", "notes", "requests", "warmup_requests")
+OPTIONAL = ("system_args", "compare", "trace", "notes", "explained", "requests", "warmup_requests")
 WORKLOAD_KEYS = ("batch", "prompt_tokens", "decode_tokens")
 REQUESTS, WARMUP, LIBRARY = 6, 1, 4  # measured requests, warm-up requests, past requests (MoE-Infinity)
 # The topology-matched trained models' traces, as the main job and configs/experiments/ make them.
@@ -102,6 +103,7 @@ class Case:
     compare: dict | None = None
     trace: Path | None = None
     notes: str = ""
+    explained: str = ""  # why the case stays out of range under the shared assumptions (listed with it)
     requests: int = REQUESTS
     warmup_requests: int = WARMUP
 
@@ -203,6 +205,7 @@ def load_case(path: str | Path) -> Case:
         compare=compare,
         trace=_resolve(path, data["trace"], "trace") if data.get("trace") else None,
         notes=str(data.get("notes") or "").strip(),
+        explained=" ".join(str(data.get("explained") or "").split()),
         **counts,
     )
 
@@ -467,6 +470,8 @@ def _run_case(case: Case, traces: _Traces) -> dict:
         row["metric"] = f"{case.metric} ratio vs {case.compare['system']}"
         row["details"] = {"system": _details(m), "compare": _details(m2), "values": [value, other]}
     row["ratio"] = row["simulated"] / row["published"]
+    if case.explained:
+        row["explained"] = case.explained
     return row
 
 
@@ -523,6 +528,10 @@ def markdown(rows: list[dict]) -> str:
         if med is not None
         else "no case ran",
     ]
+    off = [r for r in rows if r.get("ratio") is not None and not 0.75 <= r["ratio"] <= 1.33]
+    if off:
+        lines += ["", "Out of range, with the reason (no per-case factor):", ""]
+        lines += [f"- {r['case']} ({r['ratio']:.2f}): {r.get('explained') or 'not explained'}" for r in off]
     return "\n".join(lines) + "\n"
 
 
