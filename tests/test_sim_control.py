@@ -163,6 +163,27 @@ def test_the_shipped_control_file_covers_every_experiment_policy_and_names_its_s
         assert {1, 16} <= {row[0] for row in c.table[c.same_as.get(p, p)]}, p
 
 
+def test_every_registered_policy_is_measured_or_mapped_with_a_reason():
+    """The shipped file charges every policy the runtime registers: measured, or `same_as` a measured one
+    with why in the file (a policy added without either fails here, not mid-way through an experiment)."""
+    c = ControlCosts.load(SHIPPED)
+    for p in POLICIES:
+        c.check(p)
+        assert p in c.table or c.same_as_why.get(p), f"{p}: same_as without a stated why"
+        hit_us, miss_us, _ = c.cell_us(p, 1)
+        assert hit_us > 0 and miss_us > 0, p
+    assert set(c.same_as) & set(c.table) == set()  # a measured policy is not mapped as well
+    with pytest.raises(ControlError, match=r"same_as.x must be \{as: POLICY, why: TEXT\}"):
+        ControlCosts.from_dict(
+            {
+                "idealised": False,
+                "source": SOURCE,
+                "policies": {"lru": {1: {"hit_us": 1, "miss_us": 2, "after_us": 0}}},
+                "same_as": {"x": {"as": "lru", "why": " "}},
+            }
+        )
+
+
 def test_bad_control_files_and_unmeasured_policies_name_the_key(workload, tmp_path):
     with pytest.raises(ControlError, match="key 'source' must name the bench file, machine and date"):
         ControlCosts.from_dict({"idealised": False, "policies": {"lru": {1: {}}}}, "x.yaml")

@@ -34,13 +34,15 @@ class ControlError(ValueError):
 @dataclass(frozen=True)
 class ControlCosts:
     """Per policy: ((batch, hit_us, miss_us, after_us), ...) ascending in batch; `same_as` maps a policy
-    not measured to the one measured in its stead (stated in the file)."""
+    not measured to the one measured in its stead, `same_as_why` says why (the file's `same_as:` entry
+    `{as: POLICY, why: TEXT}`, or a bare policy name in older files)."""
 
     path: str
     idealised: bool
     source: dict = field(default_factory=dict)
     table: dict = field(default_factory=dict)
     same_as: dict = field(default_factory=dict)
+    same_as_why: dict = field(default_factory=dict)
 
     @classmethod
     def idealised_costs(cls, why: str = "stated in the experiment") -> ControlCosts:
@@ -93,13 +95,20 @@ class ControlCosts:
             if not rows:
                 raise ControlError(f"{path}: policies.{pol} has no batch sizes")
             table[pol] = tuple(sorted(rows))
-        same_as = dict(raw.get("same_as") or {})
-        for pol, other in same_as.items():
-            if other not in table:
+        same_as, why = {}, {}
+        for pol, entry in dict(raw.get("same_as") or {}).items():
+            if isinstance(entry, dict):
+                if set(entry) != {"as", "why"} or not str(entry["why"]).strip():
+                    raise ControlError(
+                        f"{path}: same_as.{pol} must be {{as: POLICY, why: TEXT}} (or a policy name), got {entry!r}"
+                    )
+                entry, why[pol] = entry["as"], " ".join(str(entry["why"]).split())
+            if entry not in table:
                 raise ControlError(
-                    f"{path}: same_as.{pol} names {other!r}, which is not measured ({sorted(table)})"
+                    f"{path}: same_as.{pol} names {entry!r}, which is not measured ({sorted(table)})"
                 )
-        return cls(path, False, dict(source), table, same_as)
+            same_as[pol] = entry
+        return cls(path, False, dict(source), table, same_as, why)
 
     def describe(self) -> dict:
         """What a result says about its control-plane charge: the file, idealised or not, its source."""
