@@ -8,8 +8,10 @@ Every figure is simulated on moecxl's cost model with the topology-matched train
 
 import argparse
 import sys
+from pathlib import Path
 
-from moecxl.sim.reproduce import CaseError, markdown, run_cases, write
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moecxl.sim.reproduce import CaseError, markdown, run_cases, write  # noqa: E402
 
 
 def main(argv=None) -> int:
