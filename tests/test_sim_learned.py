@@ -379,5 +379,7 @@ def test_an_experiment_may_store_its_target_at_another_precision(setup, tmp_path
     bf16 = _Ctx(exp, tmp_path / "exp.yaml").shape
     int4 = _Ctx({**exp, "precision": {"experts": "int4"}}, tmp_path / "exp.yaml").shape
     assert int4.expert_bytes < 0.3 * bf16.expert_bytes and int4.dense_bytes == bf16.dense_bytes
+    tiled = _Ctx({**exp, "layer_map": "tile"}, tmp_path / "exp.yaml")  # a tiled trace: no per-layer replay
+    assert tiled.learned is None and "layer_map 'tile'" in tiled.learned_note
     with pytest.raises(ExperimentError, match="key 'precision'.*int3"):
         _Ctx({**exp, "precision": {"experts": "int3"}}, tmp_path / "exp.yaml")
