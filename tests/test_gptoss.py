@@ -221,13 +221,13 @@ def tiny_gptoss(**changes) -> ModelConfig:
 @pytest.mark.parametrize("changes", [dict(dtype="bfloat16"), dict(expert_dtype="mxfp4")])
 def test_offloaded_generation_is_bit_identical(changes):
     model = MoEDecoder(tiny_gptoss(**changes), rngs=nnx.Rngs(3))
-    prompt = np.random.default_rng(2).integers(1, 64, (2, 5))
-    ref = generate(model, prompt, max_new_tokens=6)
+    prompt = np.random.default_rng(2).integers(1, 64, (1, 4))
+    ref = generate(model, prompt, max_new_tokens=4)
     eng = OffloadEngine(model, policy="lru", device_budget=0.6, emulate=False)
     try:
         # An expert's bytes on the link are the stored ones (MXFP4: blocks + scales + bias bytes).
         assert eng.store.layout.nbytes == model.cfg.expert_bytes == expert_format(model.cfg).nbytes
-        res = generate(model, prompt, max_new_tokens=6, engine=eng)
+        res = generate(model, prompt, max_new_tokens=4, engine=eng)
         if model.cfg.expert_dtype == "mxfp4":
             assert all(a.dtype == np.uint8 for a in eng._cache)  # the device cache holds the bytes too
     finally:
