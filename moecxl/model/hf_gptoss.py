@@ -311,3 +311,6 @@ def save_gptoss(model, path: Path, max_shard_bytes: int | None = hf.DEFAULT_MAX_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+hf.register_family("gpt_oss", "gpt_oss", load_gptoss, save_gptoss)

@@ -191,7 +191,10 @@ class _Ctx:
         wanted = named is not None or LEARNED in self.policies
         file = _path(named) if named is not None else predictions_path(self.trace_dir)
         if self.layer_map is not None and not wanted:  # per-layer predictions of the trace's layers only
-            return None, f"layer_map {self.layer_map!r}: the trace's stored predictions are for its own layers"
+            return (
+                None,
+                f"layer_map {self.layer_map!r}: the trace's stored predictions are for its own layers",
+            )
         if not file.is_file() and not wanted:
             return None, (
                 f"no stored predictions at {file} (python train_predictor.py predict --predictor DIR --traces "
