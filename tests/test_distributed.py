@@ -76,7 +76,6 @@ def runs(tmp_path_factory):
     port_ok, port_kill, port_dead = free_port(), free_port(), free_port()
     started = {
         "devices": Run(["devices", d / "devices.json"], d / "devices.json"),
-        "dp": Run(["dp", d / "dp.json", d / "dp"], d / "dp.json"),
         "host0": Run(["host", port_ok, 0, 2, d / "h0.json", "--timeout", 120], d / "h0.json"),
         "host1": Run(["host", port_ok, 1, 2, d / "h1.json", "--timeout", 120], d / "h1.json"),
         "kill0": Run(["host", port_kill, 0, 2, d / "k0.json", "--timeout", 60, "--barriers"], d / "k0.json"),
@@ -95,8 +94,14 @@ def devices(runs):
 
 
 @pytest.fixture(scope="module")
-def dp(runs):
-    return runs["dp"].result()
+def dp(tmp_path_factory):
+    """Data-parallel trace collection and predictor training on 8 devices (slow set: ~50 s of CPU)."""
+    d = tmp_path_factory.mktemp("dp")
+    run = Run(["dp", d / "dp.json", d / "dp"], d / "dp.json")
+    try:
+        yield run.result()
+    finally:
+        run.kill()
 
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "4x2"])
@@ -132,6 +137,7 @@ def test_data_parallel_trace_forward_and_train_step(devices):
     assert t["params_max_abs"] < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["dp8", "resumed_dp8"])
 def test_data_parallel_trace_collection_equals_single_device(dp, run):
     # dp8: the whole collection on 8 devices (batch 5 padded to 8); resumed_dp8: one shard written on one
@@ -142,6 +148,7 @@ def test_data_parallel_trace_collection_equals_single_device(dp, run):
     assert max(r["weights_rel"], r["logits_rel"], r["sketch_rel"]) < TOL, r
 
 
+@pytest.mark.slow
 def test_data_parallel_predictor_training_matches_single_device_losses(dp):
     # Batch 12 split over 8 devices (padded to 16 with masked windows), shards of unequal valid counts.
     one, eight = dp["predictor"]["1"], dp["predictor"]["8"]
@@ -150,6 +157,7 @@ def test_data_parallel_predictor_training_matches_single_device_losses(dp):
         np.testing.assert_allclose(eight[key], one[key], rtol=TOL, err_msg=key)
 
 
+@pytest.mark.slow
 def test_data_parallel_beyond_the_devices_is_a_clear_error(dp):
     for msg in (dp["traces"]["too_many_devices"], dp["predictor"]["too_many_devices"]):
         assert "data parallelism over 9 devices: this process has 8 cpu device(s)" in msg, msg

@@ -38,7 +38,7 @@ def _engine(model, policy, budget, ref=None, **kw):
     )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     policy=st.sampled_from(EXACT),
     budget=st.floats(0.45, 1.0),

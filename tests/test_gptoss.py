@@ -218,7 +218,10 @@ def tiny_gptoss(**changes) -> ModelConfig:
     return ModelConfig(**{**base, **changes})
 
 
-@pytest.mark.parametrize("changes", [dict(dtype="bfloat16"), dict(expert_dtype="mxfp4")])
+@pytest.mark.parametrize(
+    "changes",
+    [pytest.param(dict(dtype="bfloat16"), marks=pytest.mark.slow), dict(expert_dtype="mxfp4")],
+)
 def test_offloaded_generation_is_bit_identical(changes):
     model = MoEDecoder(tiny_gptoss(**changes), rngs=nnx.Rngs(3))
     prompt = np.random.default_rng(2).integers(1, 64, (1, 4))

@@ -321,6 +321,7 @@ def test_direct_path_carries_the_sketch_to_every_horizon_and_is_counted():
     assert flops_per_window(cfg) > flops_per_window(off)
 
 
+@pytest.mark.slow
 def test_direct_path_predictor_learns_a_nonlinear_map_from_the_sketch(tmp_path):
     """Layer l+1's expert is the sign pattern of three projections of layer l's sketch (an XOR of two
     signs among them: not linearly separable), as where the next router sees a hidden state two blocks
@@ -352,6 +353,7 @@ def test_direct_path_predictor_learns_a_nonlinear_map_from_the_sketch(tmp_path):
     assert rep["summary"]["markov"]["1"]["recall@k"] < 0.5
 
 
+@pytest.mark.slow
 def test_random_routing_stays_near_chance(tmp_path):
     ids, seq, pos, dec, _ = synthetic("random", seqs=40, T_=20, seed=3)
     d = write_traces(tmp_path / "rand", ids, seq, pos, decode_N=dec)
@@ -361,6 +363,7 @@ def test_random_routing_stays_near_chance(tmp_path):
         assert abs(rep["summary"]["learned"][h]["recall@k"] - K / E) < 0.08
 
 
+@pytest.mark.slow
 def test_resume_then_nan_stops_with_an_error_keeping_the_last_good_checkpoint(
     chain_dir, tmp_path, monkeypatch
 ):

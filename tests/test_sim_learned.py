@@ -202,7 +202,7 @@ def _both(setup, B, hw_name="configs/hardware/h100-cxl.yaml", budget=0.5):
     return live, replay, eng, res, sim
 
 
-@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("B", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_replayed_candidates_equal_the_live_predictors(setup, B):
     live, replay, eng, res, sim = _both(setup, B)
     assert set(live.log) == set(replay.log) and len(live.log) >= (L - 1) * (NEW_TOKENS - 1)

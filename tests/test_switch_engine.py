@@ -180,18 +180,14 @@ def test_bad_budgets_and_start_tokens_are_refused_naming_the_value(model):
     with pytest.raises(EngineError, match=r"device_budget 0\.05 "):
         OffloadEngine(model, policy="lru", device_budget=0.05, emulate=False)
     # 4 slots, the encoder's layers need 5-6 distinct experts for 3 x 9 tokens: a per-expert policy
-    # processes them in groups, bit-identically; a system that moves whole layers is refused
+    # processes them in groups, bit-identically
     x = _prompt(model, 3, 9)
     want = generate(model, x, max_new_tokens=2)
     eng = OffloadEngine(model, policy="lru", device_budget=0.25, emulate=False)
-    np.testing.assert_array_equal(generate(model, x, max_new_tokens=2, engine=eng), want)
-    eng.close()
-    eng = OffloadEngine(model, policy="accelerate", device_budget=0.25, emulate=False)
-    with pytest.raises(
-        EngineError,
-        match=r"layer 0 needs [56] distinct experts .* holds 4, and policy 'accelerate' moves whole layers",
-    ):
-        generate(model, x, max_new_tokens=2, engine=eng)
+    got = generate(model, x, max_new_tokens=2, engine=eng)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    assert got.metrics["misses"] > 0
     eng.close()
     x = _prompt(model, 1, 4)
     with pytest.raises(GenerationError, match=r"decoder start token None"):

@@ -235,6 +235,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     assert not (tmp_path / "final").exists()
 
 
+@pytest.mark.slow
 def test_switch_prefix_lm_trains_and_exports(corpus, tmp_path):
     cfg = ModelConfig(
         family="switch",
@@ -319,7 +320,11 @@ def test_shipped_checkpoints_fit_the_size_budget():
 
 
 @pytest.mark.parametrize(
-    "path", ["configs/models/deepseek-topology.yaml", "configs/models/deepseek-v3-topology.yaml"]
+    "path",
+    [
+        "configs/models/deepseek-topology.yaml",
+        pytest.param("configs/models/deepseek-v3-topology.yaml", marks=pytest.mark.slow),
+    ],
 )
 def test_a_shared_expert_model_s_dense_baseline_folds_the_shared_experts_in(path):
     """DeepSeek: the dense baseline's one FFN is (K + shared) x F wide, routed by a plain softmax (its
