@@ -297,6 +297,17 @@ def test_bfloat16_experts_are_stored_as_their_bits_and_stay_bit_identical(model_
     assert np.array_equal(res.logits, ref.logits)
 
 
+def test_bfloat16_experts_take_int8_copies_under_hobbit(model_bf16):
+    """bfloat16 is a float format (numpy's issubdtype says otherwise): hobbit's int8 copies quantise it."""
+    prompt = np.random.default_rng(3).integers(0, model_bf16.cfg.vocab_size, (1, 5))
+    eng = _engine(model_bf16, "hobbit", 0.5, lowp_threshold=1.01)
+    try:
+        res = generate(model_bf16, prompt, max_new_tokens=4, engine=eng)
+    finally:
+        eng.close()
+    assert res.metrics["exact"] is False and any(ev.get("low_precision") for ev in eng.events)
+
+
 def test_prefetch_runs_after_the_step_is_dispatched(model):
     """`generate` calls `after_experts` once a layer's expert step is launched: the policy's prefetch
     (and installs this layer does not read) run there, timed apart from the critical path."""

@@ -190,7 +190,8 @@ class HostStore(Locations):
         self._lowp: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._chunks: dict[tuple[int, int], dict[str, tuple]] = {}  # key -> tier -> (buffer, pinned array)
         self.low_precision = low_precision
-        if low_precision and not np.issubdtype(self.layout.np_dtype, np.floating):
+        # jax's issubdtype counts bfloat16 (an ml_dtypes type) as floating; numpy's does not
+        if low_precision and not jax.numpy.issubdtype(self.layout.np_dtype, jax.numpy.floating):
             raise StoreError(
                 f"int8 low-precision copies quantise float experts; these are stored as {self.layout.dtype} "
                 "(MXFP4 bytes): use a policy without low-precision misses"
