@@ -1,5 +1,6 @@
 """Scale-out: expert parallelism on 8 forced CPU devices and across 2 processes, bounded failures;
-data-parallel trace collection and predictor training on 8 forced devices against one device.
+data-parallel trace collection and predictor training on 8 forced devices against one device (the
+multi-process and data-parallel runs are in the slow set).
 
 Every run is a subprocess (tests/distributed_worker.py) with a hard timeout, so forced device counts
 and `jax.distributed` state never leak into other tests; they start together and the tests wait.
@@ -73,9 +74,21 @@ class Run:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    port_ok, port_kill, port_dead = free_port(), free_port(), free_port()
     started = {
         "devices": Run(["devices", d / "devices.json"], d / "devices.json"),
+    }
+    yield started
+    for r in started.values():
+        r.kill()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """Two-process runs (slow set: five more JAX processes): a healthy pair, a pair whose process 1 is
+    killed, and a process whose coordinator never answers."""
+    d = tmp_path_factory.mktemp("hosts")
+    port_ok, port_kill, port_dead = free_port(), free_port(), free_port()
+    started = {
         "host0": Run(["host", port_ok, 0, 2, d / "h0.json", "--timeout", 120], d / "h0.json"),
         "host1": Run(["host", port_ok, 1, 2, d / "h1.json", "--timeout", 120], d / "h1.json"),
         "kill0": Run(["host", port_kill, 0, 2, d / "k0.json", "--timeout", 60, "--barriers"], d / "k0.json"),
@@ -170,8 +183,9 @@ def test_mesh_not_dividing_experts_is_a_clear_error(devices):
     assert "needs 9 devices, have 8" in devices["errors"]["mesh_too_big"]
 
 
-def test_two_processes_generate_the_single_process_tokens(runs, devices):
-    h0, h1 = runs["host0"].result(), runs["host1"].result()
+@pytest.mark.slow
+def test_two_processes_generate_the_single_process_tokens(hosts, devices):
+    h0, h1 = hosts["host0"].result(), hosts["host1"].result()
     assert h0["devices"] == 4 and h0["local_devices"] == 2
     assert h0["tokens"] == h1["tokens"] == devices["reference_tokens"]
     report = h0["rollup"]
@@ -181,8 +195,9 @@ def test_two_processes_generate_the_single_process_tokens(runs, devices):
     assert report["lookups"] == sum(h["lookups"] for h in report["per_host"].values())
 
 
-def test_a_dead_process_stops_the_others_with_a_clear_error(runs):
-    k0, k1 = runs["kill0"], runs["kill1"]
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_with_a_clear_error(hosts):
+    k0, k1 = hosts["kill0"], hosts["kill1"]
     ready = Path(str(k1.out) + ".ready")
     deadline = time.monotonic() + HARD_TIMEOUT_S / 2
     while not ready.exists():
@@ -199,8 +214,9 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(runs):
     assert stopped_after_s < 90, f"survivor took {stopped_after_s:.0f} s to stop"
 
 
-def test_unreachable_coordinator_is_a_clear_error(runs):
-    u = runs["unreachable"]
+@pytest.mark.slow
+def test_unreachable_coordinator_is_a_clear_error(hosts):
+    u = hosts["unreachable"]
     rc = u.wait(60)
     err = u.stderr()
     assert rc != 0

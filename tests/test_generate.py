@@ -17,7 +17,12 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize(
-    "changes", [{}, {"num_kv_heads": 4, "top_k": 1}, {"qk_norm": "head", "num_experts": 3, "top_k": 3}]
+    "changes",
+    [
+        {},
+        {"num_kv_heads": 4, "top_k": 1},
+        pytest.param({"qk_norm": "head", "num_experts": 3, "top_k": 3}, marks=pytest.mark.slow),
+    ],
 )
 def test_kv_cache_decode_logits_equal_full_forward_at_every_position(changes):
     model = MoEDecoder(tiny_config(**changes), rngs=nnx.Rngs(1))

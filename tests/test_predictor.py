@@ -450,6 +450,7 @@ def test_live_predictor_refuses_other_shapes_and_does_not_retrace(chain_run, tmp
 # --------------------------------------------------------------------------------- pre-gate, end to end
 
 
+@pytest.mark.slow
 def test_pregate_from_a_model_and_train_predictor_cli(tmp_path, capsys):
     """Traces written from a tiny model's own forward: pre-gate g=0 equals the router logits; another
     model is refused; `train_predictor.py` writes metrics.json with every baseline, pre-gating included."""

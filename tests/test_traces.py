@@ -442,6 +442,7 @@ def _switch_reference(model, ts, seq: int):
     return (enc_rows, x_enc), (dec_rows, x_dec), routers, out
 
 
+@pytest.mark.slow
 def test_switch_traces_carry_sketches_of_both_stacks(switch_setup):
     ts, model, Le = switch_setup["ts"], switch_setup["model"], switch_setup["Le"]
     meta, N = ts.metadata, len(ts)
@@ -460,6 +461,7 @@ def test_switch_traces_carry_sketches_of_both_stacks(switch_setup):
     np.testing.assert_allclose(ts.router_logits[dec_rows, Le:], lg_dec, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_switch_pregate_is_the_later_router_on_the_earlier_input_within_a_stack(switch_setup):
     from moecxl.sim.predict import pregate_tops_for_trace
     from predictor.data import gather, load_arrays, windows
@@ -491,6 +493,7 @@ def test_switch_pregate_is_the_later_router_on_the_earlier_input_within_a_stack(
     assert np.isfinite(b.pregate_WGE).all() and set(np.unique(l_W)) == {0, 1, 3, 4}
 
 
+@pytest.mark.slow
 def test_simulator_prefetches_on_a_switch_trace_within_stacks(switch_setup):
     """Pre-gate replay on a Switch trace: `pregate` issues prefetches, and a prefill (encoder) visit never
     prefetches a decoder layer (no pre-gate across the boundary: -1 ids cast no votes), a decode visit
