@@ -141,8 +141,14 @@ def test_budget_too_small_names_the_minimum(model):
 GROUPED = [name for name, p in POLICIES.items() if p.exact and name not in ("gpu_only", "accelerate")]
 
 
-@pytest.mark.parametrize("policy", GROUPED)
-@pytest.mark.parametrize("batch", [1, 2])  # 40 and 80 prompt tokens: both expert-step strategies
+# 40 and 80 prompt tokens: both expert-step strategies; the second for a sample in the default set
+GROUPED_CASES = [(p, 1) for p in GROUPED] + [
+    (p, 2) if p in ("on_demand", "lru", "moecxl", "oracle") else pytest.param(p, 2, marks=pytest.mark.slow)
+    for p in GROUPED
+]
+
+
+@pytest.mark.parametrize("policy,batch", GROUPED_CASES)
 def test_a_layer_needing_more_experts_than_the_cache_holds_is_processed_in_groups(model, policy, batch):
     """4 slots, 6 experts per prefill layer: the engine computes what is resident, evicts, fetches the
     rest (mixtral-offloading, MoE-Infinity), and the combine is the resident one: bit-identical."""

@@ -156,12 +156,12 @@ CASES = [
     # every policy on one CXL device; a sample of budgets and batches
     *[(p, "one-cxl", (0.4, 0.6)[i % 2], 1 + i % 2) for i, p in enumerate(LOCKSTEP_POLICIES)],
     # four devices with replication, and one failing mid-run
-    *[(p, "four-cxl", 0.5, 2) for p in ("lru", "moecxl", "moecxl_nd", "oracle")],
-    *[(p, "four-cxl-fault", 0.5, 1) for p in ("on_demand", "moecxl", "moecxl_host", "hobbit")],
+    *[(p, "four-cxl", 0.5, 2) for p in ("lru", "moecxl_nd")],
+    *[(p, "four-cxl-fault", 0.5, 1) for p in ("moecxl", "moecxl_host")],
     # the host kernel's measured time as the floor of the host's (engine and simulator alike)
     *[(p, "one-cxl-slow-kernel", 0.4, 2) for p in ("moecxl_nd", "moecxl_host")],
     # a budget of 4 slots for prompts needing 5-6 experts per layer: prefill processed in groups
-    *[(p, "one-cxl", 0.25, 2) for p in ("lru", "oracle", "moecxl", "moecxl_nd", "mixtral_offloading")],
+    *[(p, "one-cxl", 0.25, 2) for p in ("lru", "oracle", "moecxl_nd", "mixtral_offloading")],
 ]
 
 
