@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import moecxl
-from moecxl.memory import fullsize, hostbench, hostkernel
+from moecxl.memory import fullsize, hostbench, hostgemm, hostkernel, numa
 from moecxl.memory.hostkernel import (
+    BATCHED_MIN_TOKENS,
     HostKernelError,
     KernelTable,
     expert_forward,
@@ -31,6 +32,7 @@ from tests.reference_moe import reference_moe
 
 D, F = 22, 37  # not multiples of 4: the row loops' remainders run
 SWIGLU = ExpertLayout(((D, F), (D, F), (F, D)), "bfloat16")
+BF16_ = np.dtype(ml_dtypes.bfloat16)
 shutil_usage = namedtuple("usage", "total used free")
 
 
@@ -90,6 +92,72 @@ def test_int8_with_scales_matches_dequantized_reference():
     _close(y, _reference(x, mats), 1e-5)
     # and within int8's own tolerance of the bf16 expert it came from
     _close(y, _reference(x, [m.astype(np.float64) for m in SWIGLU.unpack(packed)]), 0.05)
+
+
+ALIGNED = ExpertLayout(((32, 48), (32, 48), (48, 32)), "bfloat16")  # each matrix a multiple of 64 bytes
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """`a` flat in a 64-byte-aligned buffer, as the store and the loader hold experts."""
+    out = numa.aligned_zeros(a.nbytes).view(a.dtype)
+    out[:] = a.reshape(-1)
+    return out
+
+
+def _dequantized(q, scales, layout):
+    mats, o, r = [], 0, 0
+    for shape, n in zip(layout.shapes, layout.sizes):  # dequantise in float64: one scale per row
+        rows = n // shape[-1]
+        mats.append(q[o : o + n].reshape(rows, shape[-1]) * scales[r : r + rows, None].astype(np.float64))
+        o, r = o + n, r + rows
+    return mats
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("n_tokens", [1, 9, 40])
+def test_gemm_path_matches_reference(dtype, n_tokens, monkeypatch):
+    """The batched path (XLA GEMMs on 16/8-bit operands with split activations) is float32-accurate
+    against the float64 reference of the stored expert, in chunks too (40 tokens, 16 per call)."""
+    monkeypatch.setattr(hostgemm, "MAX_ROWS", 16)
+    layout = ExpertLayout(ALIGNED.shapes, "float32" if dtype == "float32" else "bfloat16")
+    packed = _aligned(_expert(layout, seed=5))
+    x = np.random.default_rng(n_tokens).standard_normal((n_tokens, 32)).astype(np.float32)
+    if dtype == "int8":
+        q, scales = quantize_int8(packed, layout)
+        stored, ref_mats, rtol = (q, scales), _dequantized(q, scales, layout), 2e-4
+    else:
+        stored, ref_mats, rtol = packed, [m.astype(np.float64) for m in layout.unpack(packed)], 2e-5
+    y = expert_forward(x, stored, layout, path="gemm")
+    _close(y, _reference(x, ref_mats), rtol)
+    _close(expert_forward(x, stored, layout, path="loops"), y, rtol)
+    if n_tokens >= BATCHED_MIN_TOKENS:  # "auto" takes the GEMMs from this many tokens
+        np.testing.assert_array_equal(expert_forward(x, stored, layout), y)
+
+
+def test_gemm_path_reads_the_stored_bytes_in_place():
+    w = _aligned(_expert(ALIGNED))[: 32 * 48].reshape(32, 48)
+    a = hostgemm.aliased(w)
+    assert a is not None and a.unsafe_buffer_pointer() == w.ctypes.data  # no copy of the expert
+    raw = numa.aligned_zeros(32 * 48 * 2 + 16)
+    assert hostgemm.aliased(raw[16:].view(BF16_).reshape(32, 48)) is None  # would be copied: refused
+
+
+def test_gemm_path_falls_back_to_the_loops_where_it_cannot_read_in_place(monkeypatch):
+    x = np.random.default_rng(7).standard_normal((9, D)).astype(np.float32)
+    packed = _aligned(_expert(SWIGLU))  # D x F bf16 matrices: the second starts 1628 bytes in, not aligned
+    np.testing.assert_array_equal(
+        expert_forward(x, packed, SWIGLU), expert_forward(x, packed, SWIGLU, path="loops")
+    )
+    with pytest.raises(HostKernelError, match="64-byte aligned"):
+        expert_forward(x, packed, SWIGLU, path="gemm")
+    monkeypatch.setattr(hostgemm, "INT32_SAFE_K", 8)  # rows too long for an exact int32 sum: loops
+    q, scales = quantize_int8(_aligned(_expert(ALIGNED)), ALIGNED)
+    xa = x[:, :1].repeat(32, axis=1)
+    np.testing.assert_array_equal(
+        expert_forward(xa, (q, scales), ALIGNED), expert_forward(xa, (q, scales), ALIGNED, path="loops")
+    )
+    with pytest.raises(HostKernelError, match="path"):
+        expert_forward(xa, (q, scales), ALIGNED, path="fast")
 
 
 def test_relu_expert_matches_reference():

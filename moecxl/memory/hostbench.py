@@ -4,8 +4,10 @@
 
 Read rate: a float32 matrix-vector product over 512 MiB (numpy's BLAS on every core; a STREAM-style read
 that reads each byte once). Compute peak: a float32 4096^3 matmul. Kernel: `hostkernel.expert_forward`
-on Mixtral-8x7B-sized experts (d 4096, ff 14336: 352 MB bf16, 176 MB int8) at 1, 4, 16 and 32 tokens,
-cycling over several experts so that no call finds its expert in the last-level cache. Each figure is the
+on Mixtral-8x7B-sized experts (d 4096, ff 14336: 352 MB bf16, 176 MB int8) at 1, 4, 8, 16 and 32 tokens,
+cycling over several experts so that no call finds its expert in the last-level cache. The kernel has two
+paths (row loops; XLA GEMMs from BATCHED_MIN_TOKENS tokens): `paths` times both at every token count, the
+evidence for where the kernel switches. Each figure is the
 best of `repeats` runs, and the read rate is re-measured next to every kernel row, so a ratio compares
 two numbers taken within the same second or so. The roofline of a row is max(bytes / read rate,
 FLOPs / compute peak); the peak is a square matmul's, which skinny products (N <= 32 rows) do not reach
@@ -28,7 +30,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from moecxl.memory.hostkernel import BF16, expert_forward
+from moecxl.memory import numa
+from moecxl.memory.hostkernel import BATCHED_MIN_TOKENS, BF16, expert_forward
 from moecxl.memory.kerneltable import KernelTable
 from moecxl.memory.store import ExpertLayout, quantize_int8
 from moecxl.memory.tiers import Hardware
@@ -80,7 +83,9 @@ def make_experts(d_model: int, d_ff: int, n_experts: int, dtype: str, seed: int 
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_experts):
-        packed = np.empty(layout.numel, BF16)
+        packed = numa.aligned_zeros(layout.nbytes, align=4096).view(
+            BF16
+        )  # page-aligned, as the store holds it
         for o in range(0, layout.numel, 1 << 24):  # in chunks: no float32 copy of the whole expert
             n = min(1 << 24, layout.numel - o)
             packed[o : o + n] = rng.standard_normal(n, dtype=np.float32) * 0.02
@@ -127,7 +132,7 @@ def machine() -> dict:
 def run(
     d_model: int = MIXTRAL_D,
     d_ff: int = MIXTRAL_F,
-    tokens=(1, 4, 16, 32),
+    tokens=(1, 4, 8, 16, 32),
     dtypes=("bfloat16", "int8"),
     repeats: int = 5,
     n_experts: int = 3,
@@ -135,6 +140,7 @@ def run(
     baseline: bool = True,
     log=print,
     peak_n: int = 4096,
+    compare_paths: bool = True,
 ) -> dict:
     """The whole measurement as one JSON-ready record (see the module docstring)."""
     t_start = time.time()
@@ -173,12 +179,24 @@ def run(
             if n in blas:  # the machine's own library on the same shapes, weights already float32
                 row["blas_f32_s"] = blas[n]
                 row["over_blas_f32"] = best / blas[n]
+            row["path"] = "gemm" if n >= BATCHED_MIN_TOKENS else "loops"
+            if compare_paths:
+                for path in ("loops", "gemm"):
+                    one = lambda i, x=x, ex=experts, lay=layout, p=path: expert_forward(
+                        x, ex[i % n_experts], lay, path=p
+                    )
+                    row[f"{path}_s"] = _best_s(one, repeats)[0]
             rows.append(row)
             log(
                 f"{dtype:8s} N={n:2d}: {row['kernel_gbps']:5.1f} GB/s ({row['kernel_gflops']:4.0f} GFLOP/s), "
                 f"read {read:4.1f} GB/s -> {row['kernel_over_read']:.2f} of read; "
                 f"{row['over_roofline']:.2f}x the roofline ({roof_s * 1e3:.1f} ms)"
                 + (f", {row['over_blas_f32']:.2f}x float32 BLAS" if "over_blas_f32" in row else "")
+                + (
+                    f"; loops {row['loops_s'] * 1e3:.1f} ms, gemm {row['gemm_s'] * 1e3:.1f} ms"
+                    if compare_paths
+                    else ""
+                )
             )
         if baseline and dtype == "bfloat16":  # the engine's numpy path today: float32 copy, then matmul
             x = rng.standard_normal((1, d_model), dtype=np.float32)
@@ -241,7 +259,7 @@ def measure_host_kernel(
     `n_experts` so that they do not sit in the last-level cache). A few seconds (plus compiling once)."""
     rec = run(
         d_model, d_ff, (1, n_tokens), ("bfloat16",), repeats, n_experts, 256 * MIB, baseline=False,
-        log=lambda s: None, peak_n=1024,
+        log=lambda s: None, peak_n=1024, compare_paths=False,
     )  # fmt: skip
     one, big = rec["kernel"]
     return {
@@ -272,11 +290,11 @@ def host_kernel_of(record: dict, dtype: str = "bfloat16") -> dict:
 
 @functools.cache
 def kernel_table_here() -> KernelTable:
-    """This machine's kernel rates per dtype (bf16, int8) and token count (1, 4, 16, 32), measured once
+    """This machine's kernel rates per dtype (bf16, int8) and token count (1, 4, 8, 16, 32), measured once
     per process on 88 MB experts cycled four at a time (~10 s on 2 cores; `run`'s record, quick)."""
     rec = run(
-        2048, 7168, (1, 4, 16, 32), ("bfloat16", "int8"), 2, 4, 256 * MIB, baseline=False,
-        log=lambda s: None, peak_n=512,
+        2048, 7168, (1, 4, 8, 16, 32), ("bfloat16", "int8"), 2, 4, 256 * MIB, baseline=False,
+        log=lambda s: None, peak_n=512, compare_paths=False,
     )  # fmt: skip
     rec["command"] = "moecxl.memory.hostbench.kernel_table_here()"
     return KernelTable.from_bench(rec)
@@ -300,7 +318,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="write the JSON record here (default: print it)")
     ap.add_argument("--d-model", type=int, default=MIXTRAL_D)
     ap.add_argument("--d-ff", type=int, default=MIXTRAL_F)
-    ap.add_argument("--tokens", default="1,4,16,32", help="comma-separated token counts")
+    ap.add_argument("--tokens", default="1,4,8,16,32", help="comma-separated token counts")
     ap.add_argument("--dtypes", default="bfloat16,int8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--experts", type=int, default=3, help="experts cycled over (defeats the LLC)")

@@ -33,12 +33,14 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from moecxl.memory import hostgemm
 from moecxl.memory.kerneltable import HostKernelError, KernelTable, kernel_expert_s  # noqa: F401 (re-exported)
 from moecxl.memory.store import ExpertLayout
 
 DIRECT_MAX_TOKENS = 4  # below this many tokens: widen inside the FMA loop (no scratch)
 ROW_BLOCK = 8  # weight rows widened per pass of the blocked nest (a multiple of 4)
 COL_TILE = 512  # columns per tile: the scratch tile (ROW_BLOCK x 512 floats) and a token quad fit L1
+BATCHED_MIN_TOKENS = 8  # from this many tokens: XLA GEMMs (`memory.hostgemm`), measured faster by hostbench
 PARALLEL_MIN_BYTES = 1 << 20  # smaller matrices: one thread (a hand-off costs ~20-50 us)
 ACTS = ("silu", "relu")  # SwiGLU (gate, up, down) or ReLU MLP (in, down)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -298,14 +300,23 @@ def _apply(x_NR, w_RC, s_R):
     return _matmul(np.ascontiguousarray(x_NR, np.float32), w_RC, n_threads())
 
 
-def expert_forward(x_ND, packed, layout: ExpertLayout, *, act: str | None = None) -> np.ndarray:
+PATHS = ("auto", "loops", "gemm")
+
+
+def expert_forward(
+    x_ND, packed, layout: ExpertLayout, *, act: str | None = None, path: str = "auto"
+) -> np.ndarray:
     """One expert's FFN for N tokens on the host: y_ND float32.
 
     `packed` is the expert as `HostStore.source` returns it: its packed buffer (numpy or pinned_host jax
     array, in the layout's dtype: bfloat16 or float32), or the (q int8, scales float32) pair of a
     low-precision copy. `act`: "silu" (SwiGLU: gate, up, down) or "relu" (in, down); None takes it from
-    the layout's matrix count (3 -> silu, 2 -> relu).
+    the layout's matrix count (3 -> silu, 2 -> relu). `path`: "loops" (the compiled row loops),
+    "gemm" (XLA GEMMs on the stored bytes, `memory.hostgemm`; an error where they cannot be read in
+    place) or "auto": the GEMMs from BATCHED_MIN_TOKENS tokens where they can, the loops otherwise.
     """
+    if path not in PATHS:
+        raise HostKernelError(f"host kernel: path {path!r}; expected one of {PATHS}")
     n_mats = len(layout.shapes)
     act = act or {3: "silu", 2: "relu"}.get(n_mats)
     if act not in ACTS or n_mats != (3 if act == "silu" else 2):
@@ -317,11 +328,21 @@ def expert_forward(x_ND, packed, layout: ExpertLayout, *, act: str | None = None
     D = layout.shapes[0][0]
     if x_ND.ndim != 2 or x_ND.shape[1] != D:
         raise HostKernelError(f"host kernel: activations of shape {x_ND.shape}, expected [N, {D}]")
-    flat, scales, _ = _weights(packed, layout)
-    mats = _matrices(flat, scales, layout)
+    flat, scales, name = _weights(packed, layout)
     x = np.ascontiguousarray(x_ND, np.float32)
     if x.shape[0] == 0:
         return np.zeros((0, layout.shapes[-1][-1]), np.float32)
+    if path == "gemm" or (path == "auto" and x.shape[0] >= BATCHED_MIN_TOKENS):
+        stored = flat.view(BF16) if name == "bfloat16" else flat
+        y = hostgemm.ffn(x, _matrices(stored, scales, layout), act)
+        if y is not None:
+            return y
+        if path == "gemm":
+            raise HostKernelError(
+                "host kernel: path 'gemm' needs each stored matrix contiguous and 64-byte aligned (read in "
+                "place, no copy); this expert's are not"
+            )
+    mats = _matrices(flat, scales, layout)
     if act == "silu":
         g, u = _apply(x, *mats[0]), _apply(x, *mats[1])
         h = g / (1.0 + np.exp(-g)) * u

@@ -106,6 +106,16 @@ def _check_node(node: int) -> None:
         raise NumaError(f"NUMA node {node!r} does not exist or has no memory; nodes available: {list(nodes)}")
 
 
+def aligned_zeros(nbytes: int, align: int = 64) -> np.ndarray:
+    """A zeroed uint8 buffer of `nbytes` starting `align`-byte aligned (no NUMA placement). Host arrays
+    this aligned enter JAX (pinned_host, or the host kernel's GEMMs) without a copy."""
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"aligned_zeros: align must be a power of two, got {align}")
+    raw = np.zeros(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes]
+
+
 def alloc_on_node(nbytes: int, node: int, align: int = 64) -> np.ndarray:
     """A zeroed uint8 buffer of `nbytes` whose pages live on NUMA `node`, start aligned to `align`.
 
@@ -119,9 +129,7 @@ def alloc_on_node(nbytes: int, node: int, align: int = 64) -> np.ndarray:
         raise ValueError(f"alloc_on_node: align must be a power of two, got {align}")
     if _NR is None:
         warnings.warn(status() + "; allocating an unbound buffer", RuntimeWarning, stacklevel=2)
-        raw = np.zeros(nbytes + align, np.uint8)
-        offset = (-raw.ctypes.data) % align
-        return raw[offset : offset + nbytes]
+        return aligned_zeros(nbytes, align)
     _check_node(node)
     if nbytes == 0:
         return np.zeros(0, np.uint8)

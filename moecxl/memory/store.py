@@ -128,7 +128,7 @@ def quantize_int8(packed: np.ndarray, layout: ExpertLayout) -> tuple[np.ndarray,
 
     Returns (q int8 [numel], scales float32 [rows]) with one scale per last-axis row of each matrix.
     """
-    q = np.empty(layout.numel, np.int8)
+    q = numa.aligned_zeros(layout.numel).view(np.int8)  # 64-byte aligned: the host kernel reads it in place
     scales = np.empty(sum(n // s[-1] for s, n in zip(layout.shapes, layout.sizes)), np.float32)
     o = r = 0
     for m in layout.unpack(packed):
