@@ -7,6 +7,11 @@ tier, the cost model's copy time (`memory.tiers.copy_time_s`: latency + per-copy
 rate) gives the achieved share of the path rate for one expert per copy and for 2, 4 and 8 experts in one
 copy (what a batched copy of a layer's adjacent experts would reach). SIMULATED from the profiles'
 cited link figures; nothing is timed here.
+
+These shares are those of a copy issued and waited for alone. The runtime queues a visit's copies on
+the tier's FIFO (`memory.transfer.LinkClock`), where the fixed cost is latency overlapped with the next
+copy's bytes: k copies queued back to back reach the "k" share already, batched or not. What batching
+them into one transfer changes in TPOT: bench/sim_copy_batching.py.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ def main(argv=None) -> dict:
     doc = {
         "what": "copy granularity: achieved share of the path rate, 1/2/4/8 experts per copy",
         "timing": "simulated (cost model: memory.tiers.copy_time_s over the profiles' cited link figures)",
+        "note": "shares of a copy issued and waited for alone; k copies queued back to back on one device "
+        "overlap the fixed cost (LinkClock) and reach the k share batched or not; TPOT with batched copies: "
+        "bench/results/copy-batching-deepseek-v2-lite.json",
         "command": "python bench/copy_granularity.py " + " ".join(sys.argv[1:]),
         "rows": rows(),
     }

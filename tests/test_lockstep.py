@@ -97,7 +97,7 @@ def _profile(name: str) -> Hardware:
     return hw
 
 
-def _run(tiny, policy: str, profile: str, budget: float, batch: int):
+def _run(tiny, policy: str, profile: str, budget: float, batch: int, batch_copies: bool = False):
     model, target, runs = tiny
     prompt, ref, reqs = runs[batch]
     hw = _profile(profile)
@@ -128,6 +128,7 @@ def _run(tiny, policy: str, profile: str, budget: float, batch: int):
         clock="virtual",
         compute_s=COMPUTE_S,
         head_s=HEAD_S,
+        batch_copies=batch_copies,
     )
     if replicated:
         eng.replicate(3)
@@ -146,6 +147,7 @@ def _run(tiny, policy: str, profile: str, budget: float, batch: int):
         lowp_threshold=0.6,
         replicate_hot=3 if replicated else 0,
         placement="near_data" if spec.host_compute else "uniform",
+        batch_copies=batch_copies,
     )
     sim = simulate(reqs, shape_of(target), hw, cfg, eam_library=library or (), predictor=sim_predictor)
     return res, eng, sim
@@ -200,3 +202,35 @@ def test_a_slow_host_kernel_shows_in_the_host_only_tpot(tiny):
         assert res.metrics["host_compute_s"] == pytest.approx(sim.metrics["host_compute_s"])
     assert slow[0].metrics["host_compute_s"] > 2 * fast[0].metrics["host_compute_s"]
     assert slow[2].metrics["tpot_s"] > 2 * fast[2].metrics["tpot_s"]  # the virtual clock's TPOT
+
+
+BATCHED = [("lru", "one-cxl", 0.4, 2), ("moecxl", "four-cxl-fault", 0.5, 1)]  # the rest in the slow set
+BATCHED_SLOW = [
+    ("pregate", "one-cxl", 0.4, 1),
+    ("moecxl_nd", "one-cxl", 0.4, 2),
+    ("moecxl_nd", "four-cxl", 0.5, 2),
+]
+
+
+def _check_batched_lockstep(tiny, policy, profile, budget, batch):
+    res, eng, sim = _run(tiny, policy, profile, budget, batch, batch_copies=True)
+    assert _actions(eng.events) == _actions(sim.events)
+    em, sm = res.metrics, sim.metrics
+    assert em["batch_copies"] and sm["batch_copies"]
+    for k in ("transfers", "experts_per_transfer", "max_experts_per_transfer", "misses", "prefetch_issued"):
+        assert em[k] == sm[k], k
+    if profile == "one-cxl" and not POLICIES[policy].host_compute:  # a visit's misses share one device
+        assert em["max_experts_per_transfer"] > 1 and em["transfers"] < em["misses"] + em["prefetch_issued"]
+
+
+@pytest.mark.parametrize("policy,profile,budget,batch", BATCHED)
+def test_batched_copies_keep_the_engine_and_the_simulator_in_lockstep(tiny, policy, profile, budget, batch):
+    """Copies issued together from one tier go as one transfer in both executors: the same actions at
+    the same times and the same transfers (several experts in one where they share a device)."""
+    _check_batched_lockstep(tiny, policy, profile, budget, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,profile,budget,batch", BATCHED_SLOW)
+def test_more_policies_with_batched_copies_in_lockstep(tiny, policy, profile, budget, batch):
+    _check_batched_lockstep(tiny, policy, profile, budget, batch)

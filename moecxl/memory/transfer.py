@@ -4,6 +4,9 @@ Every copy is real (`jax.device_put` from the master to the device: a memcpy on 
 a GPU). With emulation on, a copy also completes no earlier than the hardware profile predicts,
 scaled by `time_scale` (DESIGN section 4): the reservation model below says when. The simulator uses
 the same `LinkClock`, so engine and simulator agree on what a link can do.
+
+Copies submitted `batched` are held per tier until `flush_batches`: each tier's then go as one
+transfer (`TransferBatch`: one clock booking, one worker job, one `jax.device_put` of their list).
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ class LinkClock:
     device for bytes/read rate and the link for bytes/link rate, and completes after the longer of
     the two plus the fixed latency and per-copy overhead. Concurrent copies from two devices thus
     share the GPU link; copies from one device queue up (FIFO).
+
+    The fixed cost is latency: it holds neither the device nor the link, so back-to-back copies
+    from one tier overlap it with the next copy's bytes and k queued copies finish at k bytes-times
+    plus ONE fixed cost. A batched copy (`joins`: several experts sent as one transfer) books the
+    same bytes and all its experts complete at the batch's end. `serial_overhead` (a sensitivity,
+    not a measured figure) makes the per-copy overhead hold the device and the link too, as a copy
+    engine that cannot set up one copy while moving the previous one would; a batch then pays it
+    once, where k separate copies pay it k times.
     """
 
     hardware: Hardware
@@ -38,6 +49,7 @@ class LinkClock:
     link_free_s: dict = field(default_factory=dict)
     bytes_by_tier: dict = field(default_factory=dict)
     busy_s_by_tier: dict = field(default_factory=dict)
+    serial_overhead: bool = False
 
     def duration_s(self, tier: Tier, nbytes: int) -> tuple[float, float, float]:
         """(device-busy, link-busy, fixed) seconds of one copy, unscaled."""
@@ -50,18 +62,31 @@ class LinkClock:
         fixed_s = tier.latency_ns * 1e-9 + tier.copy_overhead_us * 1e-6
         return dev_s, link_s, fixed_s
 
-    def reserve(self, tier_name: str, nbytes: int, now_s: float) -> tuple[float, float]:
-        """Book one copy submitted at `now_s`; returns (start_s, done_s) on the scaled clock."""
-        tier = self.hardware.tier(tier_name)
+    def holds_s(self, tier: Tier, nbytes: int, joins: bool = False) -> tuple[float, float, float, float]:
+        """(device hold, link hold, after, device busy) seconds of one copy on the scaled clock: it holds
+        its device and link for its bytes (with `serial_overhead`, plus the per-copy overhead unless it
+        `joins` a batch that paid it) and completes `after` seconds after the later of the two."""
         dev_s, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+        if not self.serial_overhead:
+            return dev_s, link_s, fixed_s, dev_s
+        overhead_s = tier.copy_overhead_us * 1e-6 * self.time_scale
+        held_s = 0.0 if joins else overhead_s
+        return dev_s + held_s, link_s + held_s, fixed_s - overhead_s, dev_s
+
+    def reserve(self, tier_name: str, nbytes: int, now_s: float, joins: bool = False) -> tuple[float, float]:
+        """Book one copy submitted at `now_s`; returns (start_s, done_s) on the scaled clock. `joins`: the
+        copy extends a batch booked just before it on this tier (one transfer: the batch's done_s is
+        this call's, and the per-copy overhead was the batch's first member's)."""
+        tier = self.hardware.tier(tier_name)
+        dev_s, link_s, after_s, busy_s = self.holds_s(tier, nbytes, joins)
         link_name = tier.link or tier_name
         start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
         link_start = max(now_s, self.link_free_s.get(link_name, 0.0))
         self.tier_free_s[tier_name] = start + dev_s
         self.link_free_s[link_name] = link_start + link_s
-        done = max(start + dev_s, link_start + link_s) + fixed_s
+        done = max(start + dev_s, link_start + link_s) + after_s
         self.bytes_by_tier[tier_name] = self.bytes_by_tier.get(tier_name, 0) + nbytes
-        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + dev_s
+        self.busy_s_by_tier[tier_name] = self.busy_s_by_tier.get(tier_name, 0.0) + busy_s
         return start, done
 
     def reserve_device(self, tier_name: str, nbytes: int, now_s: float) -> float:
@@ -92,10 +117,10 @@ class LinkClock:
     def expected_wait_s(self, tier_name: str, nbytes: int, now_s: float) -> float:
         """How long a copy submitted now would take to finish (queue included), without booking it."""
         tier = self.hardware.tier(tier_name)
-        dev_s, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+        dev_s, link_s, after_s, _ = self.holds_s(tier, nbytes)
         start = max(now_s, self.tier_free_s.get(tier_name, 0.0))
         link_start = max(now_s, self.link_free_s.get(tier.link or tier_name, 0.0))
-        return max(start + dev_s, link_start + link_s) + fixed_s - now_s
+        return max(start + dev_s, link_start + link_s) + after_s - now_s
 
     def reserve_stripe(self, tier_names, chunk_bytes, now_s: float) -> tuple[float, tuple[float, ...]]:
         """Book a striped read: one chunk copy per device, submitted together at `now_s`; each holds its
@@ -107,7 +132,13 @@ class LinkClock:
 
     def expected_stripe_wait_s(self, tier_names, chunk_bytes, now_s: float) -> float:
         """How long a striped read submitted now would take (its last chunk), without booking it."""
-        trial = LinkClock(self.hardware, self.time_scale, dict(self.tier_free_s), dict(self.link_free_s))
+        trial = LinkClock(
+            self.hardware,
+            self.time_scale,
+            dict(self.tier_free_s),
+            dict(self.link_free_s),
+            serial_overhead=self.serial_overhead,
+        )
         return trial.reserve_stripe(tier_names, chunk_bytes, now_s)[0] - now_s
 
     def link_floor_s(self, tier_names, chunk_bytes, now_s: float) -> float:
@@ -117,11 +148,11 @@ class LinkClock:
         done = now_s
         for name, nbytes in zip(tier_names, chunk_bytes):
             tier = self.hardware.tier(name)
-            _, link_s, fixed_s = (x * self.time_scale for x in self.duration_s(tier, nbytes))
+            _, link_s, after_s, _ = self.holds_s(tier, nbytes)
             link = tier.link or name
             start = max(now_s, link_free.get(link, self.link_free_s.get(link, 0.0)))
             link_free[link] = start + link_s
-            done = max(done, start + link_s + fixed_s)
+            done = max(done, start + link_s + after_s)
         return done - now_s
 
 
@@ -165,6 +196,43 @@ class Transfer:
                 f"copy of expert {self.key} from tier {self.tier!r} failed: {self.error}"
             ) from self.error
         return self.value
+
+
+@dataclass(frozen=True)
+class TransferBatch:
+    """Several experts' copies from one tier as one worker job: one `jax.device_put` of the list of
+    their packed buffers (JAX hands a list to the runtime as one batched transfer), every part done
+    at the batch's booked time. A list, not one contiguous range: even where the store holds a layer's
+    experts in adjacent page-aligned slabs (`model.hf.packed_expert_arrays`), a batch's experts are
+    whichever of a layer's experts missed, rarely adjacent ids, and a range would carry the experts
+    between them and the slabs' page padding, then need a split on the device."""
+
+    tier: str
+    parts: tuple[Transfer, ...]
+
+
+class OpenBatches:
+    """Copies submitted together, per source tier, not yet sent: a tier's copies go as one transfer and
+    all complete when its last one's booking does (`LinkClock.reserve(joins=True)`)."""
+
+    def __init__(self):
+        self.by_tier: dict[str, list] = {}
+
+    def joins(self, tier: str) -> bool:
+        """Whether a copy from `tier` submitted now extends an open batch."""
+        return tier in self.by_tier
+
+    def add(self, tier: str, copy) -> None:
+        """`copy` joins its tier's batch; the batch's members all land at its (latest) done time."""
+        members = self.by_tier.setdefault(tier, [])
+        members.append(copy)
+        for m in members:
+            m.expected_done_s = copy.expected_done_s
+
+    def close(self) -> dict[str, list]:
+        """The open batches, per tier, in submission order; none is open afterwards."""
+        out, self.by_tier = self.by_tier, {}
+        return out
 
 
 @dataclass
@@ -247,8 +315,8 @@ class Staging:
         if len(free) < self.keep:
             free.append(buf)
 
-    def put(self, src, sharding) -> jax.Array:
-        """`src` (a numpy or host JAX array) copied once into a staging buffer, as a device array."""
+    def _stage(self, src) -> np.ndarray:
+        """`src` (a numpy or host JAX array) copied once into a staging buffer that a device array may alias."""
         a = np.asarray(src)  # a host-memory JAX array (pinned_host on CPU) reads without a copy
         buf = self._take(a.nbytes)
         np.copyto(buf, a.reshape(-1).view(np.uint8))  # as bytes: one memcpy, whatever the dtype
@@ -257,7 +325,15 @@ class Staging:
         # when XLA is done with the buffer.
         held = np.frombuffer(memoryview(buf), a.dtype)
         weakref.finalize(held, self._give, buf)
-        return jax.device_put(held.reshape(a.shape), sharding)
+        return held.reshape(a.shape)
+
+    def put(self, src, sharding) -> jax.Array:
+        """`src` as a device array, through a staging buffer."""
+        return jax.device_put(self._stage(src), sharding)
+
+    def put_many(self, srcs, sharding) -> list:
+        """Each of `srcs` staged, then all put on the device by one `jax.device_put` of the list."""
+        return jax.device_put([self._stage(src) for src in srcs], sharding)
 
 
 def host_device(sharding) -> bool:
@@ -288,6 +364,7 @@ class TransferEngine:
         self.offline: set[str] = set()
         self.emulated_bytes: int | None = None
         self.staging = Staging()  # used where the device's memory is host memory (`host_device`)
+        self.open = OpenBatches()  # batched copies submitted, not yet sent (`flush_batches`)
         self.t0 = time.perf_counter()
 
     def now_s(self) -> float:
@@ -306,9 +383,19 @@ class TransferEngine:
         with self._lock:
             return self.clock.reserve_host_read(tier, nbytes, at_s)
 
-    def submit(self, key, tier: str, low_precision: bool = False, clock_bytes: int | None = None) -> Transfer:
+    def submit(
+        self,
+        key,
+        tier: str,
+        low_precision: bool = False,
+        clock_bytes: int | None = None,
+        batched: bool = False,
+    ) -> Transfer:
         """Copy `key` from `tier`; the clock books `clock_bytes` (default: the copy's bytes, scaled to
-        the emulated expert's size)."""
+        the emulated expert's size). `batched` (whole-precision copies): the copy joins `tier`'s open
+        batch, sent with it by `flush_batches` as one transfer (its fixed cost paid once)."""
+        if batched and low_precision:
+            raise TransferError(f"expert {key}: a low-precision copy (a pair of arrays) is not batched")
         if tier in self.offline:
             raise TransferError(f"tier {tier!r} is offline; cannot copy expert {key}")
         nbytes = self.store.layout.nbytes
@@ -321,13 +408,25 @@ class TransferEngine:
             if self.emulated_bytes:
                 clock_bytes = int(nbytes * self.emulated_bytes / self.store.layout.nbytes)
         now = self.now_s()
+        joins = batched and self.open.joins(tier)
         with self._lock:
-            _, done = self.clock.reserve(tier, clock_bytes, now)
+            _, done = self.clock.reserve(tier, clock_bytes, now, joins=joins)
         t = Transfer(key, tier, nbytes, low_precision, now, done if self.emulate or self.virtual else now)
         if self.virtual:
             t.virtual_now = self.now_s
-        self._queue(tier).put(t)
+        if batched:
+            self.open.add(tier, t)
+        else:
+            self._queue(tier).put(t)
         return t
+
+    def flush_batches(self) -> list[int]:
+        """Send the open batches, one job per tier; returns their sizes (experts per transfer)."""
+        sizes = []
+        for tier, parts in self.open.close().items():
+            self._queue(tier).put(parts[0] if len(parts) == 1 else TransferBatch(tier, tuple(parts)))
+            sizes.append(len(parts))
+        return sizes
 
     def submit_striped(self, key, stripe) -> StripedTransfer:
         """Copy `key` as the chunks of `stripe` (a runtime.striping.StripeSet held by the store), one
@@ -368,26 +467,38 @@ class TransferEngine:
 
     def _worker(self, q: queue.Queue):
         while True:
-            t = q.get()
-            if t is None:
+            job = q.get()
+            if job is None:
                 return
+            parts = job.parts if isinstance(job, TransferBatch) else (job,)
             try:
-                if t.tier in self.offline:
-                    raise TransferError(f"tier {t.tier!r} went offline")
-                if t.chunk is not None:
-                    src = self.store.chunk_source(t.key, t.tier)
-                else:
-                    src = self.store.source(t.key, t.low_precision, tier=t.tier)
-                value = tuple(self._to_device(a) for a in src) if t.low_precision else self._to_device(src)
-                jax.block_until_ready(value)
-                t.copied_s = self.now_s()
-                wait = t.expected_done_s - self.now_s()
+                if job.tier in self.offline:
+                    raise TransferError(f"tier {job.tier!r} went offline")
+                values = self._copy(job)
+                jax.block_until_ready(values)
+                copied_s = self.now_s()
+                wait = parts[-1].expected_done_s - copied_s  # a batch's parts share its done time
                 if self.emulate and not self.virtual and wait > 0:
                     time.sleep(wait)
-                t.value = value
-            except BaseException as e:  # reported to whoever waits on the transfer
-                t.error = e
-            t.done_event.set()
+                for t, value in zip(parts, values):
+                    t.copied_s, t.value = copied_s, value
+            except BaseException as e:  # reported to whoever waits on the transfer (every part)
+                for t in parts:
+                    t.error = e
+            for t in parts:
+                t.done_event.set()
+
+    def _copy(self, job) -> list:
+        """The device values of a job's parts: one `device_put` of a batch's list, else of the one copy."""
+        if isinstance(job, TransferBatch):
+            srcs = [self.store.source(t.key, tier=t.tier) for t in job.parts]
+            if host_device(self.device_sharding):
+                return self.staging.put_many(srcs, self.device_sharding)
+            return jax.device_put(srcs, self.device_sharding)
+        if job.chunk is not None:
+            return [self._to_device(self.store.chunk_source(job.key, job.tier))]
+        src = self.store.source(job.key, job.low_precision, tier=job.tier)
+        return [tuple(self._to_device(a) for a in src) if job.low_precision else self._to_device(src)]
 
     def _to_device(self, src):
         if host_device(self.device_sharding):

@@ -65,6 +65,7 @@ class DecisionCore(MissDecisions, SlotCache):
         faults=(),
         record_events: bool = False,
         reader: str = "gpu",
+        batch_copies: bool = False,
     ):
         check_mechanism(mech)
         check_policy(policy)
@@ -78,6 +79,10 @@ class DecisionCore(MissDecisions, SlotCache):
         self.lowp_bytes = int(clock_bytes * lowp_bytes_ratio)
         self.reader = reader
         self.record_events = record_events
+        # Copies issued together from one tier go as one transfer (`fetch`, `flush_copies`): per tier, the
+        # number submitted since the last flush.
+        self.batch_copies = bool(batch_copies)
+        self.open_batches: dict[str, int] = {}
         self.events: list[dict] = []
         # Oracle and Belady know the future: (layer, experts) visits in order.
         self.future = list(future) if future is not None else None
@@ -290,6 +295,8 @@ class DecisionCore(MissDecisions, SlotCache):
                         host_done, host_queue_s = len(self.host_jobs), 0.0
                     done = next((k for k in wait if k in self.inflight), next(iter(self.inflight)))
                     self.complete(done)
+                    if self.batch_copies:  # its batch landed with it: free their staging too, so the
+                        self.poll()  # next misses go together as well, not one transfer each
                 self.fetch(key, protect, prefetched=False, low_precision=key in lowp_ok)
                 wait.append(key)
         if len(self.host_jobs) > host_done:  # the CPU computes while the copies are on the links
@@ -302,6 +309,7 @@ class DecisionCore(MissDecisions, SlotCache):
         for key in wait:
             if key in self.inflight:
                 self.complete(key)
+        self.flush_copies()  # copies for later, not waited for: sent before time moves on
         stall = self.mech.blocked_s() - blocked0
         c.stall_s += stall
         c.stall_by_layer[m] += stall
@@ -327,10 +335,12 @@ class DecisionCore(MissDecisions, SlotCache):
         return slot_E
 
     def after(self) -> None:
-        """The prefetch the last visit owes (once its expert step is dispatched)."""
+        """The prefetch the last visit owes (once its expert step is dispatched); the prefetches it starts
+        together go as one transfer per tier where copies are batched."""
         pending, self.pending = self.pending, None
         if pending is not None:
             prefetch_mod.prefetch(self, *pending)
+            self.flush_copies()
 
     # ---- copies -----------------------------------------------------------------------------------------
     def source(self, key) -> str:
@@ -372,12 +382,22 @@ class DecisionCore(MissDecisions, SlotCache):
         )
 
     def fetch(self, key, protect, prefetched: bool, low_precision: bool = False) -> None:
-        """Issue one copy: staging room, a slot (evicting the policy's victim), the source plan."""
+        """Issue one copy: staging room, a slot (evicting the policy's victim), the source plan. With
+        `batch_copies`, a whole unstriped copy joins the open batch of its tier (`flush_copies` sends it);
+        striped and int8 copies stay one transfer each (a stripe is already one copy per device, an
+        int8 copy a pair of arrays dequantised as it lands)."""
         self.mech.before_issue(len(self.inflight))
         slot = self.take_slot(protect, key)
         plan = self.plan(key, low_precision)
         stripe = self.store.stripe_of(key) if plan.striped else None
-        cp = self.mech.submit(key, plan, low_precision, stripe)
+        batched = self.batch_copies and not plan.striped and not low_precision
+        if not batched:
+            self.flush_copies()  # copies submitted before it are sent before it
+        cp = self.mech.submit(key, plan, low_precision, stripe, batched=batched)
+        if batched:
+            self.open_batches[plan.label] = self.open_batches.get(plan.label, 0) + 1
+        else:
+            self.c.count_transfer(1)
         if plan.striped:
             self.c.striped_fetches += 1
         else:
@@ -393,8 +413,17 @@ class DecisionCore(MissDecisions, SlotCache):
             kind = "prefetch" if prefetched else "fetch"
             self.event(kind, layer=key[0], expert=key[1], tier=plan.label, low_precision=low_precision)
 
+    def flush_copies(self) -> None:
+        """Send the open batches, one transfer per tier: before anything waits or time moves on."""
+        if self.open_batches:
+            for n in self.open_batches.values():
+                self.c.count_transfer(n)
+            self.open_batches = {}
+            self.mech.flush_batches()
+
     def complete(self, key) -> None:
         """Land a copy (the mechanism blocks until it is there: stall) and map its slot."""
+        self.flush_copies()
         cp, slot, prefetched = self.inflight.pop(key)
         try:
             self.mech.land(key, cp, slot)

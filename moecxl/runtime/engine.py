@@ -68,6 +68,9 @@ class OffloadEngine:
     `compute_s` per layer visit and `head_s` per step, copies land at the clock's time (lock-step with
     the simulator). `host_kernel` ("measure", a KernelTable or hostbench record): the host takes no
     less than that kernel's own time per expert (`calibrate.with_host_kernel`), in emulated runs too.
+    `batch_copies`: the copies the core issues together from one tier (a visit's misses, a round of
+    prefetches) go as one transfer: one clock booking, one `jax.device_put` of their list, all landing
+    at its done time (`memory.transfer.TransferBatch`).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class OffloadEngine:
         compute_s: float | None = None,
         head_s: float = 0.0,
         host_kernel=None,
+        batch_copies: bool = False,
     ):
         self.bank = bank_of(model)  # what the runtime reads of the model: experts and routers per MoE layer
         check_bank(self.bank)
@@ -238,6 +242,7 @@ class OffloadEngine:
             faults=getattr(self.hardware, "faults", ()) or (),
             record_events=record_events,
             reader=reader,
+            batch_copies=batch_copies,
         )
         self.replicate_hot = int(replicate_hot)
         self.timeline: list[dict] = []  # per step: bytes and busy time per tier (utilisation)
@@ -389,14 +394,14 @@ class OffloadEngine:
         if self._landed and n_inflight + len(self._landed) >= self.max_inflight:
             self._flush()  # staging holds landed copies: install them to make room
 
-    def submit(self, key, plan, low_precision: bool, stripe):
+    def submit(self, key, plan, low_precision: bool, stripe, batched: bool = False):
         t0, install_wait_s0 = time.perf_counter(), self._install_wait_s
         try:
             if stripe is not None:
                 return self.transfers.submit_striped(key, stripe)
             clock_bytes = self.core.lowp_bytes if low_precision else None  # as the core planned it
             return self.transfers.submit(
-                key, plan.label, low_precision=low_precision, clock_bytes=clock_bytes
+                key, plan.label, low_precision=low_precision, clock_bytes=clock_bytes, batched=batched
             )
         except TransferError as e:
             raise CopyFailed(str(e)) from e
@@ -404,6 +409,9 @@ class OffloadEngine:
             if not self.virtual:  # a virtual clock counts no measured overhead: deterministic decisions
                 busy = time.perf_counter() - t0 - (self._install_wait_s - install_wait_s0)
                 self.fetch_overhead_s = _ema(self.fetch_overhead_s, busy)
+
+    def flush_batches(self) -> None:
+        self.transfers.flush_batches()
 
     def land(self, key, copy, slot: int) -> None:
         """Block until the copy is there; the write into the slot arrays waits for `_flush`, batched

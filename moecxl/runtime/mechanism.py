@@ -54,7 +54,15 @@ class Mechanism(Protocol):
         """Compute per layer visit (measured or modelled); None until known."""
         ...
 
-    def submit(self, key, plan, low_precision: bool, stripe) -> Copy: ...
+    def submit(self, key, plan, low_precision: bool, stripe, batched: bool = False) -> Copy:
+        """Start one copy as planned. `batched` (whole, unstriped copies): it joins the open batch of
+        its tier, booked as one transfer with it (the fixed cost paid once) and sent at `flush_batches`;
+        the batch's copies all complete at its done time."""
+        ...
+
+    def flush_batches(self) -> None:
+        """Send the open batches (one transfer per tier); the core calls it before time moves on."""
+        ...
 
     def land(self, key, copy: Copy, slot: int) -> None:
         """Block until `copy` is there and map it into `slot` (raises CopyFailed)."""

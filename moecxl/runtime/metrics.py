@@ -34,6 +34,13 @@ class Counters:
         self.inflight_host = 0  # needed experts in flight computed on the host instead of waited for
         self.copied_for_later = 0  # host-computed misses also copied in the background for later tokens
         self.not_striped: dict = defaultdict(int)  # why a fetch read one whole copy (striping.REASONS)
+        self.transfers = self.transfer_experts = self.max_transfer_experts = 0  # copies as sent
+
+    def count_transfer(self, n_experts: int) -> None:
+        """One transfer sent, moving `n_experts` experts (a batch; 1 for a copy on its own)."""
+        self.transfers += 1
+        self.transfer_experts += n_experts
+        self.max_transfer_experts = max(self.max_transfer_experts, n_experts)
 
     @property
     def lookups(self) -> tuple[int, int]:
@@ -83,6 +90,10 @@ class CoreMetrics(TypedDict):
     inflight_host_computed: int
     copied_for_later: int
     striping: StripingMetrics
+    batch_copies: bool  # copies issued together from one tier go as one transfer
+    transfers: int  # transfers sent (a batch counts once, a striped read once)
+    experts_per_transfer: float | None
+    max_experts_per_transfer: int
     faults: list
     max_inflight: int
     device_budget_bytes: int
@@ -134,6 +145,10 @@ def core_metrics(core) -> CoreMetrics:
             not_striped=dict(c.not_striped),
             sets_skipped=dict(core.stripe_report["skipped"]),
         ),
+        batch_copies=core.batch_copies,
+        transfers=c.transfers,
+        experts_per_transfer=c.transfer_experts / c.transfers if c.transfers else None,
+        max_experts_per_transfer=c.max_transfer_experts,
         faults=list(c.fault_events),
         max_inflight=c.max_queue,
         device_budget_bytes=core.budget_bytes,

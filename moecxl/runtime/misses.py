@@ -149,6 +149,7 @@ class MissDecisions:
     def run_host(self, m: int, jobs) -> None:
         """The CPU computes `jobs` ((key, tokens), in order) from now: each read books the expert's device
         after the traffic there (copies in flight, earlier reads), then the compute."""
+        self.flush_copies()  # the copies chosen before these experts are on the links first
         now = cursor = self.mech.now_s()
         out = []
         c = self.c

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moecxl.memory.tiers import Hardware
-from moecxl.memory.transfer import LinkClock
+from moecxl.memory.transfer import LinkClock, OpenBatches
 from moecxl.model.family import family_of
 from moecxl.runtime import homes
 from moecxl.runtime import placement as placement_mod
@@ -54,7 +54,10 @@ class SimConfig:
     tier is offline its experts are re-homed as the engine re-homes them (a replica, else a copy made
     on an online tier with room). `control`: the engine's measured control-plane time per visit, by
     policy, batch and hit/miss (`moecxl.sim.control`; None charges nothing: the idealisation, reported
-    as such); `control_s` adds a flat number of seconds per visit on top.
+    as such); `control_s` adds a flat number of seconds per visit on top. `batch_copies`: copies issued
+    together from one tier go as one transfer (as the engine's option); `serial_copy_overhead`: a
+    sensitivity, not a measured figure: the per-copy overhead holds the device and the link
+    (`LinkClock.serial_overhead`), as a copy engine that cannot overlap it with the previous copy.
     """
 
     policy: PolicyProtocol | str = "lru"
@@ -76,6 +79,8 @@ class SimConfig:
     stripe_max_width: int = MAX_WIDTH
     stripe_min_gain: float = MIN_GAIN
     replicate_hot: int = 0  # replicate this many experts onto a second CXL device before the run
+    batch_copies: bool = False
+    serial_copy_overhead: bool = False
 
 
 @dataclass
@@ -116,9 +121,17 @@ class _SimMechanism:
     books_host_reads = True
     fetch_overhead_s = install_overhead_s = host_overhead_s = 0.0  # nothing measured: all in the model
 
-    def __init__(self, hw: Hardware, time_scale: float, expert_bytes: int, lowp_bytes: int):
-        self.clock = LinkClock(hw, time_scale)
+    def __init__(
+        self,
+        hw: Hardware,
+        time_scale: float,
+        expert_bytes: int,
+        lowp_bytes: int,
+        serial_overhead: bool = False,
+    ):
+        self.clock = LinkClock(hw, time_scale, serial_overhead=serial_overhead)
         self.expert_bytes, self.lowp_bytes = expert_bytes, lowp_bytes
+        self.open = OpenBatches()  # batched copies booked, not yet sent
         self.now = 0.0
         self.blocked = 0.0
         self.visit_layer_s = 0.0  # compute of the visit being replayed: the gate's time per layer
@@ -146,15 +159,23 @@ class _SimMechanism:
     def set_offline(self, tier: str, offline: bool = True) -> None:
         pass
 
-    def submit(self, key, plan, low_precision: bool, stripe) -> _Copy:
+    def submit(self, key, plan, low_precision: bool, stripe, batched: bool = False) -> _Copy:
         nbytes = self.lowp_bytes if low_precision else self.expert_bytes
+        tier = plan.tiers[0]
         if stripe is not None:
             chunks = stripe.scaled_bytes(nbytes)
             done, _ = self.clock.reserve_stripe(plan.tiers, chunks, self.now)
         else:
             chunks = (nbytes,)
-            _, done = self.clock.reserve(plan.tiers[0], nbytes, self.now)
-        return _Copy(key, tuple(plan.tiers), low_precision, done, dict(zip(plan.tiers, chunks)), self)
+            joins = batched and self.open.joins(tier)
+            _, done = self.clock.reserve(tier, nbytes, self.now, joins=joins)
+        cp = _Copy(key, tuple(plan.tiers), low_precision, done, dict(zip(plan.tiers, chunks)), self)
+        if batched:
+            self.open.add(tier, cp)
+        return cp
+
+    def flush_batches(self) -> None:
+        self.open.close()  # booked already: nothing moves in a simulation
 
     def land(self, key, copy: _Copy, slot: int) -> None:
         self._advance(copy.expected_done_s)
@@ -271,7 +292,11 @@ def simulate(
     if cfg.control is not None:
         cfg.control.check(policy.name)
     mech = _SimMechanism(
-        hw, cfg.time_scale, shape.expert_bytes, int(shape.expert_bytes * cfg.lowp_bytes_ratio)
+        hw,
+        cfg.time_scale,
+        shape.expert_bytes,
+        int(shape.expert_bytes * cfg.lowp_bytes_ratio),
+        serial_overhead=cfg.serial_copy_overhead,
     )
     knows_future = policy.needs_future
     try:
@@ -300,6 +325,7 @@ def simulate(
             faults=tuple(_Fault(*f) for f in faults),
             record_events=cfg.record_events,
             reader="cpu" if policy.host_compute else "gpu",
+            batch_copies=cfg.batch_copies,
         )
         core.stripe_min_gain = cfg.stripe_min_gain
         if cfg.striping:
