@@ -1,6 +1,6 @@
 """The host kernel's batched path: an expert's FFN for many tokens as XLA:CPU GEMMs on its stored bytes.
 
-From about 8 tokens an expert is compute-bound on the host, and the row-streaming loops of
+From about 8-16 tokens an expert is compute-bound on the host, and the row-streaming loops of
 `memory.hostkernel` (float32 FMAs on widened weights) reach a third of the float32 peak. XLA's CPU
 backend hands bf16 x bf16 and int8 x int8 dots to its GEMM library (YNNPACK, with AVX-512 BF16 / VNNI /
 AMX where the CPU has them), which packs the weights panel by panel (no whole-matrix temporary: measured

@@ -40,7 +40,7 @@ from moecxl.memory.store import ExpertLayout
 DIRECT_MAX_TOKENS = 4  # below this many tokens: widen inside the FMA loop (no scratch)
 ROW_BLOCK = 8  # weight rows widened per pass of the blocked nest (a multiple of 4)
 COL_TILE = 512  # columns per tile: the scratch tile (ROW_BLOCK x 512 floats) and a token quad fit L1
-BATCHED_MIN_TOKENS = 8  # from this many tokens: XLA GEMMs (`memory.hostgemm`), measured faster by hostbench
+BATCHED_MIN_TOKENS = 16  # from here XLA GEMMs (`memory.hostgemm`): hostbench measured them faster (bf16 55 vs 62 ms at 16, loops faster at 8)
 PARALLEL_MIN_BYTES = 1 << 20  # smaller matrices: one thread (a hand-off costs ~20-50 us)
 ACTS = ("silu", "relu")  # SwiGLU (gate, up, down) or ReLU MLP (in, down)
 BF16 = np.dtype(ml_dtypes.bfloat16)
