@@ -5,7 +5,8 @@
 
 Measures, in one run and labelled measured-cpu:
   load    `moecxl.load(experts="host")`: wall time, peak RSS and RSS after, against the experts' bytes;
-  kernel  `hostkernel.expert_forward` on the checkpoint's own experts (1, 4, 16, 32 tokens) against a
+  kernel  `hostkernel.expert_forward` on the checkpoint's own experts (1, 4, 16, 32 tokens: row loops under
+          16, XLA GEMMs from 16, as the engine runs it) against a
           float32 GEMV read of 512 MiB (this machine's read rate), measured beside it;
   copy    a stored expert (pinned_host, as `HostStore` keeps it) to the JAX device through the transfer
           engine (and a bare `jax.device_put`), and its install into the slot arrays, against a numpy
@@ -33,10 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moecxl  # noqa: E402
 from bench.common import machine, write_json  # noqa: E402
-from moecxl.memory import fullsize  # noqa: E402
+from moecxl.memory import fullsize, numa  # noqa: E402
 from moecxl.memory.hostbench import ReadProbe  # noqa: E402
 from moecxl.memory.hostkernel import expert_forward  # noqa: E402
-from moecxl.memory.store import HostStore, expert_matrices, layout_of  # noqa: E402
+from moecxl.memory.store import HostStore, expert_matrices, layout_of, packed_slab  # noqa: E402
 from moecxl.memory.tiers import Hardware  # noqa: E402
 from moecxl.memory.transfer import TransferEngine  # noqa: E402
 
@@ -65,13 +66,17 @@ def best_s(fn, repeats: int) -> float:
 
 
 def packed_experts(model, keys) -> list[np.ndarray]:
-    """The experts `keys` packed as the store packs them (one buffer each)."""
+    """The experts `keys` as the store holds them: the loader's own page-aligned slab (no copy), or a
+    packed copy in a page-aligned buffer."""
     layout, mats = layout_of(model), expert_matrices(model)
     out = []
     for m, e in keys:
         ins, down = mats[m]
-        buf = np.empty(layout.numel, layout.np_dtype)
-        layout.pack([w[e] for w in ins] + [down[e]], buf)
+        parts = [w[e] for w in ins] + [down[e]]
+        buf = packed_slab(parts, layout)
+        if buf is None:
+            buf = numa.aligned_zeros(layout.nbytes, align=4096).view(layout.np_dtype)
+            layout.pack(parts, buf)
         out.append(buf)
     return out
 
@@ -170,10 +175,59 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+@contextlib.contextmanager
+def recording_device_steps():
+    """Record the argument shapes of every call to the engine's jitted expert steps (`_stored_step_jit`,
+    `_mixed_jit`) so that `device_step_temp_bytes` can ask XLA for their working memory afterwards."""
+    from moecxl.runtime import engine as engine_mod  # noqa: PLC0415 (optional part, above memory)
+
+    calls: list = []
+    originals = {name: getattr(engine_mod, name) for name in ("_stored_step_jit", "_mixed_jit")}
+
+    def recorder(fn):
+        def call(*args, **kw):
+            shapes = jax.tree.map(
+                lambda a: (
+                    jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, (jax.Array, np.ndarray)) else a
+                ),
+                args,
+            )
+            calls.append((fn, shapes, kw))
+            return fn(*args, **kw)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(engine_mod, name, recorder(fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(engine_mod, name, fn)
+
+
+def device_step_temp_bytes(calls) -> int:
+    """The largest XLA temporary allocation (compiled memory analysis) over the recorded step calls: the
+    device step's working memory (gathered slot rows, upcast weights), device memory on a GPU and host
+    RAM on this machine."""
+    seen, most = set(), 0
+    for fn, shapes, kw in calls:
+        key = (id(fn), str(shapes), str(sorted(kw.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        analysis = fn.lower(*shapes, **kw).compile().memory_analysis()
+        if analysis is not None:
+            most = max(most, int(analysis.temp_size_in_bytes))
+    return most
+
+
 def bench_engine(model, new_tokens: int, runs, prompt_len: int) -> dict:
     """`moecxl.generate` through the offload engine for each (policy, budget) in `runs`, unemulated;
     each run's peak RSS is its own (reset before it), split into the device cache and staging (device
-    memory, which is host RAM on this machine) and the rest (the experts held once, the interpreter)."""
+    memory, which is host RAM on this machine), the device expert step's XLA temporaries (compiled
+    memory analysis of the shapes the run used: device memory too) and the rest (the experts held once,
+    the interpreter)."""
     from moecxl.runtime.engine import OffloadEngine  # noqa: PLC0415 (optional part; the runtime is above memory)
 
     expert_bytes = sum(w.nbytes for ins, out in expert_matrices(model) for w in (*ins, out))
@@ -198,7 +252,8 @@ def bench_engine(model, new_tokens: int, runs, prompt_len: int) -> dict:
         try:
             engine = OffloadEngine(model, hardware=hw, policy=policy, device_budget=budget, emulate=False)
             t0 = time.perf_counter()
-            res = moecxl.generate(model, ids, max_new_tokens=new_tokens, engine=engine)
+            with recording_device_steps() as calls:
+                res = moecxl.generate(model, ids, max_new_tokens=new_tokens, engine=engine)
             rec["wall_s"] = time.perf_counter() - t0
             rec["metrics"] = {k: res.metrics.get(k) for k in keep}
             now = rss()
@@ -211,13 +266,20 @@ def bench_engine(model, new_tokens: int, runs, prompt_len: int) -> dict:
             rec["peak_rss_less_device_over_expert_bytes"] = (
                 now["VmHWM"] - cache_bytes - staging_bytes
             ) / expert_bytes
+            temp = device_step_temp_bytes(calls)  # after the peak was read: compiling allocates little
+            rec["device_step_temp_bytes"] = temp
+            rec["peak_rss_less_device_and_step_over_expert_bytes"] = (
+                now["VmHWM"] - cache_bytes - staging_bytes - temp
+            ) / expert_bytes
             rec["store_aliases_model_arrays"] = all(
                 r.get("aliases_model_arrays", False) for r in engine.store.node_report.values()
             )
             print(
                 f"engine {policy} @ {budget}: TPOT {rec['metrics']['tpot_s']:.2f} s, peak RSS "
                 f"{rec['peak_rss_over_expert_bytes']:.2f}x experts "
-                f"({rec['peak_rss_less_device_over_expert_bytes']:.2f}x less device cache and staging)",
+                f"({rec['peak_rss_less_device_over_expert_bytes']:.2f}x less device cache and staging, "
+                f"{rec['peak_rss_less_device_and_step_over_expert_bytes']:.2f}x less the device step's "
+                f"{temp / GB:.2f} GB of XLA temporaries too)",
                 flush=True,
             )
         except Exception as e:  # noqa: BLE001 - recorded, not hidden: the engine may refuse a budget
