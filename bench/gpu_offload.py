@@ -3,6 +3,8 @@
 1. Host-to-device GB/s from `pinned_host` (and pageable numpy) by copy size, 4 KiB .. 256 MiB.
 2. Prefetch overlapped with decode: an MoE model whose experts exceed the device budget, TPOT of every
    policy (measured-gpu: real DMA, no emulation) against the same model fully resident, bit-exactness.
+3. The host expert kernel on this machine's host CPU (`moecxl.memory.hostbench`: Mixtral-size experts,
+   bf16 and int8, 1/4/16/32 tokens, loops and GEMM paths, against the host's read rate; ~1-2 minutes).
 Writes $OUT/gpu_offload.json (or --out). Usage on the device machine:
     PYTHONUNBUFFERED=1 python bench/gpu_offload.py --out $OUT/gpu_offload.json
 Not run yet: no GPU was lent to the task that wrote it (see the closing notes).
@@ -111,6 +113,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu_offload.json"))
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--no-host-kernel", action="store_true", help="skip the host-kernel bench (item 3)")
     args = ap.parse_args(argv)
     timing = "measured-gpu" if jax.default_backend() == "gpu" else "measured-cpu"
     out = {
@@ -120,6 +123,12 @@ def main(argv=None):
         "h2d": h2d_sweep(),
         "offload": offload_tpot(args.tokens),
     }
+    if not args.no_host_kernel:  # issue #21 item 7: the kernel's figures on a GPU server's host CPU
+        from moecxl.memory import hostbench  # noqa: PLC0415
+
+        out["host_kernel"] = hostbench.run(
+            tokens=(1, 4, 16, 32), repeats=3, log=lambda m: print(m, flush=True)
+        )
     write_json(args.out, out)
     print(f"wrote {args.out}")
 
