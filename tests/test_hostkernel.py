@@ -119,6 +119,7 @@ def test_gemm_path_matches_reference(dtype, n_tokens, monkeypatch):
     """The batched path (XLA GEMMs on 16/8-bit operands with split activations) is float32-accurate
     against the float64 reference of the stored expert, in chunks too (40 tokens, 16 per call)."""
     monkeypatch.setattr(hostgemm, "MAX_ROWS", 16)
+    monkeypatch.setattr(hostkernel, "GEMM_MIN_BYTES", 0)  # tiny experts take the GEMMs too under "auto"
     layout = ExpertLayout(ALIGNED.shapes, "float32" if dtype == "float32" else "bfloat16")
     packed = _aligned(_expert(layout, seed=5))
     x = np.random.default_rng(n_tokens).standard_normal((n_tokens, 32)).astype(np.float32)
@@ -134,6 +135,16 @@ def test_gemm_path_matches_reference(dtype, n_tokens, monkeypatch):
         np.testing.assert_array_equal(expert_forward(x, stored, layout), y)
 
 
+def test_small_experts_stay_on_the_loops_under_auto():
+    """A GEMM call costs ~1 ms more than the loops: experts under GEMM_MIN_BYTES keep the loops."""
+    packed = _aligned(_expert(ALIGNED))
+    x = np.random.default_rng(8).standard_normal((BATCHED_MIN_TOKENS * 2, 32)).astype(np.float32)
+    assert packed.nbytes < hostkernel.GEMM_MIN_BYTES
+    np.testing.assert_array_equal(
+        expert_forward(x, packed, ALIGNED), expert_forward(x, packed, ALIGNED, path="loops")
+    )
+
+
 def test_gemm_path_reads_the_stored_bytes_in_place():
     w = _aligned(_expert(ALIGNED))[: 32 * 48].reshape(32, 48)
     a = hostgemm.aliased(w)
@@ -143,7 +154,8 @@ def test_gemm_path_reads_the_stored_bytes_in_place():
 
 
 def test_gemm_path_falls_back_to_the_loops_where_it_cannot_read_in_place(monkeypatch):
-    x = np.random.default_rng(7).standard_normal((9, D)).astype(np.float32)
+    monkeypatch.setattr(hostkernel, "GEMM_MIN_BYTES", 0)
+    x = np.random.default_rng(7).standard_normal((BATCHED_MIN_TOKENS + 1, D)).astype(np.float32)
     packed = _aligned(_expert(SWIGLU))  # D x F bf16 matrices: the second starts 1628 bytes in, not aligned
     np.testing.assert_array_equal(
         expert_forward(x, packed, SWIGLU), expert_forward(x, packed, SWIGLU, path="loops")

@@ -41,6 +41,9 @@ DIRECT_MAX_TOKENS = 4  # below this many tokens: widen inside the FMA loop (no s
 ROW_BLOCK = 8  # weight rows widened per pass of the blocked nest (a multiple of 4)
 COL_TILE = 512  # columns per tile: the scratch tile (ROW_BLOCK x 512 floats) and a token quad fit L1
 BATCHED_MIN_TOKENS = 16  # from here XLA GEMMs (`memory.hostgemm`): hostbench measured them faster (bf16 55 vs 62 ms at 16, loops faster at 8)
+GEMM_MIN_BYTES = (
+    8 << 20
+)  # and only for experts this large: a GEMM call costs ~1 ms more (measured: 0.8 / 6 MB experts at 16 tokens, loops 0.4 / 2.7 ms, GEMMs 1.4 / 7.8 ms; at 16.5 MB GEMMs 13 vs 17 ms)
 PARALLEL_MIN_BYTES = 1 << 20  # smaller matrices: one thread (a hand-off costs ~20-50 us)
 ACTS = ("silu", "relu")  # SwiGLU (gate, up, down) or ReLU MLP (in, down)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -313,7 +316,8 @@ def expert_forward(
     low-precision copy. `act`: "silu" (SwiGLU: gate, up, down) or "relu" (in, down); None takes it from
     the layout's matrix count (3 -> silu, 2 -> relu). `path`: "loops" (the compiled row loops),
     "gemm" (XLA GEMMs on the stored bytes, `memory.hostgemm`; an error where they cannot be read in
-    place) or "auto": the GEMMs from BATCHED_MIN_TOKENS tokens where they can, the loops otherwise.
+    place) or "auto": the GEMMs from BATCHED_MIN_TOKENS tokens on experts of GEMM_MIN_BYTES or more,
+    where they can be read in place, the loops otherwise.
     """
     if path not in PATHS:
         raise HostKernelError(f"host kernel: path {path!r}; expected one of {PATHS}")
@@ -332,7 +336,9 @@ def expert_forward(
     x = np.ascontiguousarray(x_ND, np.float32)
     if x.shape[0] == 0:
         return np.zeros((0, layout.shapes[-1][-1]), np.float32)
-    if path == "gemm" or (path == "auto" and x.shape[0] >= BATCHED_MIN_TOKENS):
+    if path == "gemm" or (
+        path == "auto" and x.shape[0] >= BATCHED_MIN_TOKENS and flat.nbytes >= GEMM_MIN_BYTES
+    ):
         stored = flat.view(BF16) if name == "bfloat16" else flat
         y = hostgemm.ffn(x, _matrices(stored, scales, layout), act)
         if y is not None:
