@@ -317,7 +317,8 @@ def test_host_compute_policies_refuse_gptoss_experts(changes, kind, stored):
     for policy in ("moecxl_host", "moecxl_nd", "fiddler"):
         want = rf"policy '{policy}' computes misses on the host, but the host kernel has no '{kind}' experts"
         with pytest.raises(
-            EngineError, match=rf"{want} \(stored as {stored}\); use a policy that copies them"
+            EngineError,
+            match=rf"{want} \(stored as {stored};.*\); use a policy that copies them: moecxl instead",
         ):
             OffloadEngine(model, policy=policy, device_budget=0.6, emulate=False)
     OffloadEngine(model, policy="moecxl", device_budget=0.6, emulate=False).close()

@@ -123,7 +123,9 @@ class OffloadEngine:
         if policy.host_compute and not self.fmt.host_kernel:
             raise EngineError(
                 f"policy {policy.name!r} computes misses on the host, but the host kernel has no "
-                f"{self.fmt.kind!r} experts (stored as {self.layout.dtype}); use a policy that copies them"
+                f"{self.fmt.kind!r} experts (stored as {self.layout.dtype}; it reads SwiGLU / ReLU experts "
+                "without biases or clamps); use a policy that copies them: moecxl instead of moecxl_nd or "
+                "moecxl_host, or lru / pregate"
             )
         self.expert_bytes = self.layout.nbytes
         self.L, self.E, self.K = self.bank.num_layers, self.cfg.num_experts, self.cfg.top_k
