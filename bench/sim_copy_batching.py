@@ -14,12 +14,11 @@ up while moving the previous one; not a measured figure). Every figure is simula
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import write_json  # noqa: E402
 from moecxl.config import load_yaml  # noqa: E402
 from moecxl.sim.experiments import _Ctx, git_commit, load_hardware  # noqa: E402
 
@@ -88,11 +87,7 @@ def main(argv=None) -> dict:
         "git_commit": git_commit(),
         "rows": rows,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
+    write_json(a.out, doc)  # temp file, then rename
     return doc
 
 
