@@ -208,8 +208,9 @@ def recording_device_steps():
 
 def device_step_temp_bytes(calls) -> int:
     """The largest XLA temporary allocation (compiled memory analysis) over the recorded step calls: the
-    device step's working memory (gathered slot rows, upcast weights), device memory on a GPU and host
-    RAM on this machine."""
+    device step's working memory (one expert's slot rows at a time since the step runs its experts in a
+    scan; the gathered, float32-widened rows of every routed expert before), device memory on a GPU and
+    host RAM on this machine."""
     seen, most = set(), 0
     for fn, shapes, kw in calls:
         key = (id(fn), str(shapes), str(sorted(kw.items())))

@@ -83,3 +83,74 @@ def test_softmax_topk_matches_reference(normalize):
     np.testing.assert_array_equal(np.asarray(ids), ids_ref)
     np.testing.assert_allclose(np.asarray(w), w_ref, atol=1e-6)
     assert np.asarray(keep).all()
+
+
+def bf16_round(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("N", [1, 3, 70])
+def test_bf16_experts_with_float32_activations_are_float32_accurate(strategy, N):
+    """bf16 weights against float32 activations: the float32 result for those bf16 weights (the hi + lo
+    split of x loses ~2^-17 of it), not a bf16-rounded one."""
+    x, ids, w, ins, out = problem(7 + N, N, 2, 6, D=16, F=12)
+    ins, out = tuple(bf16_round(a) for a in ins), bf16_round(out)
+    to_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    fn = STRATEGIES[strategy]
+    y = fn(
+        jnp.asarray(x),
+        jnp.asarray(ids),
+        jnp.asarray(w),
+        tuple(map(to_bf16, ins)),
+        to_bf16(out),
+        jnp.arange(6, dtype=jnp.int32),
+    )
+    assert y.dtype == jnp.float32
+    ref = reference_moe(x, ids, w, ins, out)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=5e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_bf16_experts_with_bf16_activations_within_bf16_rounding(strategy):
+    x, ids, w, ins, out = problem(11, 5, 2, 6, D=16, F=12)
+    x, ins, out = bf16_round(x), tuple(bf16_round(a) for a in ins), bf16_round(out)
+    to_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    y = STRATEGIES[strategy](
+        to_bf16(x),
+        jnp.asarray(ids),
+        jnp.asarray(w),
+        tuple(map(to_bf16, ins)),
+        to_bf16(out),
+        jnp.arange(6, dtype=jnp.int32),
+    )
+    ref = reference_moe(x, ids, w, ins, out)
+    # bf16 g, u, h and y: a few roundings of 2^-8 each
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=4 * 2**-8 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("N", [1, 8, 100])  # decode, a few tokens (unique), prefill (blocked)
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_device_step_holds_one_expert_at_a_time(N, x_dtype):
+    """The expert step over the engine's slot arrays (bf16 kept as uint16 bits, read back by bitcast)
+    needs about one expert of working memory whatever the number of experts it runs: no gathered copy
+    of every needed expert, no float32 copy of any (XLA's compiled memory analysis)."""
+    D, F, E, C, K = 512, 1024, 8, 8, 2
+    expert_bytes = 3 * D * F * 2
+    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16)  # noqa: E731
+
+    def step(x, ids, w, ins, out, slot_E):
+        return moe_ffn(x, ids, w, tuple(map(bits, ins)), bits(out), slot_E)
+
+    S = jax.ShapeDtypeStruct
+    args = (
+        S((N, D), x_dtype),
+        S((N, K), jnp.int32),
+        S((N, K), jnp.float32),
+        (S((C, D, F), jnp.uint16), S((C, D, F), jnp.uint16)),
+        S((C, F, D), jnp.uint16),
+        S((E,), jnp.int32),
+    )
+    temp = jax.jit(step).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    activations = 2 * N * K * (D + 2 * F) * 4  # rows, blocks, hidden and per-expert outputs (float32)
+    assert temp <= 1.25 * expert_bytes + activations, (temp, expert_bytes)

@@ -86,20 +86,40 @@ class ExpertFormat:
             w_down = jnp.swapaxes(mxfp4_dequantize(d_blocks, d_scales, dt), -1, -2)  # [G, F, D]
             b_gate_up = jax.lax.bitcast_convert_type(b_gate_up, dt)
             b_down = jax.lax.bitcast_convert_type(b_down, dt)
-        h = jnp.einsum(eq_in, x, w_gate_up) + b_gate_up[:, None, :]
+        h = expert_einsum(eq_in, x, w_gate_up) + b_gate_up[:, None, :]
         h = clamped_swiglu(h, self.swiglu_alpha, self.swiglu_limit)
-        return jnp.einsum(eq_out, h, w_down) + b_down[:, None, :]
+        return expert_einsum(eq_out, h, w_down) + b_down[:, None, :]
+
+
+def expert_einsum(eq: str, x, w):
+    """An expert matmul that reads bf16 weights as stored, with float32 sums: XLA:CPU would otherwise widen
+    the weights to a float32 copy first. bf16 activations give the bf16 result a bf16 einsum rounds to;
+    float32 ones go as hi + lo bf16 parts stacked on the token axis (x's and the result's second-last),
+    so products are exact, sums float32, and x is carried to ~2^-17 of itself."""
+    if w.dtype != jnp.bfloat16 or x.dtype not in (jnp.bfloat16, jnp.float32):
+        return jnp.einsum(eq, x, w)
+    if x.dtype == jnp.bfloat16:
+        if x.shape[-2] > 1:
+            return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        # one row: XLA:CPU's bf16 matrix-vector product widens the weights; a zero second row avoids it
+        x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=-2)
+        return jnp.einsum(eq, x2, w, preferred_element_type=jnp.float32)[..., :1, :].astype(jnp.bfloat16)
+    hi = x.astype(jnp.bfloat16)
+    lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    y = jnp.einsum(eq, jnp.concatenate([hi, lo], axis=-2), w, preferred_element_type=jnp.float32)
+    n = x.shape[-2]
+    return y[..., :n, :] + y[..., n:, :]
 
 
 def legacy_ffn(x, w_ins, w_out, eq_in: str, eq_out: str):
     """SwiGLU when two input matrices (gate, up), ReLU MLP when one (Switch's wi)."""
     if len(w_ins) == 2:
-        g = jnp.einsum(eq_in, x, w_ins[0])
-        u = jnp.einsum(eq_in, x, w_ins[1])
+        g = expert_einsum(eq_in, x, w_ins[0])
+        u = expert_einsum(eq_in, x, w_ins[1])
         h = jax.nn.silu(g) * u
     else:
-        h = jax.nn.relu(jnp.einsum(eq_in, x, w_ins[0]))
-    return jnp.einsum(eq_out, h, w_out)
+        h = jax.nn.relu(expert_einsum(eq_in, x, w_ins[0]))
+    return expert_einsum(eq_out, h, w_out)
 
 
 def clamped_swiglu(gate_up, alpha: float, limit: float):

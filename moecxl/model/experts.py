@@ -6,12 +6,18 @@ the offload engine passes its device cache instead. The arithmetic depends only 
 (N, K, E, D, F), never on C or on which slot holds what, so an offloaded run is bit-identical to a
 resident one. Two static strategies: `unique` (few tokens: each needed expert read once, decode) and
 `blocked` (many tokens: rows sorted by expert into blocks of b rows, one weight matrix per block).
+
+Both run their experts (or blocks) one at a time in a `lax.scan` that slices one slot's arrays in their
+stored bits: a gather of every needed expert at once held U whole experts as temporaries, and XLA:CPU
+widened them to float32 (1.4 GB for two Mixtral-8x7B experts; 5.6 GB at 8 tokens). The step's working
+memory is now one expert as stored, whatever U (`expert_format.expert_einsum` keeps the dots from widening).
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from moecxl.model.expert_format import ExpertFormat, legacy_ffn
@@ -24,6 +30,49 @@ def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str, fmt: ExpertFormat | None = No
     if fmt is None:
         return legacy_ffn(x, w_ins, w_out, eq_in, eq_out)
     return fmt.ffn(x, (*w_ins, w_out), eq_in, eq_out)
+
+
+def _one_expert(x_bD, arrays, dtypes, slot, fmt):
+    """The FFN of the expert in `slot` over rows x_bD (`arrays`: the format's slot arrays, `out` last,
+    possibly as `_as_bits`; `dtypes`: what they hold)."""
+    ws = []
+    for w, dt in zip(arrays, dtypes):
+        row = jax.lax.dynamic_index_in_dim(w, slot, keepdims=False)
+        ws.append(
+            (row if row.dtype == dt else jax.lax.bitcast_convert_type(row, dt))[None]
+        )  # group axis of 1
+    return _ffn(x_bD, ws[:-1], ws[-1], "ND,UDF->UNF", "UNF,UFD->UND", fmt)[0]
+
+
+def _as_bits(w):
+    """A bf16 slot array as its uint16 bits. XLA:CPU slices bf16 through float32, and in a loop hoists that
+    widening out as a float32 copy of every slot; slicing bits copies one expert. The engine's slots are
+    bits already (the bitcasts cancel); a resident bf16 bank costs one uint16 copy of the layer's experts."""
+    return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+
+
+def _scan_experts(xs, arrays, fmt, body):
+    """`lax.scan` of `body(xs_j, slice_fn)` over xs, slicing bits on XLA:CPU and the arrays elsewhere."""
+    dtypes = [w.dtype for w in arrays]
+
+    def run(ws):
+        return jax.lax.scan(
+            lambda c, x: (c, body(x, lambda xb, s: _one_expert(xb, ws, dtypes, s, fmt))), None, xs
+        )[1]
+
+    return jax.lax.platform_dependent(
+        cpu=lambda: run([_as_bits(w) for w in arrays]), default=lambda: run(list(arrays))
+    )
+
+
+def each_expert(x_ND, slots_U, arrays, fmt=None):
+    """y_UND: every row of x_ND through each slot of slots_U, one expert resident at a time."""
+    return _scan_experts(slots_U, arrays, fmt, lambda slot, one: one(x_ND, slot))
+
+
+def each_block(x_JbD, slot_J, arrays, fmt=None):
+    """y_JbD: block j's rows through the expert in slot_J[j], one expert resident at a time."""
+    return _scan_experts((x_JbD, slot_J), arrays, fmt, lambda xs, one: one(*xs))
 
 
 def _safe_slots(slot_X):
@@ -59,9 +108,7 @@ def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_
     uniq_U = flat_M[order][:U]
     valid_U = first_M[order][:U]
     slots_U = _safe_slots(slot_E[uniq_U])
-    w_ins = [w[slots_U] for w in ins]  # [U, D, F]
-    w_out = out[slots_U]  # [U, F, D]
-    y_UND = _ffn(x_ND, w_ins, w_out, "ND,UDF->UNF", "UNF,UFD->UND", fmt)
+    y_UND = each_expert(x_ND, slots_U, (*ins, out), fmt)
     if member_E is not None:
         y_UND = jnp.where(member_E[uniq_U][:, None, None], y_UND, 0 if acc_UND is None else acc_UND)
     match_NKU = (ids_NK[:, :, None] == uniq_U[None, None, :]) & valid_U[None, None, :]
@@ -107,9 +154,7 @@ def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc
     block_start = jnp.arange(n_blocks) * b
     block_expert = jnp.searchsorted(jnp.cumsum(padded_E), block_start, side="right")
     block_slot = _safe_slots(slot_E[jnp.minimum(block_expert, E - 1)])
-    w_ins = [w[block_slot] for w in ins]  # [J, D, F]
-    w_out = out[block_slot]
-    y_JbD = _ffn(x_rows.reshape(n_blocks, b, D), w_ins, w_out, "JbD,JDF->JbF", "JbF,JFD->JbD", fmt)
+    y_JbD = each_block(x_rows.reshape(n_blocks, b, D), block_slot, (*ins, out), fmt)
     y_sorted_MD = y_JbD.reshape(rows, D)[dest_M]
     y_NKD = jnp.zeros((M, D), y_JbD.dtype).at[order_M].set(y_sorted_MD).reshape(N, K, D)
     if member_E is not None:
