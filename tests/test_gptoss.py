@@ -335,3 +335,16 @@ def test_released_shapes_count_mxfp4_bytes(name, E):
     assert cfg.num_experts == E and cfg.layer_types[:2] == ("sliding_attention", "full_attention")
     assert cfg.expert_bytes == blocks + scales + biases == expert_format(cfg).nbytes
     assert load_shape(path).expert_bytes == cfg.expert_bytes
+
+
+@pytest.mark.parametrize("kw", [dict(policy="hobbit"), dict(policy="lru", quality_budget=0.5)])
+def test_int8_misses_refuse_mxfp4_experts_when_the_engine_is_built(kw):
+    """int8 copies quantise float experts; MXFP4 bytes are refused at construction with an EngineError
+    naming what asked for them and what to use, and bf16 GPT-OSS experts take them."""
+    model = MoEDecoder(tiny_gptoss(expert_dtype="mxfp4"), rngs=nnx.Rngs(0))
+    asked = "policy 'hobbit'" if kw["policy"] == "hobbit" else r"quality_budget=0\.5"
+    with pytest.raises(EngineError, match=rf"{asked} serves misses as int8 copies.*'gptoss_mxfp4'.*uint8"):
+        OffloadEngine(model, device_budget=0.6, emulate=False, **kw)
+    OffloadEngine(
+        MoEDecoder(tiny_gptoss(dtype="bfloat16"), rngs=nnx.Rngs(0)), device_budget=0.6, emulate=False, **kw
+    ).close()

@@ -143,6 +143,19 @@ class OffloadEngine:
             raise EngineError(
                 f"quality_budget must be in [0, 1] (fraction of misses served in int8), got {quality_budget!r}"
             )
+        if (policy.low_precision_on_miss or quality_budget > 0) and not jnp.issubdtype(
+            self.layout.np_dtype, jnp.floating
+        ):
+            asked = (
+                f"policy {policy.name!r}"
+                if policy.low_precision_on_miss
+                else f"quality_budget={quality_budget}"
+            )
+            raise EngineError(
+                f"{asked} serves misses as int8 copies, which quantise float experts; these are "
+                f"{self.fmt.kind!r} experts stored as {self.layout.dtype} (MXFP4 bytes, already 4-bit): use a "
+                "policy that copies them as stored (moecxl, lru, pregate) and quality_budget=0"
+            )
         if policy.host_compute and self.hardware.host is None:
             raise EngineError(
                 f"policy {policy.name!r} computes misses on the host, but profile {self.hardware.name!r} "
