@@ -450,3 +450,21 @@ def test_a_prefill_needing_more_experts_than_the_cache_is_simulated_in_groups():
         small.metrics["ttft_s"] >= large.metrics["ttft_s"]
         and small.metrics["tpot_s"] > large.metrics["tpot_s"]
     )
+
+
+def test_the_simulator_refuses_host_compute_where_the_engine_does():
+    """GPT-OSS experts (biases, clamps, MXFP4 bytes) are outside the host kernel: the engine refuses
+    moecxl_nd on them, so the simulator does too, naming the policy and the model; copying policies run."""
+    from moecxl.runtime.policies import get_policy
+    from moecxl.sim.simulate import SimError
+
+    assert load_shape(MIXTRAL).host_kernel and load_shape("configs/models/deepseek-v3.yaml").host_kernel
+    shape = load_shape("configs/models/gpt-oss-20b.yaml")
+    assert not shape.host_kernel
+    rng = np.random.default_rng(0)
+    ids = np.array([[rng.choice(shape.E, shape.K, replace=False) for _ in range(shape.L)] for _ in range(12)])
+    reqs = requests_from_arrays(ids, np.repeat(np.arange(2), 6), np.tile(np.arange(6) >= 2, 2))
+    hw = Hardware.from_yaml("configs/hardware/h100-cxl.yaml")
+    with pytest.raises(SimError, match=r"policy 'moecxl_nd' computes misses on the host.*cannot compute"):
+        simulate(reqs, shape, hw, SimConfig(policy=get_policy("moecxl_nd")))
+    assert simulate(reqs, shape, hw, SimConfig(policy=get_policy("lru"))).metrics["tpot_s"] > 0

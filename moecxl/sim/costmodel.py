@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moecxl.config import ConfigError, ModelConfig, load_yaml
 from moecxl.memory.tiers import GPU
+from moecxl.model.expert_format import expert_format
 from moecxl.model.family import family_of
 
 WEIGHT_BYTES = 2  # bf16 weights and KV cache on the target
@@ -57,6 +58,9 @@ class ModelShape:
     mla_attn_params: int | None = None
     mla_kv_elems: int | None = None
     shared_expert_params: int = 0  # DeepSeek's shared experts of one MoE layer: resident, run every token
+    # Whether the host expert kernel computes these experts (`ExpertFormat.host_kernel`: SwiGLU / ReLU
+    # without biases or clamps); the engine refuses host-computing policies otherwise, and so does the simulator.
+    host_kernel: bool = True
 
     @property
     def kv_elems_per_token(self) -> int:
@@ -142,6 +146,7 @@ def shape_of(cfg: ModelConfig, shape_only: bool = False) -> ModelShape:
         shared_expert_params=cfg.shared_expert_params,
         # MXFP4 experts (GPT-OSS): their stored bytes, 4-bit values with their scales and 16-bit biases
         expert_bytes_per_param=cfg.expert_bytes / cfg.expert_params if cfg.expert_dtype else WEIGHT_BYTES,
+        host_kernel=expert_format(cfg).host_kernel,
     )
 
 

@@ -164,6 +164,16 @@ class _Ctx:
             self.used |= {"moecxl", *sens.get("policies", ("moecxl_nd",))}
         for p in self.used:
             self.control.check(self.spec(p).name)
+        # Policies the engine would refuse on the target's experts: no figure to simulate.
+        self.refused: dict = {}
+        if not self.shape.host_kernel:
+            self.refused.update(
+                {
+                    p: f"computes misses on the host; the host kernel cannot compute {self.shape.name}'s experts"
+                    for p in self.used
+                    if self.spec(p).host_compute
+                }
+            )
         if any(self.spec(p).needs_pregate for p in self.used):
             self._load_pregate(exp.get("predictor_model"))
         lib = self.requests(batch=1, library=True)
@@ -250,6 +260,8 @@ class _Ctx:
     def run(self, hw: Hardware, policy, requests, **cfg_kw) -> dict:
         spec = self.spec(policy) if isinstance(policy, str) else policy
         note = None
+        if spec.name in self.refused:
+            return {"skipped": self.refused[spec.name]}
         if spec.name in self.skipped and spec.name.startswith("moecxl"):
             # moecxl without a pre-gate: its eviction, gate and miss decision still apply; say so.
             note = f"no pre-gating ({self.skipped[spec.name]}): moecxl runs without prefetch"
@@ -568,7 +580,7 @@ def run_experiment(path: str | os.PathLike, out_dir: str | os.PathLike, sections
             if ctx.learned is not None
             else {"row": None, "skipped": ctx.learned_note}
         ),
-        "skipped_policies": ctx.skipped,
+        "skipped_policies": {**ctx.skipped, **ctx.refused},
         "energy_sources": ctx.energy.sources,
         "profiles": {},
         "sections": {},

@@ -275,6 +275,12 @@ def simulate(
             f"device_budget {b!r} = {budget_bytes} bytes holds {budget_bytes // shape.expert_bytes} experts of "
             f"{shape.expert_bytes} bytes; top-{shape.K} plus {max_inflight} copies in flight need more"
         )
+    if policy.host_compute and not shape.host_kernel:
+        raise SimError(
+            f"policy {policy.name!r} computes misses on the host, but the host kernel cannot compute "
+            f"{shape.name}'s experts (it reads SwiGLU / ReLU experts without biases or clamps; the engine "
+            "refuses it too): simulate a policy that copies them (moecxl, lru, pregate)"
+        )
     if policy.host_compute and hw.host is None:
         raise SimError(
             f"policy {policy.name!r} computes misses on the host but hardware {hw.name!r} has no "
