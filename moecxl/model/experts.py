@@ -7,10 +7,11 @@ the offload engine passes its device cache instead. The arithmetic depends only 
 resident one. Two static strategies: `unique` (few tokens: each needed expert read once, decode) and
 `blocked` (many tokens: rows sorted by expert into blocks of b rows, one weight matrix per block).
 
-Both run their experts (or blocks) one at a time in a `lax.scan` that slices one slot's arrays in their
-stored bits: a gather of every needed expert at once held U whole experts as temporaries, and XLA:CPU
-widened them to float32 (1.4 GB for two Mixtral-8x7B experts; 5.6 GB at 8 tokens). The step's working
-memory is now one expert as stored, whatever U (`expert_format.expert_einsum` keeps the dots from widening).
+Both run their experts (or blocks) one at a time in a `lax.scan` that slices one slot's arrays: a gather
+of every needed expert at once held U whole experts as temporaries, and XLA:CPU widened them to float32
+(1.4 GB for two Mixtral-8x7B experts; 5.6 GB at 8 tokens). Over the engine's slots (bf16 kept as uint16
+bits, `dtype`) the step's working memory is one expert as stored, whatever U (`expert_format.expert_einsum`
+keeps the dots from widening).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str, fmt: ExpertFormat | None = No
 
 def _one_expert(x_bD, arrays, dtypes, slot, fmt):
     """The FFN of the expert in `slot` over rows x_bD (`arrays`: the format's slot arrays, `out` last,
-    possibly as `_as_bits`; `dtypes`: what they hold)."""
+    values or their bits; `dtypes`: the values' dtypes)."""
     ws = []
     for w, dt in zip(arrays, dtypes):
         row = jax.lax.dynamic_index_in_dim(w, slot, keepdims=False)
@@ -44,35 +45,54 @@ def _one_expert(x_bD, arrays, dtypes, slot, fmt):
     return _ffn(x_bD, ws[:-1], ws[-1], "ND,UDF->UNF", "UNF,UFD->UND", fmt)[0]
 
 
+def value_dtypes(arrays, dtype=None) -> list:
+    """What each slot array holds: `dtype` where it holds that dtype's bits (the engine keeps bf16 experts
+    as uint16), else its own dtype."""
+    same = lambda w: dtype is not None and w.dtype.itemsize == jnp.dtype(dtype).itemsize  # noqa: E731
+    return [jnp.dtype(dtype) if same(w) else w.dtype for w in arrays]
+
+
 def _as_bits(w):
-    """A bf16 slot array as its uint16 bits. XLA:CPU slices bf16 through float32, and in a loop hoists that
-    widening out as a float32 copy of every slot; slicing bits copies one expert. The engine's slots are
-    bits already (the bitcasts cancel); a resident bf16 bank costs one uint16 copy of the layer's experts."""
     return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
 
 
-def _scan_experts(xs, arrays, fmt, body):
-    """`lax.scan` of `body(xs_j, slice_fn)` over xs, slicing bits on XLA:CPU and the arrays elsewhere."""
-    dtypes = [w.dtype for w in arrays]
+def _scan(xs, fn):
+    return jax.lax.scan(lambda c, x: (c, fn(x)), None, xs)[1]
 
-    def run(ws):
-        return jax.lax.scan(
-            lambda c, x: (c, body(x, lambda xb, s: _one_expert(xb, ws, dtypes, s, fmt))), None, xs
-        )[1]
 
+# XLA:CPU slices bf16 arrays through float32, and inside a loop hoists that widening out as a float32 copy
+# of every slot. Slot arrays kept as their bits (the engine's) are sliced as they are on every backend; bf16
+# values (a resident bank) take another route on the CPU only: gather the distinct experts (decode), or
+# slice their uint16 bits (a long prompt: one uint16 copy of the layer's experts per step).
+
+
+def each_expert(x_ND, slots_U, arrays, dtypes, fmt=None):
+    """y_UND: every row of x_ND through each slot of slots_U, one expert at a time."""
+
+    def scan(ws):
+        return _scan(slots_U, lambda slot: _one_expert(x_ND, ws, dtypes, slot, fmt))
+
+    if not any(w.dtype == jnp.bfloat16 for w in arrays):
+        return scan(arrays)
+
+    def gathered():  # the U experts' bits gathered, then the same scan (bit-identical to the engine's)
+        bits = [_as_bits(w[slots_U]) for w in arrays]
+        return _scan(jnp.arange(slots_U.shape[0]), lambda u: _one_expert(x_ND, bits, dtypes, u, fmt))
+
+    return jax.lax.platform_dependent(cpu=gathered, default=lambda: scan(arrays))
+
+
+def each_block(x_JbD, slot_J, arrays, dtypes, fmt=None):
+    """y_JbD: block j's rows through the expert in slot_J[j], one expert at a time."""
+
+    def scan(ws):
+        return _scan((x_JbD, slot_J), lambda xs: _one_expert(xs[0], ws, dtypes, xs[1], fmt))
+
+    if not any(w.dtype == jnp.bfloat16 for w in arrays):
+        return scan(arrays)
     return jax.lax.platform_dependent(
-        cpu=lambda: run([_as_bits(w) for w in arrays]), default=lambda: run(list(arrays))
+        cpu=lambda: scan([_as_bits(w) for w in arrays]), default=lambda: scan(arrays)
     )
-
-
-def each_expert(x_ND, slots_U, arrays, fmt=None):
-    """y_UND: every row of x_ND through each slot of slots_U, one expert resident at a time."""
-    return _scan_experts(slots_U, arrays, fmt, lambda slot, one: one(x_ND, slot))
-
-
-def each_block(x_JbD, slot_J, arrays, fmt=None):
-    """y_JbD: block j's rows through the expert in slot_J[j], one expert resident at a time."""
-    return _scan_experts((x_JbD, slot_J), arrays, fmt, lambda xs, one: one(*xs))
 
 
 def _safe_slots(slot_X):
@@ -81,9 +101,9 @@ def _safe_slots(slot_X):
     return jnp.maximum(slot_X, 0)
 
 
-def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None):
-    """Few tokens: gather the U = min(E, N·K) distinct experts once, run every token through each."""
-    y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt)
+def moe_unique(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None, dtype=None):
+    """Few tokens: the U = min(E, N·K) distinct experts, each read once, every token through each."""
+    y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt, dtype=dtype)
     return unique_combine(y_UND, comb_NU)
 
 
@@ -92,7 +112,9 @@ def unique_combine(y_UND, comb_NU):
     return jnp.einsum("NU,UND->ND", comb_NU, y_UND)
 
 
-def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_UND=None, fmt=None):
+def unique_parts(
+    x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_UND=None, fmt=None, dtype=None
+):
     """`moe_unique` before its combine: (y_UND every token through each distinct expert, comb_NU).
 
     Grouped processing (a layer needing more experts than the device holds) computes the experts of
@@ -108,7 +130,8 @@ def unique_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_
     uniq_U = flat_M[order][:U]
     valid_U = first_M[order][:U]
     slots_U = _safe_slots(slot_E[uniq_U])
-    y_UND = each_expert(x_ND, slots_U, (*ins, out), fmt)
+    arrays = (*ins, out)
+    y_UND = each_expert(x_ND, slots_U, arrays, value_dtypes(arrays, dtype), fmt)
     if member_E is not None:
         y_UND = jnp.where(member_E[uniq_U][:, None, None], y_UND, 0 if acc_UND is None else acc_UND)
     match_NKU = (ids_NK[:, :, None] == uniq_U[None, None, :]) & valid_U[None, None, :]
@@ -122,9 +145,10 @@ def block_rows(M: int, E: int) -> int:
     return int(min(64, 2 ** math.floor(math.log2(mean))))
 
 
-def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None):
+def moe_blocked(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=None, dtype=None):
     """Many tokens: sort (token, k) rows by expert, pad each expert's rows to blocks of b rows."""
-    return blocked_combine(blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt), weights_NK)
+    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, fmt=fmt, dtype=dtype)
+    return blocked_combine(y_NKD, weights_NK)
 
 
 def blocked_combine(y_NKD, weights_NK):
@@ -132,7 +156,9 @@ def blocked_combine(y_NKD, weights_NK):
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(y_NKD.dtype), y_NKD)
 
 
-def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_NKD=None, fmt=None):
+def blocked_parts(
+    x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc_NKD=None, fmt=None, dtype=None
+):
     """`moe_blocked` before its combine: y_NKD, each (token, k) row through its expert. With `member_E`
     the rows of the other experts are `acc_NKD`'s (grouped processing, as `unique_parts`)."""
     N, K = ids_NK.shape
@@ -154,7 +180,8 @@ def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc
     block_start = jnp.arange(n_blocks) * b
     block_expert = jnp.searchsorted(jnp.cumsum(padded_E), block_start, side="right")
     block_slot = _safe_slots(slot_E[jnp.minimum(block_expert, E - 1)])
-    y_JbD = each_block(x_rows.reshape(n_blocks, b, D), block_slot, (*ins, out), fmt)
+    arrays = (*ins, out)
+    y_JbD = each_block(x_rows.reshape(n_blocks, b, D), block_slot, arrays, value_dtypes(arrays, dtype), fmt)
     y_sorted_MD = y_JbD.reshape(rows, D)[dest_M]
     y_NKD = jnp.zeros((M, D), y_JbD.dtype).at[order_M].set(y_sorted_MD).reshape(N, K, D)
     if member_E is not None:
@@ -162,27 +189,30 @@ def blocked_parts(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E=None, acc
     return y_NKD
 
 
-def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None, fmt: ExpertFormat | None = None):
+def moe_ffn(x_ND, ids_NK, weights_NK, ins, out, slot_E=None, fmt: ExpertFormat | None = None, dtype=None):
     """Weighted sum over each token's K experts: sum_k w[n,k] · FFN_{ids[n,k]}(x[n]).
 
     `ins`/`out` are slot arrays (a format's arrays in order, the last one `out`) and `slot_E` maps
     expert id -> slot (identity when omitted). `fmt` None: SwiGLU or ReLU by the count of `ins`.
+    `dtype`: the experts' dtype when the arrays hold its bits (the engine's uint16 slots of bf16 experts).
     """
     if fmt is not None and fmt.legacy:
         fmt = None  # the same arithmetic, one compiled step for both spellings
     if slot_E is None:
         slot_E = jnp.arange(out.shape[0], dtype=jnp.int32)
     if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
-        return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt)
-    return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt)
+        return moe_unique(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt, dtype)
+    return moe_blocked(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, fmt, dtype)
 
 
-def moe_group(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E, acc, last: bool, fmt=None):
+def moe_group(x_ND, ids_NK, weights_NK, ins, out, slot_E, member_E, acc, last: bool, fmt=None, dtype=None):
     """One group of a layer processed in groups: the experts of `member_E` (resident in `slot_E`) computed
     into `acc` (None for the first group; the other groups' rows kept). Returns the new `acc`, or, for the `last`
     group, the layer's output: the same combine over the same per-expert rows as `moe_ffn`, bit for bit."""
     if x_ND.shape[0] <= UNIQUE_MAX_TOKENS:
-        y_UND, comb_NU = unique_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt)
+        y_UND, comb_NU = unique_parts(
+            x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt, dtype
+        )
         return unique_combine(y_UND, comb_NU) if last else y_UND
-    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt)
+    y_NKD = blocked_parts(x_ND, ids_NK, weights_NK, tuple(ins), out, slot_E, member_E, acc, fmt, dtype)
     return blocked_combine(y_NKD, weights_NK) if last else y_NKD

@@ -92,13 +92,16 @@ def route(router_logits_NE, cfg: ModelConfig, bias_E=None):
     return softmax_topk(router_logits_NE, cfg.top_k, cfg.norm_topk_prob or cfg.family == "mixtral")
 
 
-def expert_step(xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E=None, fmt: ExpertFormat | None = None):
+def expert_step(
+    xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E=None, fmt: ExpertFormat | None = None, dtype=None
+):
     """The expert half of an MoE layer over slot arrays: out_BTD = sum_k w·FFN_k(xn) (`fmt`: the
-    experts' format, `expert_format.expert_format(cfg)`; None: SwiGLU or ReLU)."""
+    experts' format, `expert_format.expert_format(cfg)`; None: SwiGLU or ReLU; `dtype`: the experts'
+    dtype when the arrays hold its bits, as the engine's slots do)."""
     B, T, D = xn_BTD.shape
     K = ids_BTK.shape[-1]
     x_ND, ids_NK, w_NK = xn_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, K), weights_BTK.reshape(B * T, K)
-    y_ND = moe_ffn(x_ND, ids_NK, w_NK, ins, out, slot_E, fmt)
+    y_ND = moe_ffn(x_ND, ids_NK, w_NK, ins, out, slot_E, fmt, dtype)
     return y_ND.reshape(B, T, D).astype(xn_BTD.dtype)
 
 

@@ -55,8 +55,8 @@ def _stored_step_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, dtyp
     """`generate`'s expert step over the engine's stored slot arrays (bit-identical: only bitcasts).
     `fmt`: the experts' format (MXFP4 slots hold the stored bytes; the format's FFN dequantises)."""
 
-    ins = tuple(_computed(w, dtype) for w in ins)
-    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, _computed(out, dtype), slot_E, fmt)
+    # the slots as stored (bf16 as uint16 bits): the step slices one expert's bits at a time
+    return h_BTD + expert_step(xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, fmt, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -81,9 +81,12 @@ def _install_int8(arrays, q_and_s, slot, layout: ExpertLayout):
 @functools.partial(jax.jit, static_argnames=("dtype", "fmt"))
 def _mixed_jit(h_BTD, xn_BTD, weights_BTK, ids_BTK, ins, out, slot_E, extra_BTD, dtype, fmt=None):
 
-    ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
     on_device = (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
-    return h_BTD + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E, fmt) + extra_BTD
+    return (
+        h_BTD
+        + expert_step(xn_BTD, weights_BTK * on_device, ids_BTK, ins, out, slot_E, fmt, dtype)
+        + extra_BTD
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "last", "fmt"))
@@ -93,13 +96,12 @@ def _group_jit(
     """One group of a layer processed in groups (`runtime.grouped`): the per-expert rows of the experts
     of `member_E` into `acc`; the `last` group returns the layer's output, combined as `_stored_step_jit`
     combines (bit-identical), plus the host-computed outputs `extra_BTD` (their experts' weights masked)."""
-    ins, out = tuple(_computed(w, dtype) for w in ins), _computed(out, dtype)
     B, T, D = xn_BTD.shape
     K = ids_BTK.shape[-1]
     if extra_BTD is not None:
         weights_BTK = weights_BTK * (slot_E[ids_BTK] >= 0).astype(weights_BTK.dtype)
     x_ND, ids_NK, w_NK = xn_BTD.reshape(B * T, D), ids_BTK.reshape(B * T, K), weights_BTK.reshape(B * T, K)
-    r = moe_group(x_ND, ids_NK, w_NK, ins, out, slot_E, member_E, acc, last, fmt)
+    r = moe_group(x_ND, ids_NK, w_NK, ins, out, slot_E, member_E, acc, last, fmt, dtype)
     if not last:
         return r
     y = h_BTD + r.reshape(B, T, D).astype(xn_BTD.dtype)
