@@ -91,12 +91,17 @@ class ExpertFormat:
         return expert_einsum(eq_out, h, w_down) + b_down[:, None, :]
 
 
+WIDEN_MAX_BYTES = 64 << 20  # bf16 weight operands up to this size go through XLA's own einsum
+
+
 def expert_einsum(eq: str, x, w):
-    """An expert matmul that reads bf16 weights as stored, with float32 sums: XLA:CPU would otherwise widen
-    the weights to a float32 copy first. bf16 activations give the bf16 result a bf16 einsum rounds to;
-    float32 ones go as hi + lo bf16 parts stacked on the token axis (x's and the result's second-last),
-    so products are exact, sums float32, and x is carried to ~2^-17 of itself."""
-    if w.dtype != jnp.bfloat16 or x.dtype not in (jnp.bfloat16, jnp.float32):
+    """An expert matmul. bf16 weights over WIDEN_MAX_BYTES are read as stored, with float32 sums: XLA:CPU
+    computes a bf16 einsum through a float32 copy of the weights (smaller operands keep XLA's einsum and its
+    exact rounding). bf16 activations give the bf16 result a bf16 einsum rounds to; float32 ones go as
+    hi + lo bf16 parts stacked on the token axis (x's and the result's second-last), so products are
+    exact, sums float32, and x is carried to ~2^-17 of itself."""
+    small = w.size * w.dtype.itemsize <= WIDEN_MAX_BYTES
+    if w.dtype != jnp.bfloat16 or x.dtype not in (jnp.bfloat16, jnp.float32) or small:
         return jnp.einsum(eq, x, w)
     if x.dtype == jnp.bfloat16:
         if x.shape[-2] > 1:

@@ -33,16 +33,13 @@ def _ffn(x, w_ins, w_out, eq_in: str, eq_out: str, fmt: ExpertFormat | None = No
     return fmt.ffn(x, (*w_ins, w_out), eq_in, eq_out)
 
 
-def _one_expert(x_bD, arrays, dtypes, slot, fmt):
-    """The FFN of the expert in `slot` over rows x_bD (`arrays`: the format's slot arrays, `out` last,
-    values or their bits; `dtypes`: the values' dtypes)."""
-    ws = []
-    for w, dt in zip(arrays, dtypes):
-        row = jax.lax.dynamic_index_in_dim(w, slot, keepdims=False)
-        ws.append(
-            (row if row.dtype == dt else jax.lax.bitcast_convert_type(row, dt))[None]
-        )  # group axis of 1
-    return _ffn(x_bD, ws[:-1], ws[-1], "ND,UDF->UNF", "UNF,UFD->UND", fmt)[0]
+GATHER_BYTES = 64 << 20  # expert bytes the step gathers at once: every expert of a small model, one Mixtral's
+
+
+def group_size(n: int, arrays) -> int:
+    """Experts (or blocks) per gather: as many of the n as fit in GATHER_BYTES, at least one."""
+    per = sum(math.prod(w.shape[1:]) * w.dtype.itemsize for w in arrays)
+    return max(1, min(n, GATHER_BYTES // max(per, 1)))
 
 
 def value_dtypes(arrays, dtype=None) -> list:
@@ -52,47 +49,75 @@ def value_dtypes(arrays, dtype=None) -> list:
     return [jnp.dtype(dtype) if same(w) else w.dtype for w in arrays]
 
 
+def _gathered_ffn(x, idx_G, arrays, dtypes, fmt, eq_in, eq_out):
+    """The FFN of the G experts at rows idx_G of `arrays` (values or their bits) over x."""
+    ws = [w[idx_G] for w in arrays]
+    ws = [w if w.dtype == dt else jax.lax.bitcast_convert_type(w, dt) for w, dt in zip(ws, dtypes)]
+    return _ffn(x, ws[:-1], ws[-1], eq_in, eq_out, fmt)
+
+
 def _as_bits(w):
     return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
 
 
-def _scan(xs, fn):
-    return jax.lax.scan(lambda c, x: (c, fn(x)), None, xs)[1]
+# XLA:CPU computes a gather or slice of a bf16 array through float32, and inside a loop hoists that widening
+# out as a float32 copy of every slot. Slot arrays kept as their bits (the engine's) are gathered as they are
+# on every backend; bf16 values (a resident bank) that need the loop take another route on the CPU only:
+# their rows' bits gathered once (U experts, decode) or the layer's experts as uint16 (a long prompt).
 
 
-# XLA:CPU slices bf16 arrays through float32, and inside a loop hoists that widening out as a float32 copy
-# of every slot. Slot arrays kept as their bits (the engine's) are sliced as they are on every backend; bf16
-# values (a resident bank) take another route on the CPU only: gather the distinct experts (decode), or
-# slice their uint16 bits (a long prompt: one uint16 copy of the layer's experts per step).
+def _in_groups(xs, idx, n: int, arrays, dtypes, fmt, run_group):
+    """`run_group(xs_g, idx_g, arrays)` over the n entries in groups of `group_size`: one call, no loop,
+    when all fit (the step as one batched FFN), else a `lax.scan`. Results [n, ...]."""
+    G = group_size(n, arrays)
+    if n == G:
+        return run_group(xs, idx, arrays)
+    n_groups = -(-n // G)
+    pad = n_groups * G - n  # the last group repeats its last entry; those rows are dropped
+
+    def grouped(a):
+        a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
+        return a.reshape(n_groups, G, *a.shape[1:])
+
+    xs_g = None if xs is None else grouped(xs)
+    idx_g = grouped(idx)
+
+    def scan(ws, ids):
+        per_group = (xs_g if xs is not None else ids, ids)
+        out = jax.lax.scan(lambda c, t: (c, run_group(t[0], t[1], ws)), None, per_group)[1]
+        return out.reshape(n_groups * G, *out.shape[2:])[:n]
+
+    if not any(w.dtype == jnp.bfloat16 for w in arrays):
+        return scan(arrays, idx_g)
+    return jax.lax.platform_dependent(
+        cpu=lambda: _cpu_bf16(xs, idx, idx_g, arrays, scan), default=lambda: scan(arrays, idx_g)
+    )
+
+
+def _cpu_bf16(xs, idx, idx_g, arrays, scan):
+    if xs is None:  # decode: the n distinct experts' bits gathered once; groups index into them
+        n_groups, G = idx_g.shape[:2]
+        local = jnp.minimum(jnp.arange(n_groups * G), idx.shape[0] - 1).reshape(n_groups, G)
+        return scan([_as_bits(w[idx]) for w in arrays], local)
+    return scan([_as_bits(w) for w in arrays], idx_g)
 
 
 def each_expert(x_ND, slots_U, arrays, dtypes, fmt=None):
-    """y_UND: every row of x_ND through each slot of slots_U, one expert at a time."""
+    """y_UND: every row of x_ND through each slot of slots_U, `group_size` experts at a time."""
 
-    def scan(ws):
-        return _scan(slots_U, lambda slot: _one_expert(x_ND, ws, dtypes, slot, fmt))
+    def run_group(_, idx_G, ws):
+        return _gathered_ffn(x_ND, idx_G, ws, dtypes, fmt, "ND,UDF->UNF", "UNF,UFD->UND")
 
-    if not any(w.dtype == jnp.bfloat16 for w in arrays):
-        return scan(arrays)
-
-    def gathered():  # the U experts' bits gathered, then the same scan (bit-identical to the engine's)
-        bits = [_as_bits(w[slots_U]) for w in arrays]
-        return _scan(jnp.arange(slots_U.shape[0]), lambda u: _one_expert(x_ND, bits, dtypes, u, fmt))
-
-    return jax.lax.platform_dependent(cpu=gathered, default=lambda: scan(arrays))
+    return _in_groups(None, slots_U, slots_U.shape[0], arrays, dtypes, fmt, run_group)
 
 
 def each_block(x_JbD, slot_J, arrays, dtypes, fmt=None):
-    """y_JbD: block j's rows through the expert in slot_J[j], one expert at a time."""
+    """y_JbD: block j's rows through the expert in slot_J[j], `group_size` blocks at a time."""
 
-    def scan(ws):
-        return _scan((x_JbD, slot_J), lambda xs: _one_expert(xs[0], ws, dtypes, xs[1], fmt))
+    def run_group(x_GbD, idx_G, ws):
+        return _gathered_ffn(x_GbD, idx_G, ws, dtypes, fmt, "JbD,JDF->JbF", "JbF,JFD->JbD")
 
-    if not any(w.dtype == jnp.bfloat16 for w in arrays):
-        return scan(arrays)
-    return jax.lax.platform_dependent(
-        cpu=lambda: scan([_as_bits(w) for w in arrays]), default=lambda: scan(arrays)
-    )
+    return _in_groups(x_JbD, slot_J, slot_J.shape[0], arrays, dtypes, fmt, run_group)
 
 
 def _safe_slots(slot_X):
