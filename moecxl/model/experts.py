@@ -7,11 +7,11 @@ the offload engine passes its device cache instead. The arithmetic depends only 
 resident one. Two static strategies: `unique` (few tokens: each needed expert read once, decode) and
 `blocked` (many tokens: rows sorted by expert into blocks of b rows, one weight matrix per block).
 
-Both run their experts (or blocks) one at a time in a `lax.scan` that slices one slot's arrays: a gather
-of every needed expert at once held U whole experts as temporaries, and XLA:CPU widened them to float32
-(1.4 GB for two Mixtral-8x7B experts; 5.6 GB at 8 tokens). Over the engine's slots (bf16 kept as uint16
-bits, `dtype`) the step's working memory is one expert as stored, whatever U (`expert_format.expert_einsum`
-keeps the dots from widening).
+Both gather their experts (or blocks) in groups of GATHER_BYTES: a small model's all at once, one batched
+FFN; large experts one at a time in a `lax.scan`. Gathering every needed Mixtral-8x7B expert at once held U
+whole experts as temporaries, which XLA:CPU widened to float32 (1.4 GB at decode, 5.6 GB at 8 tokens); over
+the engine's slots (bf16 kept as uint16 bits, `dtype`) the step now holds one expert as stored, whatever U
+(`expert_format.expert_einsum` keeps the dots from widening).
 """
 
 from __future__ import annotations
