@@ -66,9 +66,10 @@ def _as_bits(w):
 # their rows' bits gathered once (U experts, decode) or the layer's experts as uint16 (a long prompt).
 
 
-def _in_groups(xs, idx, n: int, arrays, dtypes, fmt, run_group):
-    """`run_group(xs_g, idx_g, arrays)` over the n entries in groups of `group_size`: one call, no loop,
-    when all fit (the step as one batched FFN), else a `lax.scan`. Results [n, ...]."""
+def _in_groups(xs, idx, arrays, run_group):
+    """`run_group(xs_g, idx_g, arrays)` over the n = len(idx) entries in groups of `group_size`: one call,
+    no loop, when all fit (the step as one batched FFN), else a `lax.scan`. Results [n, ...]."""
+    n = idx.shape[0]
     G = group_size(n, arrays)
     if n == G:
         return run_group(xs, idx, arrays)
@@ -95,6 +96,7 @@ def _in_groups(xs, idx, n: int, arrays, dtypes, fmt, run_group):
 
 
 def _cpu_bf16(xs, idx, idx_g, arrays, scan):
+    """The scan over bf16 values on XLA:CPU, through their uint16 bits (see above)."""
     if xs is None:  # decode: the n distinct experts' bits gathered once; groups index into them
         n_groups, G = idx_g.shape[:2]
         local = jnp.minimum(jnp.arange(n_groups * G), idx.shape[0] - 1).reshape(n_groups, G)
@@ -108,7 +110,7 @@ def each_expert(x_ND, slots_U, arrays, dtypes, fmt=None):
     def run_group(_, idx_G, ws):
         return _gathered_ffn(x_ND, idx_G, ws, dtypes, fmt, "ND,UDF->UNF", "UNF,UFD->UND")
 
-    return _in_groups(None, slots_U, slots_U.shape[0], arrays, dtypes, fmt, run_group)
+    return _in_groups(None, slots_U, arrays, run_group)
 
 
 def each_block(x_JbD, slot_J, arrays, dtypes, fmt=None):
@@ -117,7 +119,7 @@ def each_block(x_JbD, slot_J, arrays, dtypes, fmt=None):
     def run_group(x_GbD, idx_G, ws):
         return _gathered_ffn(x_GbD, idx_G, ws, dtypes, fmt, "JbD,JDF->JbF", "JbF,JFD->JbD")
 
-    return _in_groups(x_JbD, slot_J, slot_J.shape[0], arrays, dtypes, fmt, run_group)
+    return _in_groups(x_JbD, slot_J, arrays, run_group)
 
 
 def _safe_slots(slot_X):
